@@ -1,0 +1,33 @@
+"""ds_structopt: structured adaptive optimizers (AdaDiag, AdaDiag++, ASGO, DASGO) for large-scale training."""
+from __future__ import annotations
+
+from typing import Any
+
+from .grouping import param_groups
+from .optim import ASGO, DASGO, AdaDiag, AdaDiagPP, StructuredOptimizer
+
+__version__ = "0.1.0"
+
+#: Names accepted in configs (e.g. a DeepSpeed JSON "optimizer.type") -> class.
+OPTIMIZERS: dict[str, type[StructuredOptimizer]] = {
+    "AdaDiag": AdaDiag,
+    "AdaDiag++": AdaDiagPP,
+    "ASGO": ASGO,
+    "DASGO": DASGO,
+}
+
+
+def get_optimizer_class(name: str) -> type[StructuredOptimizer]:
+    """Look up an optimizer by its config name; a clear error lists the valid ones."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer type '{name}'; expected one of {sorted(OPTIMIZERS)}") from None
+
+
+def build(name: str, params: Any, **options: Any) -> StructuredOptimizer:
+    """Construct the optimizer called ``name`` in configs."""
+    return get_optimizer_class(name)(params, **options)
+
+
+__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build"]

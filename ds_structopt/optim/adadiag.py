@@ -1,0 +1,302 @@
+"""AdaDiag (one-sided) and AdaDiag++ (two-sided): Adam in an orthogonal basis that
+nearly diagonalizes the preconditioner (Nguyen et al., arXiv 2502.07488).
+
+Per matrix W (m x n) with gradient G:
+  every ``update_freq`` steps (and at t = 1) refresh the basis P (m x m) and/or Q (n x n)
+  from the SVD of G (``basis="grad"``, the paper) or from EMA factors GG^T / G^TG
+  (``basis="ema"``); then G~ = P^T G Q, Adam (or Adafactor) moments on G~,
+  U = P D Q^T, W <- W - lr (U + wd W).
+AdaDiag rotates only the small side; AdaDiag++ both. A side longer than
+``max_precond_dim`` is never rotated.
+
+State per matrix (self-contained, so a distributed owner can carry it alone):
+step, P/Q (None = not rotated), exp_avg, exp_avg_sq or row_sq/col_sq,
+L/R (EMA basis factors), refreshes, decomp_failures, consecutive_failures,
+identity_fallbacks, nonfinite_skips, rotate_left/rotate_right.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, MutableMapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import linalg
+from . import validation as v
+from .base import StructuredOptimizer
+from .batching import buckets, chunks
+from .moments import adam_directions, factored_directions
+
+State = MutableMapping[str, Any]
+
+
+def _stack(items: Sequence[Tensor]) -> Tensor:
+    return items[0].unsqueeze(0) if len(items) == 1 else torch.stack(list(items))
+
+
+class AdaDiag(StructuredOptimizer):
+    """AdaDiag: Adam moments in the singular basis of the gradient's small side.
+
+    One optimizer serves a whole model: matrices (2-D+, in groups with
+    ``structured=True``) get the rotated update; other parameters get AdamW
+    with ``adam_betas`` (default: ``betas``), ``adam_eps`` and
+    ``adam_weight_decay`` (default: ``weight_decay``).
+    """
+
+    NAME = "AdaDiag"
+    TWO_SIDED = False
+    DEFAULTS: dict[str, Any] = dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        update_freq=200,
+        basis="grad",
+        basis_beta=0.95,
+        power_qr=False,
+        moments="rotated",
+        max_precond_dim=10000,
+        factored=False,
+        factored_eps=1e-30,
+        clip_threshold=1.0,
+        beta2_decay=None,
+        relative_step=False,
+        max_decomp_failures=3,
+        structured=True,
+        adam_betas=None,
+        adam_eps=1e-8,
+        adam_weight_decay=None,
+    )
+
+    def _validate(self, group: State) -> None:
+        super()._validate(group)
+        name = self.NAME
+        v.check_betas(name, "betas", group["betas"])
+        v.check_nonneg(name, "eps", group["eps"])
+        v.check_int_at_least(name, "update_freq", group["update_freq"], 1)
+        v.check_choice(name, "basis", group["basis"], ("grad", "ema"))
+        v.check_beta(name, "basis_beta", group["basis_beta"])
+        v.check_bool(name, "power_qr", group["power_qr"])
+        v.check_choice(name, "moments", group["moments"], ("rotated", "reproject"))
+        v.check_bool(name, "factored", group["factored"])
+        v.check_positive(name, "factored_eps", group["factored_eps"])
+        v.check_positive(name, "clip_threshold", group["clip_threshold"])
+        if group["beta2_decay"] is not None:
+            decay = group["beta2_decay"]
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay < 0:
+                raise ValueError(f"{name}: beta2_decay must be a negative number (e.g. -0.8) or None, got {decay!r}")
+        v.check_bool(name, "relative_step", group["relative_step"])
+        v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
+        if group["relative_step"] and not group["factored"]:
+            raise ValueError(f"{name}: relative_step=True needs factored=True (it is Adafactor's step-size rule)")
+
+    # ----- state ----------------------------------------------------------
+    def _sides(self, m: int, n: int, max_dim: int) -> tuple[bool, bool]:
+        if self.TWO_SIDED:
+            return m <= max_dim, n <= max_dim
+        left = m <= n
+        return left and m <= max_dim, (not left) and n <= max_dim
+
+    def _init_state(self, st: State, grad: Tensor, group: dict[str, Any]) -> None:
+        if "step" in st:
+            return
+        m, n = grad.shape
+        left, right = self._sides(m, n, group["max_precond_dim"])
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=grad.device)  # noqa: E731
+        st.update(step=0, rotate_left=left, rotate_right=right, P=None, Q=None)
+        if not group["factored"] or group["betas"][0] > 0:
+            st["exp_avg"] = zeros(m, n)
+        if group["factored"]:
+            st["row_sq"], st["col_sq"] = zeros(m), zeros(n)
+        else:
+            st["exp_avg_sq"] = zeros(m, n)
+        if group["basis"] == "ema":
+            st["L"] = zeros(m, m) if left else None
+            st["R"] = zeros(n, n) if right else None
+        for key in ("refreshes", "decomp_failures", "consecutive_failures", "identity_fallbacks"):
+            st[key] = 0
+        st.setdefault("nonfinite_skips", 0)
+
+    # ----- the update -----------------------------------------------------
+    def matrix_updates(
+        self,
+        group: dict[str, Any],
+        grads: Sequence[Tensor],
+        states: Sequence[State],
+        weights: Optional[Sequence[Tensor]] = None,
+    ) -> tuple[list[Tensor], list[float]]:
+        for g, st in zip(grads, states):
+            self._init_state(st, g, group)
+            st["step"] += 1
+        if group["basis"] == "ema":
+            self._accumulate_factors(grads, states, group["basis_beta"])
+        due = [i for i, st in enumerate(states) if (st["step"] - 1) % group["update_freq"] == 0]
+        if due:
+            self._refresh([grads[i] for i in due], [states[i] for i in due], group)
+
+        rotated = rotate(grads, states, to_basis=True)
+        if group["factored"]:
+            directions = factored_directions(
+                rotated, states, tuple(group["betas"]), group["factored_eps"], group["clip_threshold"], group["beta2_decay"]
+            )
+        else:
+            directions = adam_directions(rotated, states, tuple(group["betas"]), group["eps"])
+        updates = rotate(directions, states, to_basis=False)
+        return updates, self._step_sizes(group, states, weights)
+
+    def _step_sizes(self, group: dict[str, Any], states: Sequence[State], weights: Optional[Sequence[Tensor]]) -> list[float]:
+        lr = group["lr"]
+        if not group["relative_step"]:
+            return [lr] * len(states)
+        if weights is None:
+            raise ValueError(f"{self.NAME}: relative_step=True needs the weights to size the step")
+        # Adafactor: min(lr, 1/sqrt(t)) * max(1e-3, RMS(W)); one sync for all matrices.
+        rms = torch.stack([w.float().square().mean().sqrt() for w in weights]).clamp_min(1e-3).tolist()
+        return [min(lr, st["step"] ** -0.5) * r for st, r in zip(states, rms)]
+
+    # ----- bases ----------------------------------------------------------
+    def _accumulate_factors(self, grads: Sequence[Tensor], states: Sequence[State], beta: float) -> None:
+        """L <- b L + (1-b) G G^T and R <- b R + (1-b) G^T G, batched per shape."""
+        keys = [(tuple(g.shape), st["L"] is not None, st["R"] is not None) for g, st in zip(grads, states)]
+        for (shape, left, right), idx in buckets(keys).items():
+            m, n = shape
+            for part in chunks(idx, 4 * (m * n + m * m + n * n)):
+                g = _stack([grads[i] for i in part])
+                if left:
+                    gram = torch.bmm(g, g.mT)
+                    for j, i in enumerate(part):
+                        states[i]["L"].lerp_(gram[j], 1.0 - beta)
+                if right:
+                    gram = torch.bmm(g.mT, g)
+                    for j, i in enumerate(part):
+                        states[i]["R"].lerp_(gram[j], 1.0 - beta)
+
+    def _refresh(self, grads: Sequence[Tensor], states: Sequence[State], group: dict[str, Any]) -> None:
+        """Recompute the bases of the given matrices; failures keep the old basis."""
+        if group["basis"] == "grad":
+            candidates = self._grad_bases(grads, states)
+        else:
+            candidates = self._factor_bases(states, group["power_qr"])
+        for g, st, cand in zip(grads, states, candidates):
+            if cand is None:
+                self._on_failure(st, g, group["max_decomp_failures"])
+            else:
+                self._install(st, cand[0], cand[1], group["moments"])
+
+    def _grad_bases(self, grads: Sequence[Tensor], states: Sequence[State]) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
+        out: list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]] = [(None, None)] * len(grads)
+        keys = [(tuple(g.shape), st["rotate_left"], st["rotate_right"]) for g, st in zip(grads, states)]
+        for (shape, left, right), idx in buckets(keys).items():
+            if not (left or right):
+                continue
+            m, n = shape
+            for part in chunks(idx, 4 * (m * n + m * m + n * n)):
+                for i, res in zip(part, linalg.svd_bases(_stack([grads[i] for i in part]), left, right)):
+                    out[i] = res
+        return out
+
+    def _factor_bases(self, states: Sequence[State], power_qr: bool) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
+        """Eigenbases of the EMA factors (or one warm-started power/QR step)."""
+        found: dict[tuple[int, str], Optional[Tensor]] = {}
+        for side, fkey, bkey in (("left", "L", "P"), ("right", "R", "Q")):
+            keys = []
+            for i, st in enumerate(states):
+                if st[fkey] is None:
+                    keys.append(None)
+                    continue
+                warm = power_qr and st[bkey] is not None
+                keys.append((tuple(st[fkey].shape), warm))
+            for key, idx in buckets(keys).items():
+                if key is None:
+                    continue
+                (d, _), warm = key
+                for part in chunks(idx, 4 * 3 * d * d):
+                    factors = _stack([states[i][fkey] for i in part])
+                    if warm:
+                        res = linalg.power_qr_bases(factors, _stack([states[i][bkey] for i in part]))
+                    else:
+                        res = linalg.eigen_bases(factors)
+                    for i, basis in zip(part, res):
+                        found[(i, side)] = basis
+        out: list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]] = []
+        for i, st in enumerate(states):
+            p = found.get((i, "left")) if st["L"] is not None else None
+            q = found.get((i, "right")) if st["R"] is not None else None
+            failed = (st["L"] is not None and p is None) or (st["R"] is not None and q is None)
+            out.append(None if failed else (p, q))
+        return out
+
+    def _install(self, st: State, new_p: Optional[Tensor], new_q: Optional[Tensor], moments: str) -> None:
+        old_p, old_q = st["P"], st["Q"]
+        if new_p is not None and old_p is not None:
+            new_p = linalg.align_signs(new_p, old_p)
+        if new_q is not None and old_q is not None:
+            new_q = linalg.align_signs(new_q, old_q)
+        if moments == "reproject" and "exp_avg" in st:
+            # M <- (P_new^T P_old) M (Q_old^T Q_new); second moments carried over (as SOAP).
+            m = st["exp_avg"]
+            if new_p is not None and old_p is not None:
+                m = (new_p.mT @ old_p) @ m
+            if new_q is not None and old_q is not None:
+                m = m @ (old_q.mT @ new_q)
+            st["exp_avg"] = m.contiguous()
+        st["P"], st["Q"] = new_p, new_q
+        st["refreshes"] += 1
+        st["consecutive_failures"] = 0
+
+    def _on_failure(self, st: State, grad: Tensor, max_failures: int) -> None:
+        """Keep the previous basis; the identity once failures repeat (or if there is none yet)."""
+        st["decomp_failures"] += 1
+        st["consecutive_failures"] += 1
+        m, n = grad.shape
+        never_had_basis = (st["rotate_left"] and st["P"] is None) or (st["rotate_right"] and st["Q"] is None)
+        if never_had_basis or st["consecutive_failures"] >= max_failures:
+            if st["rotate_left"]:
+                st["P"] = torch.eye(m, device=grad.device)
+            if st["rotate_right"]:
+                st["Q"] = torch.eye(n, device=grad.device)
+            st["identity_fallbacks"] += 1
+            warnings.warn(
+                f"{self.NAME}: basis decomposition of a {m}x{n} matrix failed "
+                f"{st['consecutive_failures']} time(s) in a row; using the identity basis for it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+class AdaDiagPP(AdaDiag):
+    """AdaDiag++ ("AdaDiag++" in configs): both sides rotated, G~ = P^T G Q."""
+
+    NAME = "AdaDiag++"
+    TWO_SIDED = True
+
+
+def rotate(mats: Sequence[Tensor], states: Sequence[State], to_basis: bool) -> list[Tensor]:
+    """P^T X Q (``to_basis``) or P X Q^T (back), batched over same-shape matrices.
+
+    A matrix with no rotated side is returned as is (no copy).
+    """
+    keys = [
+        (tuple(x.shape), st["rotate_left"] and st["P"] is not None, st["rotate_right"] and st["Q"] is not None)
+        for x, st in zip(mats, states)
+    ]
+    out: list[Optional[Tensor]] = [None] * len(mats)
+    for (shape, left, right), idx in buckets(keys).items():
+        if not (left or right):
+            for i in idx:
+                out[i] = mats[i]
+            continue
+        m, n = shape
+        item_bytes = 4 * (2 * m * n + (m * m if left else 0) + (n * n if right else 0))
+        for part in chunks(idx, item_bytes):
+            x = _stack([mats[i] for i in part])
+            if left:
+                p = _stack([states[i]["P"] for i in part])
+                x = torch.bmm(p.mT if to_basis else p, x)
+            if right:
+                q = _stack([states[i]["Q"] for i in part])
+                x = torch.bmm(x, q if to_basis else q.mT)
+            for j, i in enumerate(part):
+                out[i] = x[j]
+    return out  # type: ignore[return-value]

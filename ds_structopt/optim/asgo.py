@@ -1,0 +1,246 @@
+"""ASGO (one-sided structured AdaGrad-style preconditioner) and DASGO (its diagonal form).
+
+ASGO, practical version of arXiv 2503.20762 (facts from the authors' code):
+  side = the smaller dimension (rows < cols: left, else right, square -> right),
+  M <- lerp(M, G, 1-b1), V <- lerp(V, GG^T or G^TG, 1-b2) (``cumulative=True``:
+  V += ..., the theory version), U = V^{-1/2} M (left) or M V^{-1/2} (right),
+  U *= rms_scale sqrt(mn)/||U||_F (``rms_scale=None``: the raw update),
+  W <- W (1 - lr wd) - lr U.
+V^{-1/2} comes from a coupled Newton-Schulz iteration every step
+(``root="newton_schulz"``, the reference) or from eigh every ``update_freq``
+steps with damping relative to the largest eigenvalue (``root="eigh"``).
+
+DASGO keeps only a column vector v <- lerp(v, sum_rows(G*G), 1-b2) and uses
+U = M (v + eps)^{-1/2} with the same RMS rule. No decomposition.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, MutableMapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import linalg
+from . import validation as v
+from .base import StructuredOptimizer
+from .batching import buckets, chunks
+
+State = MutableMapping[str, Any]
+
+
+def _stack(items: Sequence[Tensor]) -> Tensor:
+    return items[0].unsqueeze(0) if len(items) == 1 else torch.stack(list(items))
+
+
+def rms_match_(updates: Sequence[Tensor], target_rms: Optional[float]) -> None:
+    """Scale each update in place to entry-RMS ``target_rms`` (Moonlight-style); None leaves it raw."""
+    if target_rms is None or not updates:
+        return
+    norms = torch._foreach_norm(list(updates))
+    tiny = torch.finfo(torch.float32).tiny
+    factors = [target_rms * math.sqrt(u.numel()) / n.clamp_min(tiny) for u, n in zip(updates, norms)]
+    torch._foreach_mul_(list(updates), factors)
+
+
+class _MomentumRMSOptimizer(StructuredOptimizer):
+    """Options shared by ASGO and DASGO (momentum, RMS-matched updates, Adam for the rest)."""
+
+    def _validate(self, group: State) -> None:
+        super()._validate(group)
+        name = self.NAME
+        v.check_betas(name, "betas", group["betas"])
+        v.check_nonneg(name, "eps", group["eps"])
+        if group["rms_scale"] is not None:
+            v.check_positive(name, "rms_scale", group["rms_scale"])
+
+
+class ASGO(_MomentumRMSOptimizer):
+    """ASGO: one-sided full-matrix preconditioner V^{-1/2} on the gradient's small side."""
+
+    NAME = "ASGO"
+    DEFAULTS: dict[str, Any] = dict(
+        lr=1e-2,
+        betas=(0.9, 0.8),
+        eps=1e-10,
+        weight_decay=0.1,
+        cumulative=False,
+        root="newton_schulz",
+        ns_iterations=10,
+        update_freq=200,
+        damping=1e-6,
+        rms_scale=0.2,
+        max_precond_dim=10000,
+        max_decomp_failures=3,
+        structured=True,
+        adam_betas=(0.9, 0.95),
+        adam_eps=1e-8,
+        adam_weight_decay=0.0,
+    )
+
+    def _validate(self, group: State) -> None:
+        super()._validate(group)
+        name = self.NAME
+        v.check_bool(name, "cumulative", group["cumulative"])
+        v.check_choice(name, "root", group["root"], ("newton_schulz", "eigh"))
+        v.check_int_at_least(name, "ns_iterations", group["ns_iterations"], 1)
+        v.check_int_at_least(name, "update_freq", group["update_freq"], 1)
+        v.check_nonneg(name, "damping", group["damping"])
+        v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
+
+    def _init_state(self, st: State, grad: Tensor, group: dict[str, Any]) -> None:
+        if "step" in st:
+            return
+        m, n = grad.shape
+        side = "left" if m < n else "right"
+        dim = m if side == "left" else n
+        if dim > group["max_precond_dim"]:
+            side, dim = None, 0
+        st.update(step=0, side=side, exp_avg=torch.zeros(m, n, device=grad.device))
+        st["precond"] = torch.zeros(dim, dim, device=grad.device) if side else None
+        st["root"] = None
+        for key in ("refreshes", "decomp_failures", "consecutive_failures", "identity_fallbacks"):
+            st[key] = 0
+        st.setdefault("nonfinite_skips", 0)
+
+    def matrix_updates(
+        self,
+        group: dict[str, Any],
+        grads: Sequence[Tensor],
+        states: Sequence[State],
+        weights: Optional[Sequence[Tensor]] = None,
+    ) -> tuple[list[Tensor], list[float]]:
+        beta1, beta2 = group["betas"]
+        for g, st in zip(grads, states):
+            self._init_state(st, g, group)
+            st["step"] += 1
+        torch._foreach_lerp_([st["exp_avg"] for st in states], list(grads), 1.0 - beta1)
+        self._accumulate(grads, states, beta2, group["cumulative"])
+        if group["root"] == "newton_schulz":
+            self._newton_schulz_roots(states, group)
+        else:
+            due = [st for st in states if st["side"] and (st["step"] - 1) % group["update_freq"] == 0]
+            self._eigh_roots(due, group)
+        updates = self._precondition(states)
+        rms_match_(updates, group["rms_scale"])
+        return updates, [group["lr"]] * len(states)
+
+    def _accumulate(self, grads: Sequence[Tensor], states: Sequence[State], beta2: float, cumulative: bool) -> None:
+        keys = [(tuple(g.shape), st["side"]) for g, st in zip(grads, states)]
+        for (shape, side), idx in buckets(keys).items():
+            if side is None:
+                continue
+            m, n = shape
+            d = m if side == "left" else n
+            for part in chunks(idx, 4 * (m * n + d * d)):
+                g = _stack([grads[i] for i in part])
+                gram = torch.bmm(g, g.mT) if side == "left" else torch.bmm(g.mT, g)
+                for j, i in enumerate(part):
+                    if cumulative:
+                        states[i]["precond"].add_(gram[j])
+                    else:
+                        states[i]["precond"].lerp_(gram[j], 1.0 - beta2)
+
+    def _newton_schulz_roots(self, states: Sequence[State], group: dict[str, Any]) -> None:
+        keys = [st["precond"].shape[0] if st["side"] else None for st in states]
+        for d, idx in buckets(keys).items():
+            if d is None:
+                continue
+            for part in chunks(idx, 4 * 6 * d * d):
+                stack = _stack([states[i]["precond"] for i in part])
+                roots, fell_back = linalg.newton_schulz_inverse_root(stack, group["ns_iterations"], group["eps"])
+                for j, i in enumerate(part):
+                    st = states[i]
+                    st["root"] = roots[j]
+                    st["refreshes"] += 1
+                    if fell_back[j]:
+                        st["decomp_failures"] += 1
+                        st["identity_fallbacks"] += 1
+
+    def _eigh_roots(self, states: Sequence[State], group: dict[str, Any]) -> None:
+        keys = [st["precond"].shape[0] for st in states]
+        for d, idx in buckets(keys).items():
+            for part in chunks(idx, 4 * 4 * d * d):
+                roots = linalg.eigh_inverse_root(_stack([states[i]["precond"] for i in part]), group["damping"])
+                for i, root in zip(part, roots):
+                    self._install_root(states[i], root, group["max_decomp_failures"])
+
+    def _install_root(self, st: State, root: Optional[Tensor], max_failures: int) -> None:
+        if root is not None:
+            st["root"] = root
+            st["refreshes"] += 1
+            st["consecutive_failures"] = 0
+            return
+        st["decomp_failures"] += 1
+        st["consecutive_failures"] += 1
+        if st["root"] is None or st["consecutive_failures"] >= max_failures:
+            d = st["precond"].shape[0]
+            st["root"] = torch.eye(d, device=st["precond"].device)
+            st["identity_fallbacks"] += 1
+            warnings.warn(
+                f"ASGO: inverse root of a {d}x{d} preconditioner failed {st['consecutive_failures']} time(s) "
+                "in a row; using the identity for it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _precondition(self, states: Sequence[State]) -> list[Tensor]:
+        """V^{-1/2} M (left) or M V^{-1/2} (right), batched; no side -> a copy of M."""
+        keys = [(tuple(st["exp_avg"].shape), st["side"]) for st in states]
+        out: list[Optional[Tensor]] = [None] * len(states)
+        for (shape, side), idx in buckets(keys).items():
+            if side is None:
+                for i in idx:
+                    out[i] = states[i]["exp_avg"].clone()
+                continue
+            m, n = shape
+            d = m if side == "left" else n
+            for part in chunks(idx, 4 * (2 * m * n + d * d)):
+                mom = _stack([states[i]["exp_avg"] for i in part])
+                root = _stack([states[i]["root"] for i in part])
+                res = torch.bmm(root, mom) if side == "left" else torch.bmm(mom, root)
+                for j, i in enumerate(part):
+                    out[i] = res[j]
+        return out  # type: ignore[return-value]
+
+
+class DASGO(_MomentumRMSOptimizer):
+    """DASGO: ASGO with only the diagonal of G^T G (one vector over the columns)."""
+
+    NAME = "DASGO"
+    DEFAULTS: dict[str, Any] = dict(
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        rms_scale=0.2,
+        max_precond_dim=10000,
+        structured=True,
+        adam_betas=(0.9, 0.95),
+        adam_eps=1e-8,
+        adam_weight_decay=0.0,
+    )
+
+    def matrix_updates(
+        self,
+        group: dict[str, Any],
+        grads: Sequence[Tensor],
+        states: Sequence[State],
+        weights: Optional[Sequence[Tensor]] = None,
+    ) -> tuple[list[Tensor], list[float]]:
+        beta1, beta2 = group["betas"]
+        for g, st in zip(grads, states):
+            if "step" not in st:
+                st.update(step=0, exp_avg=torch.zeros_like(g), col_sq=torch.zeros(g.shape[1], device=g.device))
+                st.setdefault("nonfinite_skips", 0)
+            st["step"] += 1
+        torch._foreach_lerp_([st["exp_avg"] for st in states], list(grads), 1.0 - beta1)
+        col_sums = [g.square().sum(dim=0) for g in grads]
+        col_sq = [st["col_sq"] for st in states]
+        torch._foreach_lerp_(col_sq, col_sums, 1.0 - beta2)
+        scales = torch._foreach_add(col_sq, group["eps"])
+        torch._foreach_rsqrt_(scales)
+        updates = [st["exp_avg"] * s.unsqueeze(0) for st, s in zip(states, scales)]
+        rms_match_(updates, group["rms_scale"])
+        return updates, [group["lr"]] * len(states)

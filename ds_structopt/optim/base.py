@@ -1,0 +1,182 @@
+"""Shared machinery of the structured optimizers.
+
+`StructuredOptimizer` owns what every family needs: option validation, the
+split between matrices (preconditioned by the subclass) and everything else
+(AdamW), skipping non-finite gradients, applying updates in fp32 with
+decoupled weight decay, counters, and an fp32-preserving ``load_state_dict``.
+
+Subclasses implement one method, :meth:`matrix_updates`, which maps full 2-D
+fp32 gradients plus their self-contained per-matrix state dicts to 2-D fp32
+updates. It never touches parameters, so a distributed wrapper can run it on
+whichever rank owns a matrix.
+"""
+from __future__ import annotations
+
+import abc
+import copy
+import difflib
+from typing import Any, Callable, ClassVar, Iterable, MutableMapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import validation as v
+from .adamw import adamw_step
+
+# Keys a param group may carry that are metadata, not optimizer options.
+_GROUP_METADATA = {"params", "param_names", "name", "initial_lr"}
+
+COUNTERS = ("refreshes", "decomp_failures", "identity_fallbacks", "nonfinite_skips")
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """View a 2-D+ tensor as (out, rest): conv/3-D weights are preconditioned as matrices."""
+    return t.reshape(t.shape[0], -1)
+
+
+def finite_flags(tensors: Sequence[Tensor]) -> list[bool]:
+    """Which tensors are entirely finite, with a single host sync for all of them."""
+    if not tensors:
+        return []
+    maxes = torch._foreach_norm(list(tensors), float("inf"))
+    return torch.isfinite(torch.stack([m.float() for m in maxes])).tolist()
+
+
+class StructuredOptimizer(Optimizer, abc.ABC):
+    """Base class: a structured preconditioner for matrices, AdamW for the rest."""
+
+    NAME: ClassVar[str] = "StructuredOptimizer"
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        v.reject_unknown(self.NAME, options, self.DEFAULTS)
+        defaults = copy.deepcopy(self.DEFAULTS)
+        defaults.update(options)
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    # ----- options -------------------------------------------------------
+    def _validate(self, group: MutableMapping[str, Any]) -> None:
+        """Check the options common to every family; subclasses extend it."""
+        name = self.NAME
+        v.check_lr(name, "lr", group["lr"])
+        v.check_nonneg(name, "weight_decay", group["weight_decay"])
+        v.check_bool(name, "structured", group["structured"])
+        v.check_int_at_least(name, "max_precond_dim", group["max_precond_dim"], 0)
+        if group["adam_betas"] is not None:
+            v.check_betas(name, "adam_betas", group["adam_betas"])
+        v.check_nonneg(name, "adam_eps", group["adam_eps"])
+        if group["adam_weight_decay"] is not None:
+            v.check_nonneg(name, "adam_weight_decay", group["adam_weight_decay"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in param_group:
+            if key in self.DEFAULTS or key in _GROUP_METADATA:
+                continue
+            close = difflib.get_close_matches(key, list(self.DEFAULTS), n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"{self.NAME}: unknown option '{key}' in a param group (did you mean '{close[0]}'?)")
+        super().add_param_group(param_group)
+        self._validate(self.param_groups[-1])
+
+    # ----- what subclasses provide ---------------------------------------
+    @abc.abstractmethod
+    def matrix_updates(
+        self,
+        group: dict[str, Any],
+        grads: Sequence[Tensor],
+        states: Sequence[MutableMapping[str, Any]],
+        weights: Optional[Sequence[Tensor]] = None,
+    ) -> tuple[list[Tensor], list[float]]:
+        """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U."""
+
+    def adam_betas(self, group: dict[str, Any]) -> tuple[float, float]:
+        return tuple(group["adam_betas"] if group["adam_betas"] is not None else group["betas"])
+
+    # ----- the step -------------------------------------------------------
+    def is_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
+        return group["structured"] and param.dim() >= 2
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{self.NAME} does not support sparse gradients")
+        matrices: list[Tensor] = []
+        elementwise: list[Tensor] = []
+        for p, ok in zip(params, finite_flags([p.grad for p in params])):
+            if not ok:
+                st = self.state[p]
+                st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+                continue
+            (matrices if self.is_matrix(p, group) else elementwise).append(p)
+
+        if elementwise:
+            wd = group["adam_weight_decay"] if group["adam_weight_decay"] is not None else group["weight_decay"]
+            adamw_step(
+                elementwise,
+                [p.grad for p in elementwise],
+                [self.state[p] for p in elementwise],
+                lr=group["lr"],
+                betas=self.adam_betas(group),
+                eps=group["adam_eps"],
+                weight_decay=wd,
+            )
+        if matrices:
+            grads = [as_matrix(p.grad.float()) for p in matrices]
+            states = [self.state[p] for p in matrices]
+            updates, step_sizes = self.matrix_updates(group, grads, states, weights=matrices)
+            apply_updates(matrices, updates, step_sizes, group["weight_decay"])
+
+    # ----- introspection --------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Counters summed over all parameters, plus the optimizer-state size in bytes."""
+        out = {k: 0 for k in COUNTERS}
+        for st in self.state.values():
+            for k in COUNTERS:
+                out[k] += int(st.get(k, 0))
+        out["state_bytes"] = self.state_bytes()
+        return out
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values() if isinstance(t, Tensor))
+
+    # ----- checkpoints ----------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping our fp32 state fp32 (torch would cast it to a bf16 param's dtype) and unaliased."""
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            self.state[p] = {
+                k: (val.to(device=p.device).clone() if isinstance(val, Tensor) else copy.deepcopy(val))
+                for k, val in saved_state[pid].items()
+            }
+
+
+def apply_updates(params: Sequence[Tensor], updates: Sequence[Tensor], step_sizes: Sequence[float], weight_decay: float) -> None:
+    """W <- W (1 - lr_i wd) - lr_i U_i in fp32 (updates are owned scratch tensors, scaled in place)."""
+    weights32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+    if weight_decay != 0:
+        torch._foreach_mul_(weights32, [1.0 - lr * weight_decay for lr in step_sizes])
+    torch._foreach_mul_(list(updates), [-lr for lr in step_sizes])
+    torch._foreach_add_(weights32, [u.view_as(w) for u, w in zip(updates, weights32)])
+    for p, w in zip(params, weights32):
+        if w is not p:
+            p.copy_(w)

@@ -1,0 +1,63 @@
+"""Argument checks shared by every optimizer: one clear ValueError naming the bad option."""
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Iterable, Mapping
+
+
+def reject_unknown(owner: str, given: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Raise ValueError for the first option name `owner` does not know, with a suggestion."""
+    known = sorted(known)
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{owner}: unknown option '{name}'{hint}")
+
+
+def check_lr(owner: str, name: str, value: Any) -> None:
+    if not _is_number(value) or value < 0 or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def check_nonneg(owner: str, name: str, value: Any) -> None:
+    if not _is_number(value) or value < 0 or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(owner: str, name: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0 or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+
+
+def check_beta(owner: str, name: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}")
+
+
+def check_betas(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{owner}: {name} must be a pair (beta1, beta2), got {value!r}")
+    for i, b in enumerate(value):
+        check_beta(owner, f"{name}[{i}]", b)
+
+
+def check_int_at_least(owner: str, name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be true or false, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

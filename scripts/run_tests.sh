@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: set up the environment, then run the test suite (extra args go to pytest).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$(bash "$root/scripts/setup_env.sh" | tail -n 1)"
+cd "$root"
+exec "$venv/bin/python" -m pytest "$@"
