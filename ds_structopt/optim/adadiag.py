@@ -132,10 +132,17 @@ class AdaDiag(StructuredOptimizer):
         if group["basis"] == "ema":
             self._accumulate_factors(grads, states, group["basis_beta"])
         due = [i for i, st in enumerate(states) if (st["step"] - 1) % group["update_freq"] == 0]
-        if due:
-            self._refresh([grads[i] for i in due], [states[i] for i in due], group)
+        fresh = self._refresh([grads[i] for i in due], [states[i] for i in due], group) if due else []
 
         rotated = rotate(grads, states, to_basis=True)
+        # In a two-sided basis fresh from this gradient's SVD (basis="grad", or "ema" at its
+        # first step, when the factors hold only this gradient) P^T G Q is exactly diag(S):
+        # drop the fp32 round-off elsewhere, which Adam's normalization would blow up to
+        # +-1 (worst in the null-space columns when m != n).
+        for i, ok in zip(due, fresh):
+            st = states[i]
+            if ok and st["rotate_left"] and st["rotate_right"] and (group["basis"] == "grad" or st["step"] == 1):
+                rotated[i] = _keep_diagonal(rotated[i])
         if group["factored"]:
             directions = factored_directions(
                 rotated, states, tuple(group["betas"]), group["factored_eps"], group["clip_threshold"], group["beta2_decay"]
@@ -172,8 +179,8 @@ class AdaDiag(StructuredOptimizer):
                     for j, i in enumerate(part):
                         states[i]["R"].lerp_(gram[j], 1.0 - beta)
 
-    def _refresh(self, grads: Sequence[Tensor], states: Sequence[State], group: dict[str, Any]) -> None:
-        """Recompute the bases of the given matrices; failures keep the old basis."""
+    def _refresh(self, grads: Sequence[Tensor], states: Sequence[State], group: dict[str, Any]) -> list[bool]:
+        """Recompute the bases of the given matrices; failures keep the old basis. Returns successes."""
         if group["basis"] == "grad":
             candidates = self._grad_bases(grads, states)
         else:
@@ -183,6 +190,7 @@ class AdaDiag(StructuredOptimizer):
                 self._on_failure(st, g, group["max_decomp_failures"])
             else:
                 self._install(st, cand[0], cand[1], group["moments"])
+        return [cand is not None for cand in candidates]
 
     def _grad_bases(self, grads: Sequence[Tensor], states: Sequence[State]) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
         out: list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]] = [(None, None)] * len(grads)
@@ -270,6 +278,12 @@ class AdaDiagPP(AdaDiag):
 
     NAME = "AdaDiag++"
     TWO_SIDED = True
+
+
+def _keep_diagonal(x: Tensor) -> Tensor:
+    out = torch.zeros_like(x)
+    out.diagonal().copy_(x.diagonal())
+    return out
 
 
 def rotate(mats: Sequence[Tensor], states: Sequence[State], to_basis: bool) -> list[Tensor]:

@@ -8,7 +8,11 @@ ASGO, practical version of arXiv 2503.20762 (facts from the authors' code):
   W <- W (1 - lr wd) - lr U.
 V^{-1/2} comes from a coupled Newton-Schulz iteration every step
 (``root="newton_schulz"``, the reference) or from eigh every ``update_freq``
-steps with damping relative to the largest eigenvalue (``root="eigh"``).
+steps (``root="eigh"``). ``damping`` (default 1e-6) is relative: to the
+largest eigenvalue for eigh, to ||V||_F for Newton-Schulz. The reference code
+adds no damping; in fp32 an undamped rank-deficient V makes the Polar Express
+iteration diverge (see linalg.newton_schulz_inverse_root), so we keep a tiny
+one; ``damping=0`` restores the reference behaviour.
 
 DASGO keeps only a column vector v <- lerp(v, sum_rows(G*G), 1-b2) and uses
 U = M (v + eps)^{-1/2} with the same RMS rule. No decomposition.
@@ -149,7 +153,7 @@ class ASGO(_MomentumRMSOptimizer):
                 continue
             for part in chunks(idx, 4 * 6 * d * d):
                 stack = _stack([states[i]["precond"] for i in part])
-                roots, fell_back = linalg.newton_schulz_inverse_root(stack, group["ns_iterations"], group["eps"])
+                roots, fell_back = linalg.newton_schulz_inverse_root(stack, group["ns_iterations"], group["eps"], group["damping"])
                 for j, i in enumerate(part):
                     st = states[i]
                     st["root"] = roots[j]

@@ -7,7 +7,7 @@ optimizer's memory at once.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Hashable, Iterator, Sequence
+from typing import Hashable, Iterator, Optional, Sequence
 
 DEFAULT_MAX_STACK_BYTES = 256 * 2**20
 
@@ -20,8 +20,10 @@ def buckets(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
     return dict(out)
 
 
-def chunks(indices: Sequence[int], bytes_per_item: int, max_bytes: int = DEFAULT_MAX_STACK_BYTES) -> Iterator[list[int]]:
+def chunks(indices: Sequence[int], bytes_per_item: int, max_bytes: Optional[int] = None) -> Iterator[list[int]]:
     """Split indices so that one stack of them uses at most ``max_bytes`` (at least one item)."""
+    if max_bytes is None:
+        max_bytes = DEFAULT_MAX_STACK_BYTES
     per_chunk = max(1, max_bytes // max(1, bytes_per_item))
     for start in range(0, len(indices), per_chunk):
         yield list(indices[start : start + per_chunk])

@@ -145,18 +145,28 @@ def eigh_inverse_root(stack: Tensor, damping: float) -> list[Optional[Tensor]]:
     return [None if r is None else r[0] for r in _robust(fn, stack)]
 
 
-def newton_schulz_inverse_root(stack: Tensor, iterations: int = 10, eps: float = 1e-10) -> tuple[Tensor, list[bool]]:
+def newton_schulz_inverse_root(
+    stack: Tensor, iterations: int = 10, eps: float = 1e-10, damping: float = 0.0
+) -> tuple[Tensor, list[bool]]:
     """Approximate V^{-1/2} with a coupled Newton-Schulz iteration (matmuls only).
 
     Y0 = V/s, Z0 = I, then T = a I + b ZY + c (ZY)^2, Y <- Y T, Z <- T Z with the
     Polar Express coefficients; on eigenvalues this is exactly the Polar Express
     iteration applied to sqrt(V/s), so Z -> (V/s)^{-1/2}. The scale
-    s = 1.01 ||V + eps I||_F puts the spectrum inside (0, 1]. A matrix whose
+    s = 1.01 ||V + eps I||_F puts the spectrum inside (0, 1].
+
+    ``damping`` adds damping * ||V||_F * I first. fp32 round-off leaves tiny
+    negative eigenvalues in a rank-deficient V, and the Polar Express
+    polynomials grow a negative eigenvalue by ~1e8 over 10 iterations, so an
+    undamped low-rank V can diverge; a relative shift of ~1e-6 prevents it.
+    A matrix whose
     result is not finite gets the identity, as in the reference code; the
     second return value flags those matrices.
     """
     k, d, _ = stack.shape
     eye = torch.eye(d, dtype=stack.dtype, device=stack.device).expand(k, d, d)
+    if damping > 0:
+        stack = stack + (damping * torch.linalg.matrix_norm(stack)).view(k, 1, 1) * eye
     scale = 1.01 * torch.linalg.matrix_norm(stack + eps * eye).clamp_min(torch.finfo(stack.dtype).tiny)
     y = stack / scale.view(k, 1, 1)
     z = eye.clone()
