@@ -7,17 +7,12 @@ decay by default, the usual LLaMA recipe.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Optional
 
 from torch import nn
 
-DEFAULT_ELEMENTWISE_PATTERNS: tuple[str, ...] = ("emb", "lm_head", r"\bwte\b", r"\bwpe\b", "output_layer")
-DEFAULT_NO_DECAY_PATTERNS: tuple[str, ...] = ("bias", "norm", r"\bln_")
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(re.search(p, name) for p in patterns)
+from .optim.names import DEFAULT_ELEMENTWISE_PATTERNS, DEFAULT_NO_DECAY_PATTERNS
+from .optim.names import matches as _matches
 
 
 def param_groups(

@@ -25,14 +25,10 @@ from torch import Tensor
 from . import linalg
 from . import validation as v
 from .base import StructuredOptimizer
-from .batching import buckets, chunks
+from .batching import buckets, chunks, stack
 from .moments import adam_directions, factored_directions
 
 State = MutableMapping[str, Any]
-
-
-def _stack(items: Sequence[Tensor]) -> Tensor:
-    return items[0].unsqueeze(0) if len(items) == 1 else torch.stack(list(items))
 
 
 class AdaDiag(StructuredOptimizer):
@@ -169,7 +165,7 @@ class AdaDiag(StructuredOptimizer):
         for (shape, left, right), idx in buckets(keys).items():
             m, n = shape
             for part in chunks(idx, 4 * (m * n + m * m + n * n)):
-                g = _stack([grads[i] for i in part])
+                g = stack([grads[i] for i in part])
                 if left:
                     gram = torch.bmm(g, g.mT)
                     for j, i in enumerate(part):
@@ -200,7 +196,7 @@ class AdaDiag(StructuredOptimizer):
                 continue
             m, n = shape
             for part in chunks(idx, 4 * (m * n + m * m + n * n)):
-                for i, res in zip(part, linalg.svd_bases(_stack([grads[i] for i in part]), left, right)):
+                for i, res in zip(part, linalg.svd_bases(stack([grads[i] for i in part]), left, right)):
                     out[i] = res
         return out
 
@@ -220,9 +216,9 @@ class AdaDiag(StructuredOptimizer):
                     continue
                 (d, _), warm = key
                 for part in chunks(idx, 4 * 3 * d * d):
-                    factors = _stack([states[i][fkey] for i in part])
+                    factors = stack([states[i][fkey] for i in part])
                     if warm:
-                        res = linalg.power_qr_bases(factors, _stack([states[i][bkey] for i in part]))
+                        res = linalg.power_qr_bases(factors, stack([states[i][bkey] for i in part]))
                     else:
                         res = linalg.eigen_bases(factors)
                     for i, basis in zip(part, res):
@@ -304,12 +300,12 @@ def rotate(mats: Sequence[Tensor], states: Sequence[State], to_basis: bool) -> l
         m, n = shape
         item_bytes = 4 * (2 * m * n + (m * m if left else 0) + (n * n if right else 0))
         for part in chunks(idx, item_bytes):
-            x = _stack([mats[i] for i in part])
+            x = stack([mats[i] for i in part])
             if left:
-                p = _stack([states[i]["P"] for i in part])
+                p = stack([states[i]["P"] for i in part])
                 x = torch.bmm(p.mT if to_basis else p, x)
             if right:
-                q = _stack([states[i]["Q"] for i in part])
+                q = stack([states[i]["Q"] for i in part])
                 x = torch.bmm(x, q if to_basis else q.mT)
             for j, i in enumerate(part):
                 out[i] = x[j]

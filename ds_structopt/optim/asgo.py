@@ -29,13 +29,9 @@ from torch import Tensor
 from . import linalg
 from . import validation as v
 from .base import StructuredOptimizer
-from .batching import buckets, chunks
+from .batching import buckets, chunks, stack
 
 State = MutableMapping[str, Any]
-
-
-def _stack(items: Sequence[Tensor]) -> Tensor:
-    return items[0].unsqueeze(0) if len(items) == 1 else torch.stack(list(items))
 
 
 def rms_match_(updates: Sequence[Tensor], target_rms: Optional[float]) -> None:
@@ -138,7 +134,7 @@ class ASGO(_MomentumRMSOptimizer):
             m, n = shape
             d = m if side == "left" else n
             for part in chunks(idx, 4 * (m * n + d * d)):
-                g = _stack([grads[i] for i in part])
+                g = stack([grads[i] for i in part])
                 gram = torch.bmm(g, g.mT) if side == "left" else torch.bmm(g.mT, g)
                 for j, i in enumerate(part):
                     if cumulative:
@@ -152,8 +148,8 @@ class ASGO(_MomentumRMSOptimizer):
             if d is None:
                 continue
             for part in chunks(idx, 4 * 6 * d * d):
-                stack = _stack([states[i]["precond"] for i in part])
-                roots, fell_back = linalg.newton_schulz_inverse_root(stack, group["ns_iterations"], group["eps"], group["damping"])
+                precond = stack([states[i]["precond"] for i in part])
+                roots, fell_back = linalg.newton_schulz_inverse_root(precond, group["ns_iterations"], group["eps"], group["damping"])
                 for j, i in enumerate(part):
                     st = states[i]
                     st["root"] = roots[j]
@@ -166,7 +162,7 @@ class ASGO(_MomentumRMSOptimizer):
         keys = [st["precond"].shape[0] for st in states]
         for d, idx in buckets(keys).items():
             for part in chunks(idx, 4 * 4 * d * d):
-                roots = linalg.eigh_inverse_root(_stack([states[i]["precond"] for i in part]), group["damping"])
+                roots = linalg.eigh_inverse_root(stack([states[i]["precond"] for i in part]), group["damping"])
                 for i, root in zip(part, roots):
                     self._install_root(states[i], root, group["max_decomp_failures"])
 
@@ -201,8 +197,8 @@ class ASGO(_MomentumRMSOptimizer):
             m, n = shape
             d = m if side == "left" else n
             for part in chunks(idx, 4 * (2 * m * n + d * d)):
-                mom = _stack([states[i]["exp_avg"] for i in part])
-                root = _stack([states[i]["root"] for i in part])
+                mom = stack([states[i]["exp_avg"] for i in part])
+                root = stack([states[i]["root"] for i in part])
                 res = torch.bmm(root, mom) if side == "left" else torch.bmm(mom, root)
                 for j, i in enumerate(part):
                     out[i] = res[j]

@@ -23,11 +23,15 @@ from torch.optim import Optimizer
 
 from . import validation as v
 from .adamw import adamw_step
+from .names import DEFAULT_ELEMENTWISE_PATTERNS, matches
 
 # Keys a param group may carry that are metadata, not optimizer options.
 _GROUP_METADATA = {"params", "param_names", "name", "initial_lr"}
 
 COUNTERS = ("refreshes", "decomp_failures", "identity_fallbacks", "nonfinite_skips")
+
+#: Options every family has on top of its own DEFAULTS.
+COMMON_DEFAULTS: dict[str, Any] = {"elementwise_patterns": DEFAULT_ELEMENTWISE_PATTERNS}
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -50,10 +54,13 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Iterable[Any], **options: Any) -> None:
-        v.reject_unknown(self.NAME, options, self.DEFAULTS)
-        defaults = copy.deepcopy(self.DEFAULTS)
+        known = {**COMMON_DEFAULTS, **self.DEFAULTS}
+        v.reject_unknown(self.NAME, options, known)
+        defaults = copy.deepcopy(known)
         defaults.update(options)
         self._validate(defaults)
+        # Parameters routed to AdamW by name (groups built from named_parameters()).
+        self._elementwise_by_name: set[Tensor] = set()
         super().__init__(params, defaults)
 
     # ----- options -------------------------------------------------------
@@ -69,16 +76,21 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         v.check_nonneg(name, "adam_eps", group["adam_eps"])
         if group["adam_weight_decay"] is not None:
             v.check_nonneg(name, "adam_weight_decay", group["adam_weight_decay"])
+        v.check_patterns(name, "elementwise_patterns", group["elementwise_patterns"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in param_group:
-            if key in self.DEFAULTS or key in _GROUP_METADATA:
+            if key in self.defaults or key in _GROUP_METADATA:
                 continue
-            close = difflib.get_close_matches(key, list(self.DEFAULTS), n=1, cutoff=0.8)
+            close = difflib.get_close_matches(key, list(self.defaults), n=1, cutoff=0.8)
             if close:
                 raise ValueError(f"{self.NAME}: unknown option '{key}' in a param group (did you mean '{close[0]}'?)")
         super().add_param_group(param_group)
-        self._validate(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self._validate(group)
+        for p, name in zip(group["params"], group.get("param_names", ())):
+            if matches(name, group["elementwise_patterns"]):
+                self._elementwise_by_name.add(p)
 
     # ----- what subclasses provide ---------------------------------------
     @abc.abstractmethod
@@ -96,7 +108,8 @@ class StructuredOptimizer(Optimizer, abc.ABC):
 
     # ----- the step -------------------------------------------------------
     def is_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
-        return group["structured"] and param.dim() >= 2
+        """2-D+ params of structured groups, unless their name matches ``elementwise_patterns``."""
+        return group["structured"] and param.dim() >= 2 and param not in self._elementwise_by_name
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:

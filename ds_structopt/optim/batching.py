@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Hashable, Iterator, Optional, Sequence
 
+import torch
+from torch import Tensor
+
 DEFAULT_MAX_STACK_BYTES = 256 * 2**20
 
 
@@ -27,3 +30,8 @@ def chunks(indices: Sequence[int], bytes_per_item: int, max_bytes: Optional[int]
     per_chunk = max(1, max_bytes // max(1, bytes_per_item))
     for start in range(0, len(indices), per_chunk):
         yield list(indices[start : start + per_chunk])
+
+
+def stack(items: Sequence[Tensor]) -> Tensor:
+    """torch.stack, but a single item becomes a view (no copy)."""
+    return items[0].unsqueeze(0) if len(items) == 1 else torch.stack(list(items))

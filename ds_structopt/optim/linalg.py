@@ -8,7 +8,7 @@ failure. Nothing here knows about optimizer state or DeepSpeed.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -182,10 +182,3 @@ def newton_schulz_inverse_root(
     if any(flags):
         root[bad] = eye[bad]
     return root, flags
-
-
-def stack_or_none(items: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
-    """Stack a list of equal-shape tensors, or None when the list holds Nones."""
-    if not items or any(t is None for t in items):
-        return None
-    return torch.stack(list(items))

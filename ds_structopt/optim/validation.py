@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any, Iterable, Mapping
 
 
@@ -57,6 +58,16 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
 def check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{owner}: {name} must be true or false, got {value!r}")
+
+
+def check_patterns(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"{owner}: {name} must be a list of regular expressions, got {value!r}")
+    for p in value:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"{owner}: {name} has an invalid regular expression {p!r}: {exc}") from None
 
 
 def _is_number(value: Any) -> bool:

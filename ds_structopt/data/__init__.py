@@ -1,0 +1,1 @@
+"""Data sources. ``embedded``: text that ships with every Python, byte-tokenized (no download)."""

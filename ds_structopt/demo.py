@@ -1,0 +1,126 @@
+"""Main job (for now): a tiny LLaMA trained on Python's bundled docs with AdaDiag++ and AdamW.
+
+Same model init, data order, schedule and parameter split for both; prints the
+training loss as it goes and the held-out loss of each optimizer at the end.
+Usage: ``python -m ds_structopt.demo [--steps N] [--optimizers AdaDiag++ AdamW ...]``
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+import ds_structopt as dso
+from ds_structopt.data.embedded import BYTE_VOCAB, byte_tokens, embedded_text, eval_batches, random_batch, train_eval_split
+
+
+# Each optimizer at (about) its best lr for this model, from a 300-step sweep over
+# {1e-3, 2e-3, 3e-3, 6e-3} (see the closing note of the core-optimizers issue).
+DEFAULT_LR = {"AdamW": 1e-3, "AdaDiag": 3e-3, "AdaDiag++": 3e-3, "ASGO": 1e-2, "DASGO": 1e-2}
+
+
+def tiny_llama(seed: int, seq_len: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float, update_freq: int) -> torch.optim.Optimizer:
+    """``name``: AdamW, a config name (AdaDiag++, ...), or a config name + "-factored" (Adafactor mode)."""
+    groups = dso.param_groups(model, weight_decay=weight_decay)
+    if name == "AdamW":
+        return torch.optim.AdamW(
+            [{"params": g["params"], "weight_decay": g.get("weight_decay", weight_decay)} for g in groups],
+            lr=lr,
+            betas=(0.9, 0.999),
+        )
+    base, factored = (name[: -len("-factored")], True) if name.endswith("-factored") else (name, False)
+    cls = dso.get_optimizer_class(base)
+    opts: dict[str, Any] = {"lr": lr}
+    if "update_freq" in cls.DEFAULTS:
+        opts["update_freq"] = update_freq
+    if factored:
+        opts["factored"] = True
+    return cls(groups, **opts)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    model.eval()
+    total = sum(model(input_ids=b[:, :-1], labels=b[:, 1:].contiguous()).loss.item() for b in batches) / len(batches)
+    model.train()
+    return total
+
+
+def train_one(name: str, args: argparse.Namespace, train_tokens: torch.Tensor, eval_set: list[torch.Tensor]) -> dict[str, float]:
+    model = tiny_llama(args.seed, args.seq_len)
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(name.replace("-factored", ""), 3e-3)
+    opt = make_optimizer(name, model, lr, args.weight_decay, args.update_freq)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        scale = warmup_cosine(step, args.steps, max(1, args.steps // 10))
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * scale
+        batch = random_batch(train_tokens, args.batch_size, args.seq_len, gen)
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            print(f"[{name:>10}] step {step:4d}  train loss {loss.item():.4f}", flush=True)
+    seconds = time.perf_counter() - start
+    return {"eval_loss": evaluate(model, eval_set), "seconds": seconds, "lr": lr}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--optimizers", nargs="+", default=["AdaDiag++", "AdamW"])
+    parser.add_argument("--lr", type=float, default=None, help="one lr for all; default: each optimizer's own (AdamW 1e-3, AdaDiag* 3e-3, ASGO/DASGO 1e-2)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--update-freq", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    train_tokens, eval_tokens = train_eval_split(byte_tokens(embedded_text()))
+    eval_set = eval_batches(eval_tokens, args.batch_size, args.seq_len, max_batches=8)
+    print(f"corpus: {len(train_tokens)} train / {len(eval_tokens)} eval byte tokens (pydoc_data.topics)")
+    results = {name: train_one(name, args, train_tokens, eval_set) for name in args.optimizers}
+    print("\nheld-out loss after", args.steps, "steps:")
+    for name, r in results.items():
+        print(f"  {name:>18}: eval loss {r['eval_loss']:.4f}  (ppl {math.exp(r['eval_loss']):.2f}, lr {r['lr']:g}, {r['seconds']:.1f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
