@@ -63,6 +63,7 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], int], torch.optim.Optimize
     "AdaDiag": lambda groups, T: dso.AdaDiag(groups, lr=1e-3, update_freq=T),
     "AdaDiag++": lambda groups, T: dso.AdaDiagPP(groups, lr=1e-3, update_freq=T),
     "AdaDiag++ factored": lambda groups, T: dso.AdaDiagPP(groups, lr=1e-3, update_freq=T, factored=True),
+    "AdaDiag++ factored b1=0": lambda groups, T: dso.AdaDiagPP(groups, lr=1e-3, update_freq=T, factored=True, betas=(0.0, 0.999)),
     "AdaDiag++ ema": lambda groups, T: dso.AdaDiagPP(groups, lr=1e-3, update_freq=T, basis="ema"),
     "ASGO (Newton-Schulz)": lambda groups, T: dso.ASGO(groups, update_freq=T),
     "ASGO (eigh, T)": lambda groups, T: dso.ASGO(groups, update_freq=T, root="eigh"),
@@ -79,19 +80,29 @@ def time_steps(opt: torch.optim.Optimizer, steps: int) -> list[float]:
     return out
 
 
+def set_option(opt: torch.optim.Optimizer, key: str, value: Any) -> None:
+    for g in opt.param_groups:
+        if key in g:
+            g[key] = value
+
+
 def measure(name: str, model: nn.Module, update_freq: int, plain_steps: int) -> dict[str, float]:
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt = OPTIMIZERS[name](dso.param_groups(model), update_freq)
-    refresh = time_steps(opt, 1)[0]          # step 1 refreshes every basis (or none for AdamW/DASGO)
-    plain = time_steps(opt, plain_steps)      # steps 2..: no refresh (T > plain_steps)
-    plain_mean = sorted(plain)[len(plain) // 2] if plain else float("nan")
+    first = time_steps(opt, 1)[0]              # allocates state (and refreshes every basis)
+    set_option(opt, "update_freq", 10**9)      # no refresh: plain steps
+    plain = sorted(time_steps(opt, plain_steps))
+    plain_mean = plain[len(plain) // 2]
+    set_option(opt, "update_freq", 1)          # (t - 1) % 1 == 0: a refresh on every matrix
+    refresh = time_steps(opt, 1)[0] if any("update_freq" in g for g in opt.param_groups) else plain_mean
     groups = dso.param_groups(model)
     matrices = {p for g in groups if g["structured"] for p in g["params"]}
     numel = sum(p.numel() for p in model.parameters())
     matrix_numel = sum(p.numel() for p in matrices)
     state = {p: sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, torch.Tensor)) for p, s in opt.state.items()}
     return {
+        "first_step_s": first,
         "plain_s": plain_mean,
         "refresh_s": refresh,
         "window_s": ((update_freq - 1) * plain_mean + refresh) / update_freq,

@@ -36,6 +36,8 @@ def test_identity_basis_is_adamw(cls, shape):
         opt = make([w, b])
         _train([w, b], opt, lambda: ((x @ w.T + b - y) ** 2).mean(), 25)
         runs.append((w.detach(), b.detach()))
+        if isinstance(opt, dso.StructuredOptimizer):
+            assert opt.stats()["refreshes"] == 0  # nothing rotated, nothing decomposed
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-6, atol=1e-6)
 

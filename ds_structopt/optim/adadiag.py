@@ -127,7 +127,10 @@ class AdaDiag(StructuredOptimizer):
             st["step"] += 1
         if group["basis"] == "ema":
             self._accumulate_factors(grads, states, group["basis_beta"])
-        due = [i for i, st in enumerate(states) if (st["step"] - 1) % group["update_freq"] == 0]
+        due = [
+            i for i, st in enumerate(states)
+            if (st["rotate_left"] or st["rotate_right"]) and (st["step"] - 1) % group["update_freq"] == 0
+        ]
         fresh = self._refresh([grads[i] for i in due], [states[i] for i in due], group) if due else []
 
         rotated = rotate(grads, states, to_basis=True)

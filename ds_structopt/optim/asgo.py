@@ -118,11 +118,12 @@ class ASGO(_MomentumRMSOptimizer):
         torch._foreach_lerp_([st["exp_avg"] for st in states], list(grads), 1.0 - beta1)
         self._accumulate(grads, states, beta2, group["cumulative"])
         if group["root"] == "newton_schulz":
-            self._newton_schulz_roots(states, group)
+            roots = self._newton_schulz_roots(states, group)
         else:
             due = [st for st in states if st["side"] and (st["step"] - 1) % group["update_freq"] == 0]
             self._eigh_roots(due, group)
-        updates = self._precondition(states)
+            roots = [st["root"] for st in states]
+        updates = self._precondition(states, roots)
         rms_match_(updates, group["rms_scale"])
         return updates, [group["lr"]] * len(states)
 
@@ -142,21 +143,23 @@ class ASGO(_MomentumRMSOptimizer):
                     else:
                         states[i]["precond"].lerp_(gram[j], 1.0 - beta2)
 
-    def _newton_schulz_roots(self, states: Sequence[State], group: dict[str, Any]) -> None:
+    def _newton_schulz_roots(self, states: Sequence[State], group: dict[str, Any]) -> list[Optional[Tensor]]:
+        """Fresh V^{-1/2} for every matrix (not kept in the state: it is recomputed each step)."""
+        roots: list[Optional[Tensor]] = [None] * len(states)
         keys = [st["precond"].shape[0] if st["side"] else None for st in states]
         for d, idx in buckets(keys).items():
             if d is None:
                 continue
             for part in chunks(idx, 4 * 6 * d * d):
                 precond = stack([states[i]["precond"] for i in part])
-                roots, fell_back = linalg.newton_schulz_inverse_root(precond, group["ns_iterations"], group["eps"], group["damping"])
+                result, fell_back = linalg.newton_schulz_inverse_root(precond, group["ns_iterations"], group["eps"], group["damping"])
                 for j, i in enumerate(part):
-                    st = states[i]
-                    st["root"] = roots[j]
-                    st["refreshes"] += 1
+                    roots[i] = result[j]
+                    states[i]["refreshes"] += 1
                     if fell_back[j]:
-                        st["decomp_failures"] += 1
-                        st["identity_fallbacks"] += 1
+                        states[i]["decomp_failures"] += 1
+                        states[i]["identity_fallbacks"] += 1
+        return roots
 
     def _eigh_roots(self, states: Sequence[State], group: dict[str, Any]) -> None:
         keys = [st["precond"].shape[0] for st in states]
@@ -185,7 +188,7 @@ class ASGO(_MomentumRMSOptimizer):
                 stacklevel=4,
             )
 
-    def _precondition(self, states: Sequence[State]) -> list[Tensor]:
+    def _precondition(self, states: Sequence[State], roots: Sequence[Optional[Tensor]]) -> list[Tensor]:
         """V^{-1/2} M (left) or M V^{-1/2} (right), batched; no side -> a copy of M."""
         keys = [(tuple(st["exp_avg"].shape), st["side"]) for st in states]
         out: list[Optional[Tensor]] = [None] * len(states)
@@ -198,7 +201,7 @@ class ASGO(_MomentumRMSOptimizer):
             d = m if side == "left" else n
             for part in chunks(idx, 4 * (2 * m * n + d * d)):
                 mom = stack([states[i]["exp_avg"] for i in part])
-                root = stack([states[i]["root"] for i in part])
+                root = stack([roots[i] for i in part])
                 res = torch.bmm(root, mom) if side == "left" else torch.bmm(mom, root)
                 for j, i in enumerate(part):
                     out[i] = res[j]
