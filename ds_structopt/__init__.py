@@ -25,9 +25,16 @@ def get_optimizer_class(name: str) -> type[StructuredOptimizer]:
         raise ValueError(f"unknown optimizer type '{name}'; expected one of {sorted(OPTIMIZERS)}") from None
 
 
+def initialize(*args: Any, **kwargs: Any):
+    """``deepspeed.initialize`` with our optimizers in the JSON config (see integrations/deepspeed.py)."""
+    from .integrations.deepspeed import initialize as _initialize
+
+    return _initialize(*args, **kwargs)
+
+
 def build(name: str, params: Any, **options: Any) -> StructuredOptimizer:
     """Construct the optimizer called ``name`` in configs."""
     return get_optimizer_class(name)(params, **options)
 
 
-__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build"]
+__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build", "initialize"]

@@ -65,9 +65,10 @@ class AdaDiag(StructuredOptimizer):
         adam_weight_decay=None,
     )
 
-    def _validate(self, group: State) -> None:
+    @classmethod
+    def _validate(cls, group: State) -> None:
         super()._validate(group)
-        name = self.NAME
+        name = cls.NAME
         v.check_betas(name, "betas", group["betas"])
         v.check_nonneg(name, "eps", group["eps"])
         v.check_int_at_least(name, "update_freq", group["update_freq"], 1)

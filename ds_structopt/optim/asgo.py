@@ -47,9 +47,10 @@ def rms_match_(updates: Sequence[Tensor], target_rms: Optional[float]) -> None:
 class _MomentumRMSOptimizer(StructuredOptimizer):
     """Options shared by ASGO and DASGO (momentum, RMS-matched updates, Adam for the rest)."""
 
-    def _validate(self, group: State) -> None:
+    @classmethod
+    def _validate(cls, group: State) -> None:
         super()._validate(group)
-        name = self.NAME
+        name = cls.NAME
         v.check_betas(name, "betas", group["betas"])
         v.check_nonneg(name, "eps", group["eps"])
         if group["rms_scale"] is not None:
@@ -79,9 +80,10 @@ class ASGO(_MomentumRMSOptimizer):
         adam_weight_decay=0.0,
     )
 
-    def _validate(self, group: State) -> None:
+    @classmethod
+    def _validate(cls, group: State) -> None:
         super()._validate(group)
-        name = self.NAME
+        name = cls.NAME
         v.check_bool(name, "cumulative", group["cumulative"])
         v.check_choice(name, "root", group["root"], ("newton_schulz", "eigh"))
         v.check_int_at_least(name, "ns_iterations", group["ns_iterations"], 1)

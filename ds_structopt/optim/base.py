@@ -54,19 +54,28 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Iterable[Any], **options: Any) -> None:
-        known = {**COMMON_DEFAULTS, **self.DEFAULTS}
-        v.reject_unknown(self.NAME, options, known)
-        defaults = copy.deepcopy(known)
-        defaults.update(options)
-        self._validate(defaults)
+        defaults = self.resolve_options(options)
         # Parameters routed to AdamW by name (groups built from named_parameters()).
         self._elementwise_by_name: set[Tensor] = set()
         super().__init__(params, defaults)
 
     # ----- options -------------------------------------------------------
-    def _validate(self, group: MutableMapping[str, Any]) -> None:
+    @classmethod
+    def resolve_options(cls, options: MutableMapping[str, Any]) -> dict[str, Any]:
+        """Defaults merged with ``options``, validated (ValueError naming the bad option). No params needed."""
+        known = {**COMMON_DEFAULTS, **cls.DEFAULTS}
+        v.reject_unknown(cls.NAME, options, known)
+        merged = copy.deepcopy(known)
+        merged.update(options)
+        if isinstance(merged.get("betas"), list):
+            merged["betas"] = tuple(merged["betas"])  # JSON has no tuples
+        cls._validate(merged)
+        return merged
+
+    @classmethod
+    def _validate(cls, group: MutableMapping[str, Any]) -> None:
         """Check the options common to every family; subclasses extend it."""
-        name = self.NAME
+        name = cls.NAME
         v.check_lr(name, "lr", group["lr"])
         v.check_nonneg(name, "weight_decay", group["weight_decay"])
         v.check_bool(name, "structured", group["structured"])

@@ -1,0 +1,1 @@
+"""Framework integrations (DeepSpeed now). They import the math, never the reverse."""

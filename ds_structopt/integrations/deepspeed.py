@@ -1,0 +1,69 @@
+"""``ds_structopt.initialize``: ``deepspeed.initialize`` with one of our optimizers named in the JSON.
+
+Same arguments, same return value (engine, optimizer, dataloader, lr_scheduler).
+The config is read and validated first, so a bad config fails with one line
+before any process group exists.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from typing import Any, Mapping, Optional, Union
+
+from ..grouping import param_groups
+from .deepspeed_config import ConfigError, StructOptConfig, parse_config
+
+
+def _config_source(args: Any, config: Any, config_params: Any) -> Any:
+    if config is not None and config_params is not None:
+        raise ConfigError("pass the DeepSpeed config as 'config' or 'config_params', not both")
+    config = config if config is not None else config_params
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if config is not None and from_args is not None:
+        raise ConfigError("DeepSpeed config given twice: in args.deepspeed_config and in config=")
+    config = config if config is not None else from_args
+    if config is None:
+        raise ConfigError("no DeepSpeed config: pass config=<path or dict> or args.deepspeed_config")
+    return config
+
+
+def initialize(
+    args: Any = None,
+    model: Any = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    mpu: Any = None,
+    dist_init_required: Optional[bool] = None,
+    collate_fn: Any = None,
+    config: Optional[Union[str, os.PathLike, Mapping[str, Any]]] = None,
+    config_params: Optional[Union[str, Mapping[str, Any]]] = None,
+    **kwargs: Any,
+):
+    """Drop-in for ``deepspeed.initialize`` that understands ``"type": "AdaDiag++"`` (and AdaDiag, ASGO, DASGO)."""
+    parsed: StructOptConfig = parse_config(_config_source(args, config, config_params))
+    if parsed.optimizer_cls is not None and optimizer is not None:
+        raise ConfigError("the config names optimizer type "
+                          f"'{parsed.optimizer_type}' and an optimizer object was passed too; give one of them")
+    import deepspeed
+
+    from ..zero.optimizer import DistributedStructuredOptimizer
+
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args) if not isinstance(args, argparse.Namespace) else argparse.Namespace(**vars(args))
+        args.deepspeed_config = None
+    if parsed.optimizer_cls is not None:
+        if model_parameters is None:
+            model_parameters = param_groups(model)
+        cls, options, dist_options = parsed.optimizer_cls, parsed.options, parsed.dist_options
+
+        def optimizer(params: Any) -> DistributedStructuredOptimizer:
+            return DistributedStructuredOptimizer(params, cls, options, cost_model=dist_options["cost_model"])
+
+    return deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
+        collate_fn=collate_fn, config=parsed.ds_config, **kwargs,
+    )

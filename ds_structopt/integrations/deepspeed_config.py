@@ -1,0 +1,131 @@
+"""Reading a DeepSpeed JSON that names one of our optimizers, and checking it before anything starts.
+
+A user's JSON keeps DeepSpeed's shape: ``"optimizer": {"type": "AdaDiag++",
+"params": {...}}``. We take that block out (DeepSpeed only knows its own
+optimizer names), validate it against the optimizer's options, check the
+ZeRO settings we support, set ``zero_allow_untested_optimizer`` and return the
+config DeepSpeed gets. Errors are one line naming the key and value.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from ..optim.base import StructuredOptimizer
+
+OUR_BLOCK = "ds_structopt"
+DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops"}
+_COST_MODELS = ("flops", "memory", "numel")
+# DeepSpeed's own optimizer names (deepspeed/runtime/config.py), lower-case.
+_DEEPSPEED_NAMES = ("adagrad", "adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam", "lion",
+                    "muadam", "muadamw", "musgd", "muon", "cpu_adam", "fusedadam")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, found before any process group or training starts."""
+
+
+@dataclass
+class StructOptConfig:
+    ds_config: dict[str, Any]                     # what DeepSpeed receives
+    optimizer_cls: Optional[type[StructuredOptimizer]]
+    optimizer_type: Optional[str]
+    options: dict[str, Any] = field(default_factory=dict)        # validated optimizer params
+    dist_options: dict[str, Any] = field(default_factory=dict)   # the "ds_structopt" block
+
+
+def load_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> dict[str, Any]:
+    """A deep copy of the config dict, or the parsed JSON file."""
+    if isinstance(config, Mapping):
+        return copy.deepcopy(dict(config))
+    path = os.fspath(config)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOptConfig:
+    """Split a user's DeepSpeed config into DeepSpeed's part and ours, validating ours."""
+    from .. import OPTIMIZERS
+
+    cfg = load_config(config)
+    dist_options = _dist_options(cfg.pop(OUR_BLOCK, {}))
+    block = cfg.get("optimizer")
+    if block is None:
+        return StructOptConfig(cfg, None, None, {}, dist_options)
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"'optimizer' must be an object with 'type' and 'params', got {block!r}")
+    unknown_keys = set(block) - {"type", "params"}
+    if unknown_keys:
+        raise ConfigError(f"optimizer: unknown key '{sorted(unknown_keys)[0]}' (expected 'type' and 'params')")
+    opt_type = block.get("type")
+    if opt_type not in OPTIMIZERS:
+        if isinstance(opt_type, str) and (opt_type.lower() in _DEEPSPEED_NAMES or _is_torch_optimizer(opt_type)):
+            return StructOptConfig(cfg, None, opt_type, {}, dist_options)  # DeepSpeed's own: leave it alone
+        close = difflib.get_close_matches(str(opt_type), list(OPTIMIZERS), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"optimizer.type: unknown optimizer '{opt_type}'{hint}; ds_structopt provides {sorted(OPTIMIZERS)}")
+    params = block.get("params", {})
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"optimizer.params must be an object, got {params!r}")
+    cls = OPTIMIZERS[opt_type]
+    try:
+        cls.resolve_options(dict(params))
+    except ValueError as exc:
+        raise ConfigError(f"optimizer.params: {exc}") from None
+    _check_zero(cfg)
+    del cfg["optimizer"]
+    cfg["zero_allow_untested_optimizer"] = True
+    options = dict(params)
+    if isinstance(options.get("betas"), list):
+        options["betas"] = tuple(options["betas"])
+    return StructOptConfig(cfg, cls, opt_type, options, dist_options)
+
+
+def _dist_options(block: Any) -> dict[str, Any]:
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"'{OUR_BLOCK}' must be an object, got {block!r}")
+    for key in block:
+        if key not in DIST_DEFAULTS:
+            close = difflib.get_close_matches(key, list(DIST_DEFAULTS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{OUR_BLOCK}: unknown option '{key}'{hint}")
+    out = {**DIST_DEFAULTS, **block}
+    if out["cost_model"] not in _COST_MODELS:
+        raise ConfigError(f"{OUR_BLOCK}.cost_model must be one of {list(_COST_MODELS)}, got {out['cost_model']!r}")
+    return out
+
+
+def _check_zero(cfg: Mapping[str, Any]) -> None:
+    zero = cfg.get("zero_optimization", {}) or {}
+    if not isinstance(zero, Mapping):
+        raise ConfigError(f"zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage == 3:
+        raise ConfigError("zero_optimization.stage=3 is not supported by this ds_structopt release yet (stages 0-2 are)")
+    for key in ("offload_optimizer", "offload_param"):
+        off = zero.get(key)
+        device = off.get("device", "none") if isinstance(off, Mapping) else off
+        if device not in (None, "none"):
+            raise ConfigError(
+                f"zero_optimization.{key}.device={device!r} is not supported with ds_structopt optimizers "
+                "(their step runs where the partitions live); remove the offload block")
+
+
+def _is_torch_optimizer(name: str) -> bool:
+    import torch.optim
+
+    return isinstance(getattr(torch.optim, name, None), type)

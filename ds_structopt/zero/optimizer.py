@@ -1,0 +1,295 @@
+"""The optimizer DeepSpeed drives: our math, with each matrix's state on one owner rank.
+
+DeepSpeed hands its client optimizer either the model's own parameters (no
+ZeRO partitioning, fp32) or, at ZeRO-1/2, one flat fp32 partition per param
+group whose ``.grad`` is this rank's slice of the reduced, unscaled and clipped
+gradient. Each model parameter then carries ``_hp_mapping``: which range of the
+parameter lies at which offset of this rank's partition. From that we know,
+for every matrix, which ranks hold which pieces.
+
+One ``step()`` call per param group (DeepSpeed calls it that way), once per
+optimizer step, after DeepSpeed's reduction, overflow check and clipping:
+
+1. owners receive the full gradient of the matrices they own (``reduce`` of a
+   zero-filled bucket into which every rank writes its pieces; skipped when
+   the owner already holds the whole matrix);
+2. owners compute updates with the single-process math
+   (``StructuredOptimizer.matrix_updates``), state kept only there;
+3. updates (and per-matrix step sizes; 0 = skipped) go back by ``broadcast``
+   from each owner to the ranks holding pieces, and every rank applies
+   W <- W (1 - lr wd) - lr U to the pieces in its own partition;
+4. elementwise parameters run AdamW on this rank's pieces only.
+
+Only reduce and broadcast are used (gloo and NCCL both have them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..optim.adamw import adamw_step
+from ..optim.base import COUNTERS, StructuredOptimizer, finite_flags
+from .ownership import MatrixInfo, plan_owners
+
+
+@dataclass
+class Piece:
+    """A contiguous range of a parameter (flattened) and where it lives on this rank."""
+
+    start: int   # offset in the flattened parameter
+    numel: int
+    param: Tensor  # this rank's fp32 storage of the range (a view)
+
+
+@dataclass
+class Entry:
+    name: str
+    lp: Tensor                 # the model's parameter object (shape, names, _hp_mapping)
+    shape: torch.Size
+    is_matrix: bool
+    pieces: list[Piece] = field(default_factory=list)  # filled per step (views into the partition)
+
+
+class DistributedStructuredOptimizer(Optimizer):
+    """ZeRO-aware wrapper: one owner per matrix, DeepSpeed's partitions for the rest."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_cls: type[StructuredOptimizer],
+        options: dict[str, Any],
+        cost_model: str = "flops",
+        process_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        self.math = optimizer_cls(params, **options)
+        self.group = process_group
+        self.rank = dist.get_rank(process_group) if dist.is_initialized() else 0
+        self.world = dist.get_world_size(process_group) if dist.is_initialized() else 1
+        groups = [{k: v for k, v in g.items()} for g in self.math.param_groups]
+        super().__init__(groups, self.math.defaults)
+        self.entries: list[list[Entry]] = []
+        for gi, g in enumerate(self.math.param_groups):
+            names = g.get("param_names") or [f"group{gi}.param{j}" for j in range(len(g["params"]))]
+            self.entries.append([Entry(n, p, p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.math.is_matrix(p, g))
+                                 for n, p in zip(names, g["params"])])
+        self._group_index = {id(g): i for i, g in enumerate(self.param_groups)}
+        infos = [MatrixInfo(e.name, e.shape[0], _numel(e.shape) // e.shape[0]) for es in self.entries for e in es if e.is_matrix]
+        self.owners = plan_owners(infos, self.world, cost_model, options.get("update_freq", 200))
+        self.matrix_state: dict[str, dict[str, Any]] = {}
+        self.elem_state: dict[str, dict[str, Any]] = {}
+        self._holders: dict[int, dict[str, list[tuple[int, int, int]]]] = {}  # group -> name -> [(rank, start, numel)]
+        self.comm_bytes = 0
+
+    # ----- layout ---------------------------------------------------------
+    def _pieces(self, gi: int, group: dict[str, Any]) -> list[Entry]:
+        """Attach this rank's pieces to the group's entries (full params, or fragments of a flat partition)."""
+        entries = self.entries[gi]
+        params = group["params"]
+        full = len(params) == len(entries) and all(p is e.lp for p, e in zip(params, entries))
+        for e in entries:
+            e.pieces = []
+            if full:
+                if e.lp.grad is not None:
+                    e.pieces.append(Piece(0, e.lp.numel(), e.lp))
+                continue
+            flat = params[0]
+            mapping = getattr(e.lp, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            lp_addr, hp_addr = mapping.lp_fragment_address, mapping.hp_fragment_address
+            e.pieces.append(Piece(lp_addr.start, lp_addr.numel, flat.narrow(0, hp_addr.start, hp_addr.numel)))
+        if gi not in self._holders:
+            local = {e.name: [(p.start, p.numel) for p in e.pieces] for e in entries if e.is_matrix}
+            gathered: list[Any] = [None] * self.world
+            if self.world > 1:
+                dist.all_gather_object(gathered, local, group=self.group)
+            else:
+                gathered = [local]
+            holders: dict[str, list[tuple[int, int, int]]] = {}
+            for rank, table in enumerate(gathered):
+                for name, ranges in table.items():
+                    holders.setdefault(name, []).extend((rank, s, n) for s, n in ranges)
+            self._holders[gi] = holders
+        return entries
+
+    # ----- the step -------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            gi = self._group_index.get(id(group), 0)
+            entries = self._pieces(gi, group)
+            self._step_elementwise(group, [e for e in entries if not e.is_matrix and e.pieces])
+            self._step_matrices(gi, group, [e for e in entries if e.is_matrix])
+        return loss
+
+    def _piece_grad(self, group: dict[str, Any], piece: Piece) -> Optional[Tensor]:
+        """Gradient of a piece: the param's own .grad (full mode) or the matching slice of the flat grad."""
+        if piece.param.grad is not None:
+            return piece.param.grad.reshape(-1)
+        flat = group["params"][0]
+        if flat.grad is None:
+            return None
+        base = flat.data_ptr()
+        offset = (piece.param.data_ptr() - base) // piece.param.element_size()
+        return flat.grad.narrow(0, offset, piece.numel)
+
+    def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
+        params, grads, states = [], [], []
+        for e in entries:
+            for piece in e.pieces:
+                g = self._piece_grad(group, piece)
+                if g is None:
+                    continue
+                st = self.elem_state.setdefault(f"{e.name}#{piece.start}", {})
+                if not finite_flags([g])[0]:
+                    st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+                    continue
+                params.append(piece.param.view(-1))
+                grads.append(g)
+                states.append(st)
+        if params:
+            wd = group["adam_weight_decay"] if group["adam_weight_decay"] is not None else group["weight_decay"]
+            adamw_step(params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
+                       eps=group["adam_eps"], weight_decay=wd)
+
+    def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
+        holders = self._holders[gi]
+        by_name = {e.name: e for e in entries}
+        # 1. full gradients at the owners
+        full_grads: dict[str, Tensor] = {}
+        for owner in range(self.world):
+            owned = [e for e in entries if self.owners[e.name] == owner and holders.get(e.name)]
+            needs_reduce = [e for e in owned if not _covered(holders[e.name], owner, _numel(e.shape))]
+            if owner == self.rank:
+                for e in owned:
+                    if e not in needs_reduce:
+                        full_grads[e.name] = self._assemble_local(group, e)
+            if not needs_reduce:
+                continue
+            sizes = [_numel(e.shape) for e in needs_reduce]
+            buf = torch.zeros(sum(sizes), dtype=torch.float32, device=self._device(group))
+            offset = 0
+            for e, size in zip(needs_reduce, sizes):
+                for piece in e.pieces:
+                    g = self._piece_grad(group, piece)
+                    if g is not None:
+                        buf.narrow(0, offset + piece.start, piece.numel).copy_(g)
+                offset += size
+            dist.reduce(buf, dst=self._global_rank(owner), group=self.group)
+            self.comm_bytes += buf.numel() * 4
+            if owner == self.rank:
+                offset = 0
+                for e, size in zip(needs_reduce, sizes):
+                    full_grads[e.name] = buf.narrow(0, offset, size)
+                    offset += size
+
+        # 2. owners compute updates
+        updates: dict[str, tuple[Tensor, float]] = {}
+        mine = [by_name[n] for n in full_grads]
+        if mine:
+            grads = [full_grads[e.name].view(e.shape[0], -1) for e in mine]
+            ok = finite_flags(grads)
+            live = [(e, g) for e, g, good in zip(mine, grads, ok) if good]
+            for e, good in zip(mine, ok):
+                if not good:
+                    st = self.matrix_state.setdefault(e.name, {})
+                    st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+                    updates[e.name] = (torch.zeros(_numel(e.shape)), 0.0)
+            if live:
+                states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]
+                weights = [e.lp for e, _ in live]
+                ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
+                for (e, _), u, lr in zip(live, ups, sizes):
+                    updates[e.name] = (u.reshape(-1), lr)
+
+        # 3. updates back to the holders, applied piecewise
+        wd = group["weight_decay"]
+        for owner in range(self.world):
+            owned = [e for e in entries if self.owners[e.name] == owner and holders.get(e.name)]
+            shared = [e for e in owned if any(r != owner for r, _, _ in holders[e.name])]
+            if shared:
+                sizes = [_numel(e.shape) for e in shared]
+                buf = torch.zeros(sum(sizes) + len(shared), dtype=torch.float32, device=self._device(group))
+                if owner == self.rank:
+                    offset = 0
+                    for k, (e, size) in enumerate(zip(shared, sizes)):
+                        u, lr = updates[e.name]
+                        buf.narrow(0, offset, size).copy_(u)
+                        buf[sum(sizes) + k] = lr
+                        offset += size
+                dist.broadcast(buf, src=self._global_rank(owner), group=self.group)
+                self.comm_bytes += buf.numel() * 4
+                lrs = buf[sum(sizes):].tolist()
+                offset = 0
+                for e, size, lr in zip(shared, sizes, lrs):
+                    self._apply(e, buf.narrow(0, offset, size), lr, wd)
+                    offset += size
+            if owner == self.rank:
+                for e in owned:
+                    if e not in shared:
+                        u, lr = updates[e.name]
+                        self._apply(e, u, lr, wd)
+
+    def _assemble_local(self, group: dict[str, Any], e: Entry) -> Tensor:
+        if len(e.pieces) == 1 and e.pieces[0].numel == _numel(e.shape):
+            return self._piece_grad(group, e.pieces[0]).float()
+        full = torch.zeros(_numel(e.shape), dtype=torch.float32, device=self._device(group))
+        for piece in e.pieces:
+            full.narrow(0, piece.start, piece.numel).copy_(self._piece_grad(group, piece))
+        return full
+
+    @staticmethod
+    def _apply(e: Entry, update: Tensor, lr: float, wd: float) -> None:
+        if lr == 0.0:
+            return
+        for piece in e.pieces:
+            w = piece.param.view(-1)
+            w32 = w if w.dtype == torch.float32 else w.float()
+            if wd:
+                w32.mul_(1.0 - lr * wd)
+            w32.add_(update.narrow(0, piece.start, piece.numel), alpha=-lr)
+            if w32 is not w:
+                w.copy_(w32)
+
+    def _device(self, group: dict[str, Any]) -> torch.device:
+        return group["params"][0].device
+
+    def _global_rank(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+    # ----- introspection --------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Per-rank counters: state bytes, refreshes, failed decompositions, bytes moved by our step."""
+        out = {k: 0 for k in COUNTERS}
+        for st in list(self.matrix_state.values()) + list(self.elem_state.values()):
+            for k in COUNTERS:
+                out[k] += int(st.get(k, 0))
+        out["state_bytes"] = self.state_bytes()
+        out["owned_matrices"] = len(self.matrix_state)
+        out["comm_bytes"] = self.comm_bytes
+        return out
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in list(self.matrix_state.values()) + list(self.elem_state.values())
+                   for t in st.values() if isinstance(t, Tensor))
+
+
+def _numel(shape: Iterable[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def _covered(holders: list[tuple[int, int, int]], rank: int, numel: int) -> bool:
+    """Does ``rank`` hold the whole parameter (pieces adding up to all of it)?"""
+    return sum(n for r, _, n in holders if r == rank) >= numel
