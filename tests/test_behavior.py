@@ -349,3 +349,20 @@ def test_stats_and_state_bytes():
     for st in opt.state.values():
         expected += sum(v.numel() * 4 for v in st.values() if isinstance(v, torch.Tensor))
     assert stats["state_bytes"] == expected > 0
+
+
+@pytest.mark.parametrize("name,opts", ALL, ids=IDS)
+def test_all_zero_gradient_is_like_no_gradient(name, opts):
+    """DeepSpeed's fp16/bf16 wrappers call step() once with zero gradients to create state:
+    that must neither move weights (no NaN from normalizing a zero update) nor count as step 1."""
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = build(name, model, weight_decay=0.1, **opts)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all("step" not in opt.state[p] for p in model.parameters())
+    train(model, opt, 2)
+    assert opt.state[model.wide.weight]["step"] == 2

@@ -114,8 +114,6 @@ def _check_zero(cfg: Mapping[str, Any]) -> None:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if stage == 3:
-        raise ConfigError("zero_optimization.stage=3 is not supported by this ds_structopt release yet (stages 0-2 are)")
     for key in ("offload_optimizer", "offload_param"):
         off = zero.get(key)
         device = off.get("device", "none") if isinstance(off, Mapping) else off
@@ -123,9 +121,33 @@ def _check_zero(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"zero_optimization.{key}.device={device!r} is not supported with ds_structopt optimizers "
                 "(their step runs where the partitions live); remove the offload block")
+    if stage == 3:
+        raise ConfigError("zero_optimization.stage=3 is not supported by this ds_structopt release yet (stages 0-2 are)")
 
 
 def _is_torch_optimizer(name: str) -> bool:
     import torch.optim
 
     return isinstance(getattr(torch.optim, name, None), type)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m ds_structopt.integrations.deepspeed_config CONFIG.json``: check a config, exit 2 on error."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ds_structopt.integrations.deepspeed_config CONFIG.json", file=sys.stderr)
+        return 2
+    try:
+        parsed = parse_config(args[0])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    what = parsed.optimizer_type or "no optimizer block"
+    print(f"ok: {args[0]} ({what}; ZeRO stage {parsed.ds_config.get('zero_optimization', {}).get('stage', 0)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -39,8 +39,8 @@ def rms_match_(updates: Sequence[Tensor], target_rms: Optional[float]) -> None:
     if target_rms is None or not updates:
         return
     norms = torch._foreach_norm(list(updates))
-    tiny = torch.finfo(torch.float32).tiny
-    factors = [target_rms * math.sqrt(u.numel()) / n.clamp_min(tiny) for u, n in zip(updates, norms)]
+    # a zero update stays zero (not 0 * inf = NaN)
+    factors = [torch.where(n > 0, target_rms * math.sqrt(u.numel()) / n, torch.zeros_like(n)) for u, n in zip(updates, norms)]
     torch._foreach_mul_(list(updates), factors)
 
 

@@ -41,10 +41,20 @@ def as_matrix(t: Tensor) -> Tensor:
 
 def finite_flags(tensors: Sequence[Tensor]) -> list[bool]:
     """Which tensors are entirely finite, with a single host sync for all of them."""
+    return [f for f, _ in grad_flags(tensors)]
+
+
+def grad_flags(tensors: Sequence[Tensor]) -> list[tuple[bool, bool]]:
+    """(entirely finite, not all zero) per tensor, from one max-abs pass and one host sync.
+
+    An all-zero gradient is treated like a missing one (as torch optimizers treat
+    ``grad is None``): DeepSpeed's wrappers call ``step()`` once with zero
+    gradients just to create state, and that must not count as a first step.
+    """
     if not tensors:
         return []
-    maxes = torch._foreach_norm(list(tensors), float("inf"))
-    return torch.isfinite(torch.stack([m.float() for m in maxes])).tolist()
+    maxes = torch.stack([m.float() for m in torch._foreach_norm(list(tensors), float("inf"))])
+    return list(zip(torch.isfinite(maxes).tolist(), (maxes != 0).tolist()))
 
 
 class StructuredOptimizer(Optimizer, abc.ABC):
@@ -139,10 +149,12 @@ class StructuredOptimizer(Optimizer, abc.ABC):
                 raise RuntimeError(f"{self.NAME} does not support sparse gradients")
         matrices: list[Tensor] = []
         elementwise: list[Tensor] = []
-        for p, ok in zip(params, finite_flags([p.grad for p in params])):
-            if not ok:
+        for p, (finite, nonzero) in zip(params, grad_flags([p.grad for p in params])):
+            if not finite:
                 st = self.state[p]
                 st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+                continue
+            if not nonzero:
                 continue
             (matrices if self.is_matrix(p, group) else elementwise).append(p)
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..optim.adamw import adamw_step
-from ..optim.base import COUNTERS, StructuredOptimizer, finite_flags
+from ..optim.base import COUNTERS, StructuredOptimizer, grad_flags
 from .ownership import MatrixInfo, plan_owners
 
 
@@ -90,12 +90,14 @@ class DistributedStructuredOptimizer(Optimizer):
         """Attach this rank's pieces to the group's entries (full params, or fragments of a flat partition)."""
         entries = self.entries[gi]
         params = group["params"]
-        full = len(params) == len(entries) and all(p is e.lp for p, e in zip(params, entries))
-        for e in entries:
+        # One tensor per parameter: the model's own (fp32, no ZeRO) or DeepSpeed's fp32 master
+        # copies (FP16_UnfusedOptimizer for bf16/fp16 at stage 0).
+        per_param = len(params) == len(entries) and all(p.shape == e.shape for p, e in zip(params, entries))
+        for e, own in zip(entries, params if per_param else [None] * len(entries)):
             e.pieces = []
-            if full:
-                if e.lp.grad is not None:
-                    e.pieces.append(Piece(0, e.lp.numel(), e.lp))
+            if per_param:
+                if own.grad is not None:
+                    e.pieces.append(Piece(0, own.numel(), own))
                 continue
             flat = params[0]
             mapping = getattr(e.lp, "_hp_mapping", None)
@@ -103,6 +105,10 @@ class DistributedStructuredOptimizer(Optimizer):
                 continue
             lp_addr, hp_addr = mapping.lp_fragment_address, mapping.hp_fragment_address
             e.pieces.append(Piece(lp_addr.start, lp_addr.numel, flat.narrow(0, hp_addr.start, hp_addr.numel)))
+        if not per_param and not any(e.pieces for e in entries) and params and params[0].numel() > 0:
+            raise RuntimeError(
+                f"{self.math.NAME}: cannot map DeepSpeed's flat partition of param group {gi} back to the "
+                "model's parameters (no _hp_mapping); this DeepSpeed optimizer wrapper is not supported")
         if gi not in self._holders:
             local = {e.name: [(p.start, p.numel) for p in e.pieces] for e in entries if e.is_matrix}
             gathered: list[Any] = [None] * self.world
@@ -150,8 +156,10 @@ class DistributedStructuredOptimizer(Optimizer):
                 if g is None:
                     continue
                 st = self.elem_state.setdefault(f"{e.name}#{piece.start}", {})
-                if not finite_flags([g])[0]:
+                finite, nonzero = grad_flags([g])[0]
+                if not finite:
                     st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+                if not (finite and nonzero):
                     continue
                 params.append(piece.param.view(-1))
                 grads.append(g)
@@ -197,12 +205,13 @@ class DistributedStructuredOptimizer(Optimizer):
         mine = [by_name[n] for n in full_grads]
         if mine:
             grads = [full_grads[e.name].view(e.shape[0], -1) for e in mine]
-            ok = finite_flags(grads)
-            live = [(e, g) for e, g, good in zip(mine, grads, ok) if good]
-            for e, good in zip(mine, ok):
-                if not good:
-                    st = self.matrix_state.setdefault(e.name, {})
-                    st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+            flags = grad_flags(grads)
+            live = [(e, g) for e, g, (finite, nonzero) in zip(mine, grads, flags) if finite and nonzero]
+            for e, (finite, nonzero) in zip(mine, flags):
+                if not (finite and nonzero):  # skipped: step size 0 tells the holders to leave it
+                    if not finite:
+                        st = self.matrix_state.setdefault(e.name, {})
+                        st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
                     updates[e.name] = (torch.zeros(_numel(e.shape)), 0.0)
             if live:
                 states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]

@@ -36,9 +36,47 @@ def build_model(seed: int) -> torch.nn.Module:
 IN_DIM = WIDTH = OUT_DIM = 32
 
 
+class Block(torch.nn.Module):
+    """LLaMA-like shapes: q/k/v/o (d x d), up (2d x d), down (d x 2d): 6 matrices, 2 norms' worth of vectors."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+        self.norm = torch.nn.RMSNorm(d)
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.o(torch.tanh(self.q(h)) * torch.tanh(self.k(h)) + self.v(h))
+        return x + self.down(torch.tanh(self.up(self.norm(x))))
+
+
+def build_blocks_model(seed: int, blocks: int = 4) -> torch.nn.Module:
+    """4 blocks = 24 matrices of two shapes, for memory-balance and config tests."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[Block(WIDTH) for _ in range(blocks)])
+
+
 def global_batches(steps: int, batch: int, seed: int = 123):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, IN_DIM, generator=gen), torch.randn(batch, OUT_DIM, generator=gen)) for _ in range(steps)]
+
+
+def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
+    losses = []
+    for x, y in global_batches(case["steps"], case["global_batch"]):
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        for mx, my in zip(xs.split(micro), ys.split(micro)):
+            out = engine(mx.to(next(engine.module.parameters()).dtype))
+            loss = ((out.float() - my) ** 2).mean()
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+    inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, inner.metrics())
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    return {"params": params, "metrics": gathered, "losses": losses}
 
 
 def main(spec_path: str) -> None:
@@ -49,7 +87,17 @@ def main(spec_path: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     results = {}
     for case in spec["cases"]:
-        model = build_model(case.get("seed", 0))
+        if case.get("model") == "blocks":
+            model = build_blocks_model(case.get("seed", 0))
+        else:
+            model = build_model(case.get("seed", 0))
+        if "config_path" in case:  # exactly as a user passes it
+            file_cfg = json.load(open(case["config_path"]))
+            case["global_batch"] = file_cfg["train_batch_size"]
+            micro = file_cfg["train_micro_batch_size_per_gpu"]
+            engine, opt, _, _ = dso.initialize(model=model, model_parameters=dso.param_groups(model), config=case["config_path"])
+            results[case["name"]] = train(engine, case, world, rank, micro)
+            continue
         micro = case["global_batch"] // world // case.get("grad_accum", 1)
         cfg = {
             "train_batch_size": case["global_batch"],
@@ -60,19 +108,10 @@ def main(spec_path: str) -> None:
             "steps_per_print": 10**9,
             "gradient_clipping": case.get("clip", 0.0),  # DeepSpeed's default is 1.0
         }
+        if case.get("bf16"):
+            cfg["bf16"] = {"enabled": True}
         engine, opt, _, _ = dso.initialize(model=model, model_parameters=dso.param_groups(model), config=cfg)
-        for x, y in global_batches(case["steps"], case["global_batch"]):
-            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-            for mx, my in zip(xs.split(micro), ys.split(micro)):
-                loss = ((engine(mx) - my) ** 2).mean()
-                engine.backward(loss)
-                engine.step()
-        inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-        metrics = inner.metrics()
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, metrics)
-        params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-        results[case["name"]] = {"params": params, "metrics": gathered}
+        results[case["name"]] = train(engine, case, world, rank, micro)
     if rank == 0:
         torch.save(results, spec["out"])
     torch.distributed.barrier()

@@ -1,0 +1,115 @@
+"""The shipped DeepSpeed configs, used exactly as a user passes them, on real ranks; memory
+balance of the owner plan; bad configs rejected before anything starts."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist.launch import run_ranks
+from ds_structopt.integrations.deepspeed_config import ConfigError, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("ds_*_zero2.json"))
+
+
+def test_every_optimizer_has_a_zero2_config():
+    names = {json.load(open(p))["optimizer"]["type"] for p in CONFIGS}
+    assert names == {"AdaDiag", "AdaDiag++", "ASGO", "DASGO"}
+    assert any(json.load(open(p))["optimizer"]["params"].get("factored") for p in CONFIGS)
+
+
+def _balanced(metrics, tolerance=0.15):
+    per_rank = [m["state_bytes"] for m in metrics]
+    mean = sum(per_rank) / len(per_rank)
+    return per_rank, all(abs(b - mean) <= tolerance * mean for b in per_rank)
+
+
+@pytest.mark.slow
+def test_shipped_configs_train_on_two_ranks(tmp_path):
+    cases = [{"name": p.stem, "config_path": str(p), "model": "blocks", "steps": 30} for p in CONFIGS]
+    results = run_ranks(2, cases, tmp_path)
+    for case in cases:
+        r = results[case["name"]]
+        assert r["losses"][-1] < r["losses"][0], (case["name"], r["losses"][0], r["losses"][-1])
+        per_rank, ok = _balanced(r["metrics"])
+        print(case["name"], "state bytes per rank", per_rank, "owned", [m["owned_matrices"] for m in r["metrics"]])
+        assert sum(m["owned_matrices"] for m in r["metrics"]) == 24
+        assert ok, (case["name"], per_rank)
+
+
+@pytest.mark.slow
+def test_state_is_balanced_on_four_ranks(tmp_path):
+    path = next(p for p in CONFIGS if p.stem == "ds_adadiagpp_zero2")
+    cfg = json.load(open(path))
+    cfg["train_micro_batch_size_per_gpu"] = 16  # 64 = 4 ranks x 16
+    four = tmp_path / "four.json"
+    four.write_text(json.dumps(cfg))
+    results = run_ranks(4, [{"name": "pp4", "config_path": str(four), "model": "blocks", "steps": 3}], tmp_path)
+    per_rank, ok = _balanced(results["pp4"]["metrics"])
+    print("AdaDiag++ 4 ranks, state bytes per rank:", per_rank)
+    assert ok, per_rank
+
+
+BAD = [
+    ({"type": "AdaDiagXX", "params": {}}, {}, "optimizer.type: unknown optimizer 'AdaDiagXX'"),
+    ({"type": "AdaDiag++", "params": {"updat_freq": 10}}, {}, "did you mean 'update_freq'"),
+    ({"type": "ASGO", "params": {"factored": True}}, {}, "ASGO: unknown option 'factored'"),
+    ({"type": "AdaDiag++", "params": {"lr": -1}}, {}, "lr must be"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 3, "offload_optimizer": {"device": "nvme"}}, "offload_optimizer.device='nvme'"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer.device='cpu'"),
+]
+
+
+@pytest.mark.parametrize("block,zero,message", BAD)
+def test_bad_configs_fail_in_one_line_before_anything_starts(tmp_path, block, zero, message):
+    cfg = {"train_batch_size": 8, "optimizer": block, "zero_optimization": zero}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        parse_config(path)
+    # as a user would run it: a non-zero exit, one line naming the key, nothing written
+    ckpt = tmp_path / "ckpt"
+    code = (
+        "import sys, torch, ds_structopt as dso\n"
+        "from ds_structopt.integrations.deepspeed_config import ConfigError\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        "try:\n"
+        f"    e, *_ = dso.initialize(model=m, config={str(path)!r})\n"
+        f"    e.save_checkpoint({str(ckpt)!r})\n"
+        "except ConfigError as exc:\n"
+        "    print(f'error: {exc}', file=sys.stderr); sys.exit(2)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message.split("'")[0] in lines[0]
+    assert not ckpt.exists()
+    assert "torch.distributed" not in proc.stderr  # no process group was started
+
+
+def test_validator_cli(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "ds_structopt.integrations.deepspeed_config", str(CONFIGS[0])],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    bad = tmp_path / "b.json"
+    bad.write_text('{"optimizer": {"type": "AdaDiag++", "params": {"betas": [0.9, 1.5]}}}')
+    res = subprocess.run([sys.executable, "-m", "ds_structopt.integrations.deepspeed_config", str(bad)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "betas[1] must be in [0, 1)" in res.stderr
+
+
+@pytest.mark.slow
+def test_bf16_trains_at_stages_0_1_2(tmp_path):
+    cases = [{"name": f"{opt}-bf16-z{stage}", "optimizer": opt, "params": {"lr": 3e-3, "update_freq": 5} if opt != "DASGO" else {"lr": 1e-2},
+              "stage": stage, "steps": 25, "global_batch": 64, "bf16": True, "model": "blocks"}
+             for opt in ("AdaDiag++", "ASGO", "DASGO") for stage in (0, 1, 2)]
+    results = run_ranks(2, cases, tmp_path)
+    for case in cases:
+        losses = results[case["name"]]["losses"]
+        print(case["name"], " ".join(f"{v:.3f}" for v in losses[::4]))
+    for case in cases:
+        losses = results[case["name"]]["losses"]
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        assert last < 0.9 * first, (case["name"], first, last)
+        assert sum(m["owned_matrices"] for m in results[case["name"]]["metrics"]) == 24
