@@ -41,9 +41,15 @@ from .ownership import MatrixInfo, plan_owners
 class Piece:
     """A contiguous range of a parameter (flattened) and where it lives on this rank."""
 
-    start: int   # offset in the flattened parameter
+    start: int     # offset in the flattened parameter
     numel: int
-    param: Tensor  # this rank's fp32 storage of the range (a view)
+    param: Tensor  # this rank's fp32 storage of the range (a 1-D view)
+    source: Tensor  # the tensor DeepSpeed puts the gradient on (the param itself or the flat partition)
+    offset: int    # where the range starts in ``source``
+
+    def grad(self) -> Optional[Tensor]:
+        g = self.source.grad
+        return None if g is None else g.view(-1).narrow(0, self.offset, self.numel)
 
 
 @dataclass
@@ -96,15 +102,14 @@ class DistributedStructuredOptimizer(Optimizer):
         for e, own in zip(entries, params if per_param else [None] * len(entries)):
             e.pieces = []
             if per_param:
-                if own.grad is not None:
-                    e.pieces.append(Piece(0, own.numel(), own))
+                e.pieces.append(Piece(0, own.numel(), own.view(-1), own, 0))
                 continue
             flat = params[0]
             mapping = getattr(e.lp, "_hp_mapping", None)
             if mapping is None:
                 continue
             lp_addr, hp_addr = mapping.lp_fragment_address, mapping.hp_fragment_address
-            e.pieces.append(Piece(lp_addr.start, lp_addr.numel, flat.narrow(0, hp_addr.start, hp_addr.numel)))
+            e.pieces.append(Piece(lp_addr.start, lp_addr.numel, flat.narrow(0, hp_addr.start, hp_addr.numel), flat, hp_addr.start))
         if not per_param and not any(e.pieces for e in entries) and params and params[0].numel() > 0:
             raise RuntimeError(
                 f"{self.math.NAME}: cannot map DeepSpeed's flat partition of param group {gi} back to the "
@@ -137,16 +142,9 @@ class DistributedStructuredOptimizer(Optimizer):
             self._step_matrices(gi, group, [e for e in entries if e.is_matrix])
         return loss
 
-    def _piece_grad(self, group: dict[str, Any], piece: Piece) -> Optional[Tensor]:
-        """Gradient of a piece: the param's own .grad (full mode) or the matching slice of the flat grad."""
-        if piece.param.grad is not None:
-            return piece.param.grad.reshape(-1)
-        flat = group["params"][0]
-        if flat.grad is None:
-            return None
-        base = flat.data_ptr()
-        offset = (piece.param.data_ptr() - base) // piece.param.element_size()
-        return flat.grad.narrow(0, offset, piece.numel)
+    @staticmethod
+    def _piece_grad(group: dict[str, Any], piece: Piece) -> Optional[Tensor]:
+        return piece.grad()
 
     def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
         params, grads, states = [], [], []
@@ -161,7 +159,7 @@ class DistributedStructuredOptimizer(Optimizer):
                     st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
                 if not (finite and nonzero):
                     continue
-                params.append(piece.param.view(-1))
+                params.append(piece.param)
                 grads.append(g)
                 states.append(st)
         if params:
@@ -249,11 +247,16 @@ class DistributedStructuredOptimizer(Optimizer):
                         self._apply(e, u, lr, wd)
 
     def _assemble_local(self, group: dict[str, Any], e: Entry) -> Tensor:
+        """The full gradient of a matrix whose pieces are all on this rank (missing grad -> zeros: skipped)."""
         if len(e.pieces) == 1 and e.pieces[0].numel == _numel(e.shape):
-            return self._piece_grad(group, e.pieces[0]).float()
+            g = e.pieces[0].grad()
+            if g is not None:
+                return g.float()
         full = torch.zeros(_numel(e.shape), dtype=torch.float32, device=self._device(group))
         for piece in e.pieces:
-            full.narrow(0, piece.start, piece.numel).copy_(self._piece_grad(group, piece))
+            g = piece.grad()
+            if g is not None:
+                full.narrow(0, piece.start, piece.numel).copy_(g)
         return full
 
     @staticmethod
@@ -261,7 +264,7 @@ class DistributedStructuredOptimizer(Optimizer):
         if lr == 0.0:
             return
         for piece in e.pieces:
-            w = piece.param.view(-1)
+            w = piece.param
             w32 = w if w.dtype == torch.float32 else w.float()
             if wd:
                 w32.mul_(1.0 - lr * wd)
