@@ -32,9 +32,16 @@ def initialize(*args: Any, **kwargs: Any):
     return _initialize(*args, **kwargs)
 
 
+def metrics(engine: Any) -> dict[str, float]:
+    """Per-rank optimizer metrics of an engine from :func:`initialize` (state bytes, refreshes, failures, comm bytes)."""
+    from .integrations.deepspeed import metrics as _metrics
+
+    return _metrics(engine)
+
+
 def build(name: str, params: Any, **options: Any) -> StructuredOptimizer:
     """Construct the optimizer called ``name`` in configs."""
     return get_optimizer_class(name)(params, **options)
 
 
-__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build", "initialize"]
+__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build", "initialize", "metrics"]

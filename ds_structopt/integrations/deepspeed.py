@@ -62,8 +62,56 @@ def initialize(
         def optimizer(params: Any) -> DistributedStructuredOptimizer:
             return DistributedStructuredOptimizer(params, cls, options, cost_model=dist_options["cost_model"])
 
-    return deepspeed.initialize(
+    result = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=parsed.ds_config, **kwargs,
     )
+    engine = result[0]
+    ours = find_optimizer(engine)
+    if ours is not None:
+        from ..checkpoint import wrap_engine_checkpointing
+
+        wrap_engine_checkpointing(engine, ours)
+        _log_metrics_to_monitor(engine, ours)
+    return result
+
+
+def find_optimizer(engine: Any) -> Any:
+    """Our DistributedStructuredOptimizer inside DeepSpeed's wrappers (ZeRO, fp16/bf16), or None."""
+    from ..zero.optimizer import DistributedStructuredOptimizer
+
+    opt = getattr(engine, "optimizer", None)
+    for _ in range(4):
+        if isinstance(opt, DistributedStructuredOptimizer) or opt is None:
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+def metrics(engine: Any) -> dict[str, float]:
+    """Per-rank optimizer metrics: state bytes, refreshes, failed decompositions, bytes our step moved."""
+    opt = find_optimizer(engine)
+    if opt is None:
+        raise ValueError("this engine was not built by ds_structopt.initialize with a ds_structopt optimizer")
+    return opt.metrics()
+
+
+def _log_metrics_to_monitor(engine: Any, opt: Any) -> None:
+    """After each optimizer step, send our metrics to the engine's monitor (TensorBoard/CSV/W&B) when one is on."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not getattr(monitor, "enabled", False):
+        return
+    ds_step = engine.step
+    last = {"step": engine.global_steps}
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = ds_step(*args, **kwargs)
+        if engine.global_steps != last["step"]:  # an optimizer step happened (not a micro-step)
+            last["step"] = engine.global_steps
+            values = opt.metrics()
+            if engine.global_rank == 0:
+                monitor.write_events([(f"ds_structopt/{k}", float(v), engine.global_samples) for k, v in values.items()])
+        return out
+
+    engine.step = step

@@ -18,6 +18,7 @@ def free_port() -> int:
 
 
 def run_ranks(world: int, cases: list, tmp: Path, timeout: int = 600) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
     spec = tmp / "spec.json"
     out = tmp / "result.pt"
     spec.write_text(json.dumps({"cases": cases, "out": str(out)}))

@@ -64,7 +64,14 @@ def global_batches(steps: int, batch: int, seed: int = 123):
 
 def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
     losses = []
-    for x, y in global_batches(case["steps"], case["global_batch"]):
+    if case.get("load_dir"):
+        engine.load_checkpoint(case["load_dir"])
+    batches = global_batches(case["steps"], case["global_batch"])
+    for step, (x, y) in enumerate(batches):
+        if step < case.get("start_step", 0):
+            continue
+        if step == case.get("save_after"):
+            engine.save_checkpoint(case["save_dir"])
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
         for mx, my in zip(xs.split(micro), ys.split(micro)):
             out = engine(mx.to(next(engine.module.parameters()).dtype))
@@ -72,6 +79,8 @@ def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
             engine.backward(loss)
             engine.step()
         losses.append(loss.item())
+    if case.get("save_after") == case["steps"]:
+        engine.save_checkpoint(case["save_dir"])
     inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, inner.metrics())

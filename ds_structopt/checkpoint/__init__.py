@@ -1,0 +1,152 @@
+"""Name-keyed optimizer state next to DeepSpeed's checkpoints, loadable at any world size.
+
+DeepSpeed's ZeRO checkpoints store flat partitions tied to the world size that
+wrote them. We write, per rank, ``<dir>/<tag>/ds_structopt/rank<r>.pt`` with
+everything keyed by parameter name: the owned matrices' whole states, the
+elementwise (AdamW) state and the fp32 master values of the pieces this rank
+holds, each with its range in the flattened parameter. Loading reads every
+rank's file and takes what the new layout needs, so 2 -> 1, 2 -> 4, 1 -> 2 all
+continue the same trajectory. Files are written to a temporary name and
+renamed, and hold only tensors and plain containers (``torch.load(...,
+weights_only=True)`` reads them).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..zero.optimizer import DistributedStructuredOptimizer
+
+SUBDIR = "ds_structopt"
+FORMAT_VERSION = 1
+
+
+def _rank_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, SUBDIR, f"rank{rank:05d}.pt")
+
+
+def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
+    """This rank's share, by name: owned matrix states, elementwise pieces, fp32 master pieces."""
+    elements: dict[str, list[dict[str, Any]]] = {}
+    masters: dict[str, list[dict[str, Any]]] = {}
+    for gi, group in enumerate(opt.param_groups):
+        for e in opt._pieces(gi, group):
+            for piece in e.pieces:
+                masters.setdefault(e.name, []).append({"start": piece.start, "value": piece.param.detach().float().clone()})
+                st = opt.elem_state.get(f"{e.name}#{piece.start}")
+                if not e.is_matrix and st:
+                    elements.setdefault(e.name, []).append({"start": piece.start, "state": _cpu(st)})
+    return {
+        "version": FORMAT_VERSION,
+        "world_size": opt.world,
+        "matrix_state": {name: _cpu(st) for name, st in opt.matrix_state.items()},
+        "elements": elements,
+        "masters": masters,
+    }
+
+
+def save(opt: DistributedStructuredOptimizer, directory: str) -> None:
+    """Write this rank's file atomically (temporary name, then rename)."""
+    path = _rank_file(directory, opt.rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(local_state(opt), tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
+    """Restore our state (and fp32 masters) from every rank's file, whatever the world size then."""
+    folder = os.path.join(directory, SUBDIR)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint {directory} has no {SUBDIR}/ optimizer state (written without ds_structopt?)")
+    files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
+    saved = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True) for f in files]
+    world = {s["world_size"] for s in saved}
+    if len(world) != 1 or len(saved) != world.pop():
+        raise ValueError(f"checkpoint {directory}: expected one {SUBDIR} file per saving rank, found {files}")
+    matrix_state: dict[str, dict[str, Any]] = {}
+    elements: dict[str, list[dict[str, Any]]] = {}
+    masters: dict[str, list[dict[str, Any]]] = {}
+    for s in saved:
+        matrix_state.update(s["matrix_state"])
+        for name, items in s["elements"].items():
+            elements.setdefault(name, []).extend(items)
+        for name, items in s["masters"].items():
+            masters.setdefault(name, []).extend(items)
+
+    opt.matrix_state.clear()
+    opt.elem_state.clear()
+    for gi, group in enumerate(opt.param_groups):
+        for e in opt._pieces(gi, group):
+            if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in matrix_state:
+                device = e.pieces[0].param.device if e.pieces else torch.device("cpu")
+                opt.matrix_state[e.name] = _to(matrix_state[e.name], device)
+            full_master = _assemble(masters.get(e.name, []), lambda item: item["value"], e)
+            for piece in e.pieces:
+                if full_master is not None:
+                    piece.param.copy_(full_master.narrow(0, piece.start, piece.numel))
+                if not e.is_matrix and e.name in elements:
+                    opt.elem_state[f"{e.name}#{piece.start}"] = _slice_state(elements[e.name], e, piece)
+
+
+def _assemble(items: list[dict[str, Any]], value, e) -> Optional[torch.Tensor]:
+    if not items:
+        return None
+    numel = 1
+    for d in e.shape:
+        numel *= int(d)
+    full = torch.zeros(numel, dtype=torch.float32)
+    for item in items:
+        v = value(item).reshape(-1)
+        full.narrow(0, item["start"], v.numel()).copy_(v)
+    return full
+
+
+def _slice_state(items: list[dict[str, Any]], e, piece) -> dict[str, Any]:
+    """The elementwise state of one new piece, cut out of the saved pieces of the same parameter."""
+    first = items[0]["state"]
+    out: dict[str, Any] = {}
+    for key, val in first.items():
+        if isinstance(val, torch.Tensor) and val.dim() == 1:
+            full = _assemble(items, lambda item, k=key: item["state"][k], e)
+            out[key] = full.narrow(0, piece.start, piece.numel).clone().to(piece.param.device)
+        else:
+            out[key] = val
+    return out
+
+
+def _cpu(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+def _to(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) -> None:
+    """Make ``engine.save_checkpoint``/``load_checkpoint`` also save/restore our name-keyed state."""
+    ds_save, ds_load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir: str, tag: Optional[str] = None, *args: Any, **kwargs: Any) -> Any:
+        tag = tag if tag is not None else f"global_step{engine.global_steps}"
+        result = ds_save(save_dir, tag, *args, **kwargs)
+        save(opt, os.path.join(save_dir, str(tag)))
+        if dist.is_initialized():
+            dist.barrier()
+        return result
+
+    def load_checkpoint(load_dir: str, tag: Optional[str] = None, *args: Any, load_optimizer_states: bool = True,
+                        **kwargs: Any) -> Any:
+        # DeepSpeed's own optimizer partitions are tied to the saving world size: rebuild them
+        # from the module weights, then restore exact fp32 masters and our state by name.
+        path, client_state = ds_load(load_dir, tag, *args, load_optimizer_states=False, **kwargs)
+        if path is not None and load_optimizer_states:
+            load(opt, os.path.dirname(path) if os.path.isfile(path) else path)
+        return path, client_state
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
