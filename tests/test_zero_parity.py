@@ -65,6 +65,7 @@ def check_cases(cases, results, world, tolerance=1e-5):
         ref = reference(opt_name, OPTIMIZERS[opt_name], clip=case.get("clip"), world=world,
                         grad_accum=case.get("grad_accum", 1))
         got = results[case["name"]]["params"]
+        assert all(got[n].shape == r.shape for n, r in ref.items()), case["name"]
         worst[case["name"]] = max(((got[n] - r).norm() / r.norm()).item() for n, r in ref.items())
     print(f"\nparity, {world} ranks (max relative error over params):", {k: f"{v:.1e}" for k, v in worst.items()})
     bad = {k: v for k, v in worst.items() if not v < tolerance}
@@ -72,8 +73,8 @@ def check_cases(cases, results, world, tolerance=1e-5):
 
 
 @pytest.mark.slow
-def test_parity_two_ranks_stages_0_1_2(tmp_path):
-    cases = cases_for([0, 1, 2])
+def test_parity_two_ranks_stages_0_1_2_3(tmp_path):
+    cases = cases_for([0, 1, 2, 3])
     check_cases(cases, run_ranks(2, cases, tmp_path), world=2)
 
 

@@ -72,9 +72,33 @@ def initialize(
     if ours is not None:
         from ..checkpoint import wrap_engine_checkpointing
 
+        if engine.zero_optimization_stage() == 3:
+            ours.flat_layouts = zero3_layouts(engine.optimizer)
+
         wrap_engine_checkpointing(engine, ours)
         _log_metrics_to_monitor(engine, ours)
     return result
+
+
+def zero3_layouts(zero_opt: Any) -> dict[int, list[tuple[Any, int, int, int]]]:
+    """For each ZeRO-3 sub-group's fp32 partition: (param, offset in the partition, start and
+    length of this rank's range in the flattened param). Each param contributes its padded
+    partition (``partition_numel``) in sub-group order; rank r holds [r*size, (r+1)*size)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group=zero_opt.dp_process_group)
+    layouts = {}
+    for sub_id, flat in enumerate(zero_opt.fp32_partitioned_groups_flat):
+        entries, offset = [], 0
+        for p in zero_opt.fp16_groups[sub_id]:
+            size = p.partition_numel()
+            start = rank * size
+            entries.append((p, offset, start, max(0, min(size, p.ds_numel - start))))
+            offset += size
+        if offset != flat.numel():
+            raise RuntimeError(f"ZeRO-3 partition layout mismatch in sub-group {sub_id}: {offset} != {flat.numel()}")
+        layouts[id(flat)] = entries
+    return layouts
 
 
 def find_optimizer(engine: Any) -> Any:

@@ -85,6 +85,8 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
     except ValueError as exc:
         raise ConfigError(f"optimizer.params: {exc}") from None
     _check_zero(cfg)
+    if (cfg.get("zero_optimization") or {}).get("stage", 0) == 3 and params.get("relative_step"):
+        raise ConfigError("optimizer.params.relative_step=true needs whole weights and is not supported at ZeRO stage 3")
     del cfg["optimizer"]
     cfg["zero_allow_untested_optimizer"] = True
     options = dict(params)
@@ -121,8 +123,6 @@ def _check_zero(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"zero_optimization.{key}.device={device!r} is not supported with ds_structopt optimizers "
                 "(their step runs where the partitions live); remove the offload block")
-    if stage == 3:
-        raise ConfigError("zero_optimization.stage=3 is not supported by this ds_structopt release yet (stages 0-2 are)")
 
 
 def _is_torch_optimizer(name: str) -> bool:

@@ -128,7 +128,8 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     # ----- the step -------------------------------------------------------
     def is_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
         """2-D+ params of structured groups, unless their name matches ``elementwise_patterns``."""
-        return group["structured"] and param.dim() >= 2 and param not in self._elementwise_by_name
+        ndim = len(param.ds_shape) if hasattr(param, "ds_shape") else param.dim()  # ZeRO-3: local (0,)
+        return group["structured"] and ndim >= 2 and param not in self._elementwise_by_name
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:

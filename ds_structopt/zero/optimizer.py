@@ -86,6 +86,9 @@ class DistributedStructuredOptimizer(Optimizer):
         self._group_index = {id(g): i for i, g in enumerate(self.param_groups)}
         infos = [MatrixInfo(e.name, e.shape[0], _numel(e.shape) // e.shape[0]) for es in self.entries for e in es if e.is_matrix]
         self.owners = plan_owners(infos, self.world, cost_model, options.get("update_freq", 200))
+        # ZeRO-3: flat partition (by id) -> [(model param, offset in flat, start in param, numel)],
+        # registered by the DeepSpeed integration (stage 3 has no _hp_mapping).
+        self.flat_layouts: dict[int, list[tuple[Tensor, int, int, int]]] = {}
         self.matrix_state: dict[str, dict[str, Any]] = {}
         self.elem_state: dict[str, dict[str, Any]] = {}
         self._holders: dict[int, dict[str, list[tuple[int, int, int]]]] = {}  # group -> name -> [(rank, start, numel)]
@@ -96,6 +99,8 @@ class DistributedStructuredOptimizer(Optimizer):
         """Attach this rank's pieces to the group's entries (full params, or fragments of a flat partition)."""
         entries = self.entries[gi]
         params = group["params"]
+        if len(params) == 1 and id(params[0]) in self.flat_layouts:
+            return self._layout_pieces(gi, params[0], entries)
         # One tensor per parameter: the model's own (fp32, no ZeRO) or DeepSpeed's fp32 master
         # copies (FP16_UnfusedOptimizer for bf16/fp16 at stage 0).
         per_param = len(params) == len(entries) and all(p.shape == e.shape for p, e in zip(params, entries))
@@ -114,7 +119,27 @@ class DistributedStructuredOptimizer(Optimizer):
             raise RuntimeError(
                 f"{self.math.NAME}: cannot map DeepSpeed's flat partition of param group {gi} back to the "
                 "model's parameters (no _hp_mapping); this DeepSpeed optimizer wrapper is not supported")
-        if gi not in self._holders:
+        self._gather_holders(gi, entries)
+        return entries
+
+    def _layout_pieces(self, gi: int, flat: Tensor, entries: list[Entry]) -> list[Entry]:
+        """Pieces of a ZeRO-3 sub-group partition; entries outside this sub-group get none."""
+        by_param = {id(e.lp): e for e in entries}
+        for e in entries:
+            e.pieces = []
+        for lp, offset, start, numel in self.flat_layouts[id(flat)]:
+            e = by_param[id(lp)]
+            if numel > 0:
+                e.pieces.append(Piece(start, numel, flat.narrow(0, offset, numel), flat, offset))
+        key = (gi, id(flat))
+        self._gather_holders(key, [e for e in entries if any(lp is e.lp for lp, *_ in self.flat_layouts[id(flat)])])
+        self._current_holders = key
+        return [e for e in entries if any(lp is e.lp for lp, *_ in self.flat_layouts[id(flat)])]
+
+    def _gather_holders(self, key: Any, entries: list[Entry]) -> None:
+        """Which rank holds which range of every matrix (all ranks exchange their layout once)."""
+        self._current_holders = key
+        if key not in self._holders:
             local = {e.name: [(p.start, p.numel) for p in e.pieces] for e in entries if e.is_matrix}
             gathered: list[Any] = [None] * self.world
             if self.world > 1:
@@ -125,8 +150,7 @@ class DistributedStructuredOptimizer(Optimizer):
             for rank, table in enumerate(gathered):
                 for name, ranges in table.items():
                     holders.setdefault(name, []).extend((rank, s, n) for s, n in ranges)
-            self._holders[gi] = holders
-        return entries
+            self._holders[key] = holders
 
     # ----- the step -------------------------------------------------------
     @torch.no_grad()
@@ -136,6 +160,10 @@ class DistributedStructuredOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if not group["params"] or not any(p.grad is not None and bool(p.grad.any()) for p in group["params"]):
+                # ZeRO-3 hands us one sub-group at a time (others empty); DeepSpeed's state-init
+                # call has zero gradients: nothing to do either way.
+                continue
             gi = self._group_index.get(id(group), 0)
             entries = self._pieces(gi, group)
             self._step_elementwise(group, [e for e in entries if not e.is_matrix and e.pieces])
@@ -168,7 +196,7 @@ class DistributedStructuredOptimizer(Optimizer):
                        eps=group["adam_eps"], weight_decay=wd)
 
     def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
-        holders = self._holders[gi]
+        holders = self._holders[self._current_holders]
         by_name = {e.name: e for e in entries}
         # 1. full gradients at the owners
         full_grads: dict[str, Tensor] = {}

@@ -84,7 +84,13 @@ def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
     inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, inner.metrics())
-    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    if case.get("stage") == 3 or engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    else:
+        params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     return {"params": params, "metrics": gathered, "losses": losses}
 
 
