@@ -32,6 +32,15 @@ def initialize(*args: Any, **kwargs: Any):
     return _initialize(*args, **kwargs)
 
 
+def zero_init(config: Any, **kwargs: Any):
+    """``deepspeed.zero.Init`` for a config that names one of our optimizers (ZeRO-3 model construction)."""
+    import deepspeed
+
+    from .integrations.deepspeed_config import parse_config
+
+    return deepspeed.zero.Init(config_dict_or_path=parse_config(config).ds_config, **kwargs)
+
+
 def metrics(engine: Any) -> dict[str, float]:
     """Per-rank optimizer metrics of an engine from :func:`initialize` (state bytes, refreshes, failures, comm bytes)."""
     from .integrations.deepspeed import metrics as _metrics
@@ -44,4 +53,4 @@ def build(name: str, params: Any, **options: Any) -> StructuredOptimizer:
     return get_optimizer_class(name)(params, **options)
 
 
-__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build", "initialize", "metrics"]
+__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build", "initialize", "metrics", "zero_init"]

@@ -100,10 +100,10 @@ def test_validator_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_trains_at_stages_0_1_2(tmp_path):
+def test_bf16_trains_at_stages_0_1_2_3(tmp_path):
     cases = [{"name": f"{opt}-bf16-z{stage}", "optimizer": opt, "params": {"lr": 3e-3, "update_freq": 5} if opt != "DASGO" else {"lr": 1e-2},
               "stage": stage, "steps": 25, "global_batch": 64, "bf16": True, "model": "blocks"}
-             for opt in ("AdaDiag++", "ASGO", "DASGO") for stage in (0, 1, 2)]
+             for opt in ("AdaDiag++", "ASGO", "DASGO") for stage in (0, 1, 2, 3)]
     results = run_ranks(2, cases, tmp_path)
     for case in cases:
         losses = results[case["name"]]["losses"]

@@ -93,3 +93,10 @@ def test_parity_four_ranks_stage_2(tmp_path):
     for case in cases:  # every matrix has exactly one owner across the 4 ranks
         owned = [m["owned_matrices"] for m in results[case["name"]]["metrics"]]
         assert sum(owned) == 4, (case["name"], owned)
+
+
+@pytest.mark.slow
+def test_parity_zero3_with_zero_init(tmp_path):
+    """Model built under zero.Init (partitioned at construction, shapes from ds_shape)."""
+    cases = [dict(c, name=c["name"] + "-zinit", zero_init=True) for c in cases_for([3])]
+    check_cases(cases, run_ranks(2, cases, tmp_path), world=2)

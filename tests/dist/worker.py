@@ -29,7 +29,13 @@ def build_model(seed: int) -> torch.nn.Module:
     )
     for layer in model:
         if isinstance(layer, torch.nn.Linear):  # orthogonal: products of layers stay well conditioned
-            torch.nn.init.orthogonal_(layer.weight)
+            if hasattr(layer.weight, "ds_tensor"):  # built under zero.Init: gather, init on rank 0, re-partition
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(layer.weight, modifier_rank=0):
+                    torch.nn.init.orthogonal_(layer.weight)
+            else:
+                torch.nn.init.orthogonal_(layer.weight)
     return model
 
 
@@ -102,10 +108,15 @@ def main(spec_path: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     results = {}
     for case in spec["cases"]:
-        if case.get("model") == "blocks":
-            model = build_blocks_model(case.get("seed", 0))
+        builder = build_blocks_model if case.get("model") == "blocks" else build_model
+        if case.get("zero_init"):  # parameters partitioned at construction (p.ds_shape, local (0,) tensors)
+            with dso.zero_init({"train_batch_size": case["global_batch"], "zero_optimization": {"stage": 3},
+                                "bf16": {"enabled": bool(case.get("bf16"))},
+                                "optimizer": {"type": case["optimizer"], "params": case["params"]}}):
+                model = builder(case.get("seed", 0))
+            assert all(p.numel() == 0 or p.ds_tensor is not None for p in model.parameters())
         else:
-            model = build_model(case.get("seed", 0))
+            model = builder(case.get("seed", 0))
         if "config_path" in case:  # exactly as a user passes it
             file_cfg = json.load(open(case["config_path"]))
             case["global_batch"] = file_cfg["train_batch_size"]
