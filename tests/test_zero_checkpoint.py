@@ -20,13 +20,13 @@ def max_rel(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("opt", ["AdaDiag++", "ASGO"])
 def test_round_trip_and_resharding(tmp_path, opt):
-    ck = {s: str(tmp_path / f"ck-z{s}") for s in (0, 1, 2)}
-    first = run_ranks(2, [case(f"full-z{s}", opt, s) for s in (0, 1, 2)]
-                      + [case(f"save-z{s}", opt, s, steps=SPLIT, save_after=SPLIT, save_dir=ck[s]) for s in (0, 1, 2)],
+    ck = {s: str(tmp_path / f"ck-z{s}") for s in (0, 1, 2, 3)}
+    first = run_ranks(2, [case(f"full-z{s}", opt, s) for s in (0, 1, 2, 3)]
+                      + [case(f"save-z{s}", opt, s, steps=SPLIT, save_after=SPLIT, save_dir=ck[s]) for s in (0, 1, 2, 3)],
                       tmp_path / "a")
     errors = {}
-    resumed = run_ranks(2, [case(f"load-z{s}", opt, s, start_step=SPLIT, load_dir=ck[s]) for s in (0, 1, 2)], tmp_path / "b")
-    for s in (0, 1, 2):
+    resumed = run_ranks(2, [case(f"load-z{s}", opt, s, start_step=SPLIT, load_dir=ck[s]) for s in (0, 1, 2, 3)], tmp_path / "b")
+    for s in (0, 1, 2, 3):
         errors[f"2->2 z{s}"] = max_rel(resumed[f"load-z{s}"]["params"], first[f"full-z{s}"]["params"])
     for world in (1, 4):
         out = run_ranks(world, [case("load", opt, 2, start_step=SPLIT, load_dir=ck[2])], tmp_path / f"w{world}")
@@ -37,3 +37,11 @@ def test_round_trip_and_resharding(tmp_path, opt):
     errors["1->2 z2"] = max_rel(out["load"]["params"], first["full-z2"]["params"])
     print(f"\n{opt} resume vs uninterrupted (max relative error):", {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(v < 1e-5 for v in errors.values()), errors
+
+
+@pytest.mark.slow
+def test_zero3_resharding_is_refused_clearly(tmp_path):
+    ck = str(tmp_path / "ck")
+    run_ranks(2, [case("save", "DASGO", 3, steps=2, save_after=2, save_dir=ck)], tmp_path / "a")
+    with pytest.raises(RuntimeError, match="written by 2 ranks at ZeRO stage 3"):
+        run_ranks(1, [case("load", "DASGO", 3, start_step=2, load_dir=ck)], tmp_path / "b")

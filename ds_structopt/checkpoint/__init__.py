@@ -12,6 +12,7 @@ weights_only=True)`` reads them).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -32,13 +33,12 @@ def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
     """This rank's share, by name: owned matrix states, elementwise pieces, fp32 master pieces."""
     elements: dict[str, list[dict[str, Any]]] = {}
     masters: dict[str, list[dict[str, Any]]] = {}
-    for gi, group in enumerate(opt.param_groups):
-        for e in opt._pieces(gi, group):
-            for piece in e.pieces:
-                masters.setdefault(e.name, []).append({"start": piece.start, "value": piece.param.detach().float().clone()})
-                st = opt.elem_state.get(f"{e.name}#{piece.start}")
-                if not e.is_matrix and st:
-                    elements.setdefault(e.name, []).append({"start": piece.start, "state": _cpu(st)})
+    for e in opt.entries_with_pieces():
+        for piece in e.pieces:
+            masters.setdefault(e.name, []).append({"start": piece.start, "value": piece.param.detach().float().clone()})
+            st = opt.elem_state.get(f"{e.name}#{piece.start}")
+            if not e.is_matrix and st:
+                elements.setdefault(e.name, []).append({"start": piece.start, "state": _cpu(st)})
     return {
         "version": FORMAT_VERSION,
         "world_size": opt.world,
@@ -49,12 +49,26 @@ def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
 
 
 def save(opt: DistributedStructuredOptimizer, directory: str) -> None:
-    """Write this rank's file atomically (temporary name, then rename)."""
+    """Write this rank's file atomically (temporary name, then rename); rank 0 adds meta.json."""
     path = _rank_file(directory, opt.rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(local_state(opt), tmp)
     os.replace(tmp, path)
+    if opt.rank == 0:
+        meta = os.path.join(directory, SUBDIR, "meta.json")
+        with open(meta + ".tmp", "w") as f:
+            json.dump({"version": FORMAT_VERSION, "world_size": opt.world, "optimizer": opt.math.NAME}, f)
+        os.replace(meta + ".tmp", meta)
+
+
+def saved_world_size(directory: str) -> Optional[int]:
+    """World size that wrote the checkpoint in ``directory`` (None if it has no ds_structopt state)."""
+    meta = os.path.join(directory, SUBDIR, "meta.json")
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        return int(json.load(f)["world_size"])
 
 
 @torch.no_grad()
@@ -80,17 +94,16 @@ def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
 
     opt.matrix_state.clear()
     opt.elem_state.clear()
-    for gi, group in enumerate(opt.param_groups):
-        for e in opt._pieces(gi, group):
-            if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in matrix_state:
-                device = e.pieces[0].param.device if e.pieces else torch.device("cpu")
-                opt.matrix_state[e.name] = _to(matrix_state[e.name], device)
-            full_master = _assemble(masters.get(e.name, []), lambda item: item["value"], e)
-            for piece in e.pieces:
-                if full_master is not None:
-                    piece.param.copy_(full_master.narrow(0, piece.start, piece.numel))
-                if not e.is_matrix and e.name in elements:
-                    opt.elem_state[f"{e.name}#{piece.start}"] = _slice_state(elements[e.name], e, piece)
+    for e in opt.entries_with_pieces():
+        if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in matrix_state:
+            device = e.pieces[0].param.device if e.pieces else torch.device("cpu")
+            opt.matrix_state[e.name] = _to(matrix_state[e.name], device)
+        full_master = _assemble(masters.get(e.name, []), lambda item: item["value"], e)
+        for piece in e.pieces:
+            if full_master is not None:
+                piece.param.copy_(full_master.narrow(0, piece.start, piece.numel))
+            if not e.is_matrix and e.name in elements:
+                opt.elem_state[f"{e.name}#{piece.start}"] = _slice_state(elements[e.name], e, piece)
 
 
 def _assemble(items: list[dict[str, Any]], value, e) -> Optional[torch.Tensor]:
@@ -141,6 +154,16 @@ def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) 
 
     def load_checkpoint(load_dir: str, tag: Optional[str] = None, *args: Any, load_optimizer_states: bool = True,
                         **kwargs: Any) -> Any:
+        if engine.zero_optimization_stage() == 3:
+            resolved = tag
+            if resolved is None and os.path.exists(os.path.join(load_dir, "latest")):
+                with open(os.path.join(load_dir, "latest")) as f:
+                    resolved = f.read().strip()
+            written_by = saved_world_size(os.path.join(load_dir, str(resolved))) if resolved is not None else None
+            if written_by is not None and written_by != opt.world:
+                raise ValueError(
+                    f"checkpoint {load_dir}/{resolved} was written by {written_by} ranks at ZeRO stage 3; loading it on "
+                    f"{opt.world} ranks is supported at stages 0-2 only (DeepSpeed's stage-3 module files are per rank)")
         # DeepSpeed's own optimizer partitions are tied to the saving world size: rebuild them
         # from the module weights, then restore exact fp32 masters and our state by name.
         path, client_state = ds_load(load_dir, tag, *args, load_optimizer_states=False, **kwargs)

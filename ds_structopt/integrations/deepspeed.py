@@ -74,6 +74,7 @@ def initialize(
 
         if engine.zero_optimization_stage() == 3:
             ours.flat_layouts = zero3_layouts(engine.optimizer)
+            ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
 
         wrap_engine_checkpointing(engine, ours)
         _log_metrics_to_monitor(engine, ours)

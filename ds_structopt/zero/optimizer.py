@@ -89,6 +89,7 @@ class DistributedStructuredOptimizer(Optimizer):
         # ZeRO-3: flat partition (by id) -> [(model param, offset in flat, start in param, numel)],
         # registered by the DeepSpeed integration (stage 3 has no _hp_mapping).
         self.flat_layouts: dict[int, list[tuple[Tensor, int, int, int]]] = {}
+        self.flat_tensors: dict[int, Tensor] = {}
         self.matrix_state: dict[str, dict[str, Any]] = {}
         self.elem_state: dict[str, dict[str, Any]] = {}
         self._holders: dict[int, dict[str, list[tuple[int, int, int]]]] = {}  # group -> name -> [(rank, start, numel)]
@@ -121,6 +122,24 @@ class DistributedStructuredOptimizer(Optimizer):
                 "model's parameters (no _hp_mapping); this DeepSpeed optimizer wrapper is not supported")
         self._gather_holders(gi, entries)
         return entries
+
+    def entries_with_pieces(self) -> list[Entry]:
+        """Every parameter with this rank's pieces attached (for checkpoints; no communication)."""
+        if self.flat_layouts:
+            by_param = {id(e.lp): e for es in self.entries for e in es}
+            out = []
+            for flat_id, layout in self.flat_layouts.items():
+                flat = self.flat_tensors[flat_id]
+                for lp, offset, start, numel in layout:
+                    e = by_param[id(lp)]
+                    e.pieces = [Piece(start, numel, flat.narrow(0, offset, numel), flat, offset)] if numel > 0 else []
+                    out.append(e)
+            return out
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            if group["params"]:
+                out.extend(self._pieces(gi, group))
+        return out
 
     def _layout_pieces(self, gi: int, flat: Tensor, entries: list[Entry]) -> list[Entry]:
         """Pieces of a ZeRO-3 sub-group partition; entries outside this sub-group get none."""

@@ -97,7 +97,7 @@ def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
             params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     else:
         params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    return {"params": params, "metrics": gathered, "losses": losses}
+    return {"params": params, "metrics": gathered, "losses": losses, "wrapper": type(engine.optimizer).__name__}
 
 
 def main(spec_path: str) -> None:
@@ -136,11 +136,13 @@ def main(spec_path: str) -> None:
         }
         if case.get("bf16"):
             cfg["bf16"] = {"enabled": True}
+        cfg.update(case.get("extra_config", {}))
         engine, opt, _, _ = dso.initialize(model=model, model_parameters=dso.param_groups(model), config=cfg)
         results[case["name"]] = train(engine, case, world, rank, micro)
     if rank == 0:
         torch.save(results, spec["out"])
     torch.distributed.barrier()
+    print("WORKER-DONE", flush=True)  # the work is complete; launch.py tolerates a crash after this line
     torch.distributed.destroy_process_group()
 
 
