@@ -159,3 +159,25 @@ def test_memory_table_one_two_four_ranks(tmp_path):
         total = sum(row[1])
         for world in (2, 4):
             assert abs(sum(row[world]) - total) <= 0.01 * total  # partitioned, not replicated
+
+
+def _fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().is_fp16_supported()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _fp16_supported(), reason="DeepSpeed's accelerator here (CPU) does not support fp16; runs on GPU")
+def test_fp16_with_loss_scaling_trains(tmp_path):
+    """fp16: DeepSpeed's dynamic loss scaling skips overflow steps itself; our step sees unscaled grads."""
+    cases = [{"name": f"{opt}-fp16-z{stage}", "optimizer": opt, "params": {"lr": 3e-3} if opt != "DASGO" else {"lr": 1e-2},
+              "stage": stage, "steps": 30, "global_batch": 64, "model": "blocks",
+              "extra_config": {"fp16": {"enabled": True, "initial_scale_power": 8}}}
+             for opt in ("AdaDiag++", "DASGO") for stage in (0, 2)]
+    results = run_ranks(2, cases, tmp_path)
+    for case in cases:
+        r = results[case["name"]]
+        first, last = sum(r["losses"][:5]) / 5, sum(r["losses"][-5:]) / 5
+        print(case["name"], f"{first:.3f} -> {last:.3f}")
+        assert last < 0.9 * first, (case["name"], first, last)
