@@ -29,8 +29,10 @@ def test_round_trip_and_resharding(tmp_path, opt):
     for s in (0, 1, 2, 3):
         errors[f"2->2 z{s}"] = max_rel(resumed[f"load-z{s}"]["params"], first[f"full-z{s}"]["params"])
     for world in (1, 4):
-        out = run_ranks(world, [case("load", opt, 2, start_step=SPLIT, load_dir=ck[2])], tmp_path / f"w{world}")
-        errors[f"2->{world} z2"] = max_rel(out["load"]["params"], first["full-z2"]["params"])
+        out = run_ranks(world, [case(f"load-z{s}", opt, s, start_step=SPLIT, load_dir=ck[s]) for s in (2, 3)],
+                        tmp_path / f"w{world}")
+        for s in (2, 3):
+            errors[f"2->{world} z{s}"] = max_rel(out[f"load-z{s}"]["params"], first[f"full-z{s}"]["params"])
     single = str(tmp_path / "ck-single")
     run_ranks(1, [case("save", opt, 2, steps=SPLIT, save_after=SPLIT, save_dir=single)], tmp_path / "c")
     out = run_ranks(2, [case("load", opt, 2, start_step=SPLIT, load_dir=single)], tmp_path / "d")
@@ -38,10 +40,3 @@ def test_round_trip_and_resharding(tmp_path, opt):
     print(f"\n{opt} resume vs uninterrupted (max relative error):", {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(v < 1e-5 for v in errors.values()), errors
 
-
-@pytest.mark.slow
-def test_zero3_resharding_is_refused_clearly(tmp_path):
-    ck = str(tmp_path / "ck")
-    run_ranks(2, [case("save", "DASGO", 3, steps=2, save_after=2, save_dir=ck)], tmp_path / "a")
-    with pytest.raises(RuntimeError, match="written by 2 ranks at ZeRO stage 3"):
-        run_ranks(1, [case("load", "DASGO", 3, start_step=2, load_dir=ck)], tmp_path / "b")

@@ -161,9 +161,7 @@ def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) 
                     resolved = f.read().strip()
             written_by = saved_world_size(os.path.join(load_dir, str(resolved))) if resolved is not None else None
             if written_by is not None and written_by != opt.world:
-                raise ValueError(
-                    f"checkpoint {load_dir}/{resolved} was written by {written_by} ranks at ZeRO stage 3; loading it on "
-                    f"{opt.world} ranks is supported at stages 0-2 only (DeepSpeed's stage-3 module files are per rank)")
+                return _load_zero3_resharded(engine, opt, os.path.join(load_dir, str(resolved)), **kwargs)
         # DeepSpeed's own optimizer partitions are tied to the saving world size: rebuild them
         # from the module weights, then restore exact fp32 masters and our state by name.
         path, client_state = ds_load(load_dir, tag, *args, load_optimizer_states=False, **kwargs)
@@ -173,3 +171,30 @@ def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) 
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
+
+
+# Keys of DeepSpeed's model-states file that are DeepSpeed's own, not the user's client_state.
+_DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+            "ds_version"}
+
+
+@torch.no_grad()
+def _load_zero3_resharded(engine: Any, opt: DistributedStructuredOptimizer, directory: str,
+                          load_lr_scheduler_states: bool = True, **_: Any) -> tuple[str, dict[str, Any]]:
+    """ZeRO-3 at a new world size: DeepSpeed's module files are per rank and cannot be re-cut, but our
+    files hold every parameter's fp32 value by name, so weights, masters and state all come from them;
+    step counters, LR scheduler and client state come from rank 0's model-states file."""
+    states = os.path.join(directory, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    ckpt = torch.load(states, map_location="cpu", weights_only=False)
+    load(opt, directory)
+    for e in opt.entries_with_pieces():
+        for piece in e.pieces:  # the model's own shard (bf16 or fp32) from the restored fp32 master
+            e.lp.ds_tensor.view(-1).narrow(0, 0, piece.numel).copy_(piece.param)
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    engine.global_steps = ckpt["global_steps"]
+    engine.global_samples = ckpt.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = ckpt["skipped_steps"]
+    return states, {k: v for k, v in ckpt.items() if k not in _DS_KEYS}
