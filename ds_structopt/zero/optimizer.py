@@ -142,18 +142,15 @@ class DistributedStructuredOptimizer(Optimizer):
         return out
 
     def _layout_pieces(self, gi: int, flat: Tensor, entries: list[Entry]) -> list[Entry]:
-        """Pieces of a ZeRO-3 sub-group partition; entries outside this sub-group get none."""
+        """Pieces of a ZeRO-3 sub-group partition: only this sub-group's entries are returned."""
         by_param = {id(e.lp): e for e in entries}
-        for e in entries:
-            e.pieces = []
+        members: list[Entry] = []
         for lp, offset, start, numel in self.flat_layouts[id(flat)]:
             e = by_param[id(lp)]
-            if numel > 0:
-                e.pieces.append(Piece(start, numel, flat.narrow(0, offset, numel), flat, offset))
-        key = (gi, id(flat))
-        self._gather_holders(key, [e for e in entries if any(lp is e.lp for lp, *_ in self.flat_layouts[id(flat)])])
-        self._current_holders = key
-        return [e for e in entries if any(lp is e.lp for lp, *_ in self.flat_layouts[id(flat)])]
+            e.pieces = [Piece(start, numel, flat.narrow(0, offset, numel), flat, offset)] if numel > 0 else []
+            members.append(e)
+        self._gather_holders((gi, id(flat)), members)
+        return members
 
     def _gather_holders(self, key: Any, entries: list[Entry]) -> None:
         """Which rank holds which range of every matrix (all ranks exchange their layout once)."""
@@ -189,15 +186,11 @@ class DistributedStructuredOptimizer(Optimizer):
             self._step_matrices(gi, group, [e for e in entries if e.is_matrix])
         return loss
 
-    @staticmethod
-    def _piece_grad(group: dict[str, Any], piece: Piece) -> Optional[Tensor]:
-        return piece.grad()
-
     def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
         params, grads, states = [], [], []
         for e in entries:
             for piece in e.pieces:
-                g = self._piece_grad(group, piece)
+                g = piece.grad()
                 if g is None:
                     continue
                 st = self.elem_state.setdefault(f"{e.name}#{piece.start}", {})
@@ -233,7 +226,7 @@ class DistributedStructuredOptimizer(Optimizer):
             offset = 0
             for e, size in zip(needs_reduce, sizes):
                 for piece in e.pieces:
-                    g = self._piece_grad(group, piece)
+                    g = piece.grad()
                     if g is not None:
                         buf.narrow(0, offset + piece.start, piece.numel).copy_(g)
                 offset += size
