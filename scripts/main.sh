@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job: set up the environment, then train a tiny LLaMA on text shipped with Python
-# with AdaDiag++ and with AdamW, printing both losses (extra args go to the demo).
+# The main job: set up the environment, then train the tiny LLaMA on the embedded corpus
+# (Python's own docs, byte tokens) with AdaDiag++ at ZeRO-2 on 2 CPU ranks through the
+# real `deepspeed` launcher. Extra args go to the training entry point (ds_structopt.train).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$root/scripts/setup_env.sh" | tail -n 1)"
 cd "$root"
-exec "$venv/bin/python" -m ds_structopt.demo "$@"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # 2 ranks on a small CPU: one thread each
+exec "$venv/bin/deepspeed" --num_gpus "${NUM_RANKS:-2}" --module ds_structopt.train \
+    --model tiny --deepspeed_config configs/ds_tiny_adadiagpp_zero2.json \
+    --steps 300 --output-dir runs/main "$@"

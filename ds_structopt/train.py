@@ -1,0 +1,155 @@
+"""LLaMA pretraining with a DeepSpeed JSON and ds_structopt.initialize, under any launcher.
+
+    deepspeed --num_gpus 2 -m ds_structopt.train --model tiny --deepspeed_config configs/ds_adadiagpp_zero2.json
+    torchrun --nproc_per_node 2 -m ds_structopt.train ...      (or: ds-structopt train ...)
+
+Builds ``LlamaForCausalLM`` from ``configs/models/<name>.json`` (or a path; no
+download), packs the data (default: the embedded corpus, byte tokens) into
+fixed-length rows, and trains with the batch sizes of the DeepSpeed config.
+Warmup + cosine LR (unless the config has its own scheduler), periodic eval
+(loss, perplexity), atomic rotated checkpoints, ``--resume`` from the latest
+one (data order included), progress line, metrics.csv (+ TensorBoard when
+installed) and a loss-curve PNG on rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a LLaMA model with a ds_structopt optimizer under DeepSpeed.")
+    p.add_argument("--model", default="tiny", help="name in configs/models (tiny, 60m, 130m, 350m, 1b) or a JSON path")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   default=str(CONFIG_DIR / "ds_tiny_adadiagpp_zero2.json"))
+    p.add_argument("--data", nargs="+", default=["embedded"], help="files, directories, .jsonl, .parquet, or 'embedded'")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer.json or tokenizer folder (default: bytes)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup steps (>= 1) or fraction of --steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--output-dir", default="runs/train")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    return p.parse_args(argv)
+
+
+def model_config(name: str, vocab_size: int, seq_len: int):
+    from transformers import LlamaConfig
+
+    path = Path(name) if name.endswith(".json") else CONFIG_DIR / "models" / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"model config not found: {path} (names: "
+                                f"{sorted(p.stem for p in (CONFIG_DIR / 'models').glob('*.json'))})")
+    cfg = json.loads(path.read_text())
+    cfg.update(vocab_size=vocab_size, max_position_embeddings=max(seq_len, cfg.get("max_position_embeddings", 0)))
+    cfg.pop("architectures", None)
+    cfg.pop("model_type", None)
+    return LlamaConfig(**cfg)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+
+    import ds_structopt as dso
+    from ds_structopt.data.packing import pack
+    from ds_structopt.data.sampler import ShardedBatchSampler
+    from ds_structopt.data.sources import iter_documents
+    from ds_structopt.data.tokenizer import load_tokenizer
+    from ds_structopt.integrations.deepspeed_config import load_config
+    from ds_structopt.training import checkpoints
+    from ds_structopt.training.logs import TrainLog
+    from ds_structopt.training.schedule import warmup_cosine
+
+    ds_cfg = load_config(args.deepspeed_config)
+    tokenizer = load_tokenizer(args.tokenizer)
+    data = pack(iter_documents(args.data), tokenizer, args.seq_len)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(model_config(args.model, data.vocab_size, args.seq_len))
+    engine, _, _, scheduler = dso.initialize(model=model, model_parameters=dso.param_groups(model), config=ds_cfg)
+    rank, world = engine.global_rank, engine.world_size
+    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    sampler = ShardedBatchSampler(len(data.train), engine.train_batch_size(), world, rank, seed=args.seed)
+    ckpt_root = os.path.join(args.output_dir, "checkpoints")
+
+    start_step = 0
+    if args.resume and (tag := checkpoints.latest(ckpt_root)) is not None:
+        _, client = engine.load_checkpoint(ckpt_root, tag=tag)
+        sampler.load_state_dict(client["sampler"])
+        start_step = int(client["step"])
+        if rank == 0:
+            print(f"resumed from {ckpt_root}/{tag} at step {start_step}", flush=True)
+    log = TrainLog(args.output_dir, args.steps, enabled=rank == 0, resume=start_step > 0)
+    base_lrs = [g["lr"] for g in engine.optimizer.param_groups]
+    warmup = int(args.warmup if args.warmup >= 1 else args.warmup * args.steps) or 1
+    tokens_per_step = engine.train_batch_size() * args.seq_len
+    eval_rows = data.eval[: args.eval_batches * micro * world] if len(data.eval) else data.train[: micro * world]
+
+    def evaluate() -> float:
+        engine.eval()
+        rows = eval_rows.chunk(world)[rank] if len(eval_rows) >= world else eval_rows
+        total = torch.zeros(2)
+        with torch.no_grad():
+            for batch in rows.long().split(micro):
+                loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
+                total += torch.tensor([loss.item() * len(batch), len(batch)])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        engine.train()
+        return (total[0] / total[1]).item()
+
+    first_loss = evaluate() if start_step == 0 else None
+    t0, last = time.perf_counter(), {}
+    for step in range(start_step, args.steps):
+        if scheduler is None:
+            for g, base in zip(engine.optimizer.param_groups, base_lrs):
+                g["lr"] = base * warmup_cosine(step, args.steps, warmup, args.min_lr_ratio)
+        rows = data.train[sampler.next_indices()].long()
+        losses = []
+        for batch in rows.split(micro)[:accum]:
+            loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        done = step + 1
+        row: dict[str, Any] = {}
+        if done % args.eval_every == 0 or done == args.steps:
+            ev = evaluate()
+            row.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
+        if done % args.log_every == 0 or row or done == args.steps:
+            elapsed = time.perf_counter() - t0
+            row.update(step=done, train_loss=sum(losses) / len(losses), lr=engine.optimizer.param_groups[0]["lr"],
+                       tokens=done * tokens_per_step, seconds=round(elapsed, 3),
+                       tokens_per_s=(done - start_step) * tokens_per_step / max(elapsed, 1e-9))
+            log.write(row, start_step)
+            last = row
+        if done % args.save_every == 0 or done == args.steps:
+            checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done}, args.keep_last)
+    png = log.plot()
+    result = {"first_eval_loss": first_loss, "final": last, "loss_curve": png, "rank": rank}
+    if rank == 0:
+        (Path(args.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pieces of the training entry point: LR schedule, checkpoint rotation, logs."""
