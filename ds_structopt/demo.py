@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 import ds_structopt as dso
+from ds_structopt.training.schedule import warmup_cosine
 from ds_structopt.data.embedded import BYTE_VOCAB, byte_tokens, embedded_text, eval_batches, random_batch, train_eval_split
 
 
@@ -56,13 +57,6 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: f
     if factored:
         opts["factored"] = True
     return cls(groups, **opts)
-
-
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
