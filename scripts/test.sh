@@ -3,5 +3,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$root/scripts/setup_env.sh" | tail -n 1)"
+bash "$root/scripts/install_system_deps.sh"
 cd "$root"
 exec "$venv/bin/python" -m pytest "$@"
