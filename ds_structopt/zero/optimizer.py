@@ -127,28 +127,25 @@ class DistributedStructuredOptimizer(Optimizer):
         """Every parameter with this rank's pieces attached (for checkpoints; no communication)."""
         if self.flat_layouts:
             by_param = {id(e.lp): e for es in self.entries for e in es}
-            out = []
-            for flat_id, layout in self.flat_layouts.items():
-                flat = self.flat_tensors[flat_id]
-                for lp, offset, start, numel in layout:
-                    e = by_param[id(lp)]
-                    e.pieces = [Piece(start, numel, flat.narrow(0, offset, numel), flat, offset)] if numel > 0 else []
-                    out.append(e)
-            return out
+            return [e for flat_id in self.flat_layouts for e in self._attach_layout(self.flat_tensors[flat_id], by_param)]
         out = []
         for gi, group in enumerate(self.param_groups):
             if group["params"]:
                 out.extend(self._pieces(gi, group))
         return out
 
-    def _layout_pieces(self, gi: int, flat: Tensor, entries: list[Entry]) -> list[Entry]:
-        """Pieces of a ZeRO-3 sub-group partition: only this sub-group's entries are returned."""
-        by_param = {id(e.lp): e for e in entries}
+    def _attach_layout(self, flat: Tensor, by_param: dict[int, Entry]) -> list[Entry]:
+        """Attach the pieces of one ZeRO-3 sub-group partition; returns that sub-group's entries."""
         members: list[Entry] = []
         for lp, offset, start, numel in self.flat_layouts[id(flat)]:
             e = by_param[id(lp)]
             e.pieces = [Piece(start, numel, flat.narrow(0, offset, numel), flat, offset)] if numel > 0 else []
             members.append(e)
+        return members
+
+    def _layout_pieces(self, gi: int, flat: Tensor, entries: list[Entry]) -> list[Entry]:
+        """Pieces of a ZeRO-3 sub-group partition: only this sub-group's entries are returned."""
+        members = self._attach_layout(flat, {id(e.lp): e for e in entries})
         self._gather_holders((gi, id(flat)), members)
         return members
 
