@@ -195,9 +195,7 @@ class AdaDiag(StructuredOptimizer):
     def _grad_bases(self, grads: Sequence[Tensor], states: Sequence[State]) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
         out: list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]] = [(None, None)] * len(grads)
         keys = [(tuple(g.shape), st["rotate_left"], st["rotate_right"]) for g, st in zip(grads, states)]
-        for (shape, left, right), idx in buckets(keys).items():
-            if not (left or right):
-                continue
+        for (shape, left, right), idx in buckets(keys).items():  # callers pass rotated matrices only
             m, n = shape
             for part in chunks(idx, 4 * (m * n + m * m + n * n)):
                 for i, res in zip(part, linalg.svd_bases(stack([grads[i] for i in part]), left, right)):

@@ -39,11 +39,6 @@ def as_matrix(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def finite_flags(tensors: Sequence[Tensor]) -> list[bool]:
-    """Which tensors are entirely finite, with a single host sync for all of them."""
-    return [f for f, _ in grad_flags(tensors)]
-
-
 def grad_flags(tensors: Sequence[Tensor]) -> list[tuple[bool, bool]]:
     """(entirely finite, not all zero) per tensor, from one max-abs pass and one host sync.
 
@@ -86,7 +81,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     def _validate(cls, group: MutableMapping[str, Any]) -> None:
         """Check the options common to every family; subclasses extend it."""
         name = cls.NAME
-        v.check_lr(name, "lr", group["lr"])
+        v.check_nonneg(name, "lr", group["lr"])
         v.check_nonneg(name, "weight_decay", group["weight_decay"])
         v.check_bool(name, "structured", group["structured"])
         v.check_int_at_least(name, "max_precond_dim", group["max_precond_dim"], 0)

@@ -17,11 +17,6 @@ def reject_unknown(owner: str, given: Mapping[str, Any], known: Iterable[str]) -
             raise ValueError(f"{owner}: unknown option '{name}'{hint}")
 
 
-def check_lr(owner: str, name: str, value: Any) -> None:
-    if not _is_number(value) or value < 0 or not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
-
-
 def check_nonneg(owner: str, name: str, value: Any) -> None:
     if not _is_number(value) or value < 0 or not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
