@@ -143,12 +143,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if done % args.save_every == 0 or done == args.steps:
             checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done}, args.keep_last)
     png = log.plot()
-    result = {"first_eval_loss": first_loss, "final": last, "loss_curve": png, "rank": rank}
+    result = {"first_eval_loss": first_loss, "final": last, "loss_curve": png, "rank": rank, "world_size": world,
+              "placement": _placement()}
     if rank == 0:
         (Path(args.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if dist.is_initialized():
         dist.barrier()
     return result
+
+
+def _placement() -> list[str]:
+    """Node of every rank (SLURM's node name where there is one), so a run can show where it ran."""
+    import socket
+
+    import torch.distributed as dist
+
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    if not dist.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def initialize(
     import deepspeed
 
     from ..zero.optimizer import DistributedStructuredOptimizer
+    from .launch_env import adopt_slurm_env
+
+    adopt_slurm_env()
 
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args) if not isinstance(args, argparse.Namespace) else argparse.Namespace(**vars(args))
