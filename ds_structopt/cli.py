@@ -1,4 +1,5 @@
-"""``ds-structopt`` console script: ``train`` (the LLaMA entry point) and ``validate`` (check a DeepSpeed JSON)."""
+"""``ds-structopt`` console script: ``train`` (the LLaMA entry point), ``validate`` (check a DeepSpeed JSON),
+``check`` (is this environment able to train: versions, DeepSpeed accelerator, optimizers)."""
 from __future__ import annotations
 
 import sys
@@ -8,9 +9,10 @@ from typing import Optional, Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "train a LLaMA model (see: ds-structopt train --help)",
-                "validate": "check a DeepSpeed JSON with a ds_structopt optimizer block"}
+                "validate": "check a DeepSpeed JSON with a ds_structopt optimizer block",
+                "check": "check this environment: pinned versions, DeepSpeed accelerator, optimizers"}
     if not args or args[0] not in commands:
-        print("usage: ds-structopt {train,validate} ...\n" + "\n".join(f"  {k:9s} {v}" for k, v in commands.items()),
+        print("usage: ds-structopt {train,validate,check} ...\n" + "\n".join(f"  {k:9s} {v}" for k, v in commands.items()),
               file=sys.stderr)
         return 2
     if args[0] == "train":
@@ -18,6 +20,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         train_main(args[1:])
         return 0
+    if args[0] == "check":
+        from .healthcheck import main as check_main
+
+        return check_main(args[1:])
     from .integrations.deepspeed_config import main as validate_main
 
     return validate_main(args[1:])

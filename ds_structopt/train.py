@@ -38,7 +38,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.1, help="warmup steps (>= 1) or fraction of --steps")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--eval-rows", type=int, default=128,
+                   help="held-out sequences per eval (fixed, so eval loss does not depend on batch size or ranks)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--output-dir", default="runs/train")
@@ -100,11 +101,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     base_lrs = [g["lr"] for g in engine.optimizer.param_groups]
     warmup = int(args.warmup if args.warmup >= 1 else args.warmup * args.steps) or 1
     tokens_per_step = engine.train_batch_size() * args.seq_len
-    eval_rows = data.eval[: args.eval_batches * micro * world] if len(data.eval) else data.train[: micro * world]
+    eval_rows = data.eval[: args.eval_rows] if len(data.eval) else data.train[: args.eval_rows]
+    if len(eval_rows) >= world:  # equal shares: every rank runs the same number of forwards (ZeRO-3 gathers)
+        eval_rows = eval_rows[: len(eval_rows) // world * world]
 
     def evaluate() -> float:
         engine.eval()
-        rows = eval_rows.chunk(world)[rank] if len(eval_rows) >= world else eval_rows
+        rows = eval_rows.chunk(world)[rank] if len(eval_rows) >= world else eval_rows  # else: all ranks, all rows
         total = torch.zeros(2)
         with torch.no_grad():
             for batch in rows.long().split(micro):

@@ -54,6 +54,7 @@ def test_train_learns_logs_and_checkpoints(tmp_path):
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert rows[-1]["step"] == "60" and float(rows[-1]["tokens_per_s"]) > 0
     assert (out / "loss_curve.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
     assert ckpts == ["step00000045", "step00000060"]  # keep_last = 2
     assert (out / "checkpoints" / "step00000060" / "ds_structopt" / "rank00001.pt").exists()
