@@ -1,0 +1,1 @@
+"""Benchmarks against AdamW and peers: ``ds-structopt bench {convergence,step,dist}`` (see docs/benchmarks.md)."""

@@ -1,0 +1,57 @@
+"""``python -m ds_structopt.bench SUITE`` / ``ds-structopt bench SUITE``.
+
+Suites: ``convergence`` (steps/time to AdamW's final loss), ``step`` (optimizer
+and whole training-step time, memory, state bytes at LLaMA shapes), ``dist``
+(1/2/4 CPU ranks at ZeRO 1/2/3: state per rank, bytes communicated, step time
+vs DeepSpeed's AdamW). Each writes ``<suite>.json``, ``<suite>.md`` and PNGs to
+``--out``; ``--quick`` is the CI smoke size (each suite under 5 minutes here).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+SUITES = ("convergence", "step", "dist")
+
+
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from . import convergence, dist, step
+
+    p = argparse.ArgumentParser(prog="ds-structopt bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="suite", required=True)
+    for name, module in (("convergence", convergence), ("step", step), ("dist", dist)):
+        sp = sub.add_parser(name, help=module.__doc__.splitlines()[0])
+        sp.add_argument("--out", default=f"runs/bench/{name}", help="output folder")
+        sp.add_argument("--quick", action="store_true", help="CI smoke size")
+        sp.add_argument("--optimizers", nargs="+", default=None, help="subset (default: all of the suite's)")
+        module.add_arguments(sp)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse(argv)
+    try:
+        if args.suite == "convergence":
+            from . import convergence, optimizers
+
+            result = convergence.run(convergence.settings_from(args, args.quick), optimizers.names(args.optimizers),
+                                     args.out)
+        elif args.suite == "step":
+            from . import step
+
+            result = step.run_cli(args)
+        else:
+            from . import dist
+
+            result = dist.run_cli(args)
+    except ValueError as exc:  # bad names or sizes: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(open(result["files"]["markdown"]).read())
+    print("wrote", ", ".join(list(result["files"].values()) + list(result.get("plots", []))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
