@@ -1,5 +1,6 @@
 """``ds-structopt`` console script: ``train`` (the LLaMA entry point), ``validate`` (check a DeepSpeed JSON),
-``check`` (is this environment able to train: versions, DeepSpeed accelerator, optimizers)."""
+``check`` (is this environment able to train: versions, DeepSpeed accelerator, optimizers), ``bench``
+(benchmark suites, docs/benchmarks.md)."""
 from __future__ import annotations
 
 import sys
@@ -10,9 +11,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "train a LLaMA model (see: ds-structopt train --help)",
                 "validate": "check a DeepSpeed JSON with a ds_structopt optimizer block",
-                "check": "check this environment: pinned versions, DeepSpeed accelerator, optimizers"}
+                "check": "check this environment: pinned versions, DeepSpeed accelerator, optimizers",
+                "bench": "benchmarks vs AdamW and peers: convergence, step, dist (see: ds-structopt bench --help)"}
     if not args or args[0] not in commands:
-        print("usage: ds-structopt {train,validate,check} ...\n" + "\n".join(f"  {k:9s} {v}" for k, v in commands.items()),
+        print("usage: ds-structopt {train,validate,check,bench} ...\n" + "\n".join(f"  {k:9s} {v}" for k, v in commands.items()),
               file=sys.stderr)
         return 2
     if args[0] == "train":
@@ -20,6 +22,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         train_main(args[1:])
         return 0
+    if args[0] == "bench":
+        from .bench.__main__ import main as bench_main
+
+        return bench_main(args[1:])
     if args[0] == "check":
         from .healthcheck import main as check_main
 

@@ -35,7 +35,7 @@ class Settings:
     warmup: float = 0.1
     min_lr_ratio: float = 0.1
     update_freq: int = 20
-    elementwise_lr: float = 2e-3
+    elementwise_lr: float = 1e-3
     seed: int = 0
     trials: Optional[int] = None  # None: each optimizer's whole grid; k: the k grid points nearest the middle
 
@@ -166,7 +166,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"target_eval_loss": target, "best": rows}
 
 
-def run(s: Settings, names: Sequence[str], out_dir: str | Path, log: Any = print) -> dict[str, Any]:
+def run(s: Settings, names: Sequence[str], out_dir: str | Path, log: Any = None) -> dict[str, Any]:
+    log = log or (lambda msg: print(msg, flush=True))
     data = load_data(s)
     runs = []
     for name in names:

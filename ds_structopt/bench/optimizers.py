@@ -63,14 +63,14 @@ def _muon(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimize
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [
-    Contender("AdamW", (1e-3, 2e-3, 4e-3), _adamw),
+    Contender("AdamW", (5e-4, 1e-3, 2e-3), _adamw),
     Contender("Adafactor", (1e-2, 2e-2, 4e-2), _adafactor),
-    Contender("AdaDiag", (1.5e-3, 3e-3, 6e-3), _ours("AdaDiag"), ours=True),
-    Contender("AdaDiag++", (1.5e-3, 3e-3, 6e-3), _ours("AdaDiag++"), ours=True),
-    Contender("AdaDiag++ factored", (1.5e-3, 3e-3, 6e-3), _ours("AdaDiag++", factored=True), ours=True),
+    Contender("AdaDiag", (1e-3, 2e-3, 4e-3), _ours("AdaDiag"), ours=True),
+    Contender("AdaDiag++", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++"), ours=True),
+    Contender("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", factored=True), ours=True),
     Contender("ASGO", (5e-3, 1e-2, 2e-2), _ours("ASGO"), ours=True),
     Contender("DASGO", (5e-3, 1e-2, 2e-2), _ours("DASGO"), ours=True),
-    Contender("SOAP", (1.5e-3, 3e-3, 6e-3), _soap),
+    Contender("SOAP", (1e-3, 2e-3, 4e-3), _soap),
     Contender("Muon", (1e-2, 2e-2, 4e-2), _muon),
 ]}
 
@@ -133,7 +133,7 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[dict[str, A
 
 
 def build(name: str, model: nn.Module, lr: Optional[float] = None, *, update_freq: int = 100,
-          elementwise_lr: float = 2e-3) -> PairedOptimizer:
+          elementwise_lr: float = 1e-3) -> PairedOptimizer:
     """``name`` from CONTENDERS at ``lr`` (default: the middle of its grid)."""
     if name not in CONTENDERS:
         raise ValueError(f"unknown optimizer '{name}'; choose from {sorted(CONTENDERS)}")

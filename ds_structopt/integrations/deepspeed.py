@@ -63,7 +63,8 @@ def initialize(
         cls, options, dist_options = parsed.optimizer_cls, parsed.options, parsed.dist_options
 
         def optimizer(params: Any) -> DistributedStructuredOptimizer:
-            return DistributedStructuredOptimizer(params, cls, options, cost_model=dist_options["cost_model"])
+            return DistributedStructuredOptimizer(params, cls, options, cost_model=dist_options["cost_model"],
+                                                  ownership=dist_options["ownership"])
 
     result = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,

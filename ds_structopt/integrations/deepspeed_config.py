@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Union
 from ..optim.base import StructuredOptimizer
 
 OUR_BLOCK = "ds_structopt"
-DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops"}
+DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local"}
 _COST_MODELS = ("flops", "memory", "numel")
 # DeepSpeed's own optimizer names (deepspeed/runtime/config.py), lower-case.
 _DEEPSPEED_NAMES = ("adagrad", "adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam", "lion",
@@ -106,6 +106,8 @@ def _dist_options(block: Any) -> dict[str, Any]:
     out = {**DIST_DEFAULTS, **block}
     if out["cost_model"] not in _COST_MODELS:
         raise ConfigError(f"{OUR_BLOCK}.cost_model must be one of {list(_COST_MODELS)}, got {out['cost_model']!r}")
+    if out["ownership"] not in ("local", "balanced"):
+        raise ConfigError(f"{OUR_BLOCK}.ownership must be one of ['local', 'balanced'], got {out['ownership']!r}")
     return out
 
 

@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from ..optim.adamw import adamw_step
 from ..optim.base import COUNTERS, StructuredOptimizer, grad_flags
-from .ownership import MatrixInfo, plan_owners
+from .ownership import MatrixInfo, plan_owners, plan_owners_local
 
 
 @dataclass
@@ -71,6 +71,7 @@ class DistributedStructuredOptimizer(Optimizer):
         options: dict[str, Any],
         cost_model: str = "flops",
         process_group: Optional[dist.ProcessGroup] = None,
+        ownership: str = "local",
     ) -> None:
         self.math = optimizer_cls(params, **options)
         self.group = process_group
@@ -84,8 +85,13 @@ class DistributedStructuredOptimizer(Optimizer):
             self.entries.append([Entry(n, p, p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.math.is_matrix(p, g))
                                  for n, p in zip(names, g["params"])])
         self._group_index = {id(g): i for i, g in enumerate(self.param_groups)}
-        infos = [MatrixInfo(e.name, e.shape[0], _numel(e.shape) // e.shape[0]) for es in self.entries for e in es if e.is_matrix]
-        self.owners = plan_owners(infos, self.world, cost_model, options.get("update_freq", 200))
+        self._infos = [MatrixInfo(e.name, e.shape[0], _numel(e.shape) // e.shape[0])
+                       for es in self.entries for e in es if e.is_matrix]
+        self._cost_model, self._update_freq = cost_model, options.get("update_freq", 200)
+        if ownership not in ("local", "balanced"):
+            raise ValueError(f"ownership must be 'local' or 'balanced', got {ownership!r}")
+        self.ownership = ownership
+        self._owners: Optional[dict[str, int]] = None
         # ZeRO-3: flat partition (by id) -> [(model param, offset in flat, start in param, numel)],
         # registered by the DeepSpeed integration (stage 3 has no _hp_mapping).
         self.flat_layouts: dict[int, list[tuple[Tensor, int, int, int]]] = {}
@@ -94,6 +100,26 @@ class DistributedStructuredOptimizer(Optimizer):
         self.elem_state: dict[str, dict[str, Any]] = {}
         self._holders: dict[int, dict[str, list[tuple[int, int, int]]]] = {}  # group -> name -> [(rank, start, numel)]
         self.comm_bytes = 0
+
+    # ----- ownership ------------------------------------------------------
+    @property
+    def owners(self) -> dict[str, int]:
+        """Matrix name -> owner rank. "local" needs DeepSpeed's partitions, so it is planned on first
+        use (the first step, or a checkpoint save/load), which every rank reaches together."""
+        if self._owners is None:
+            if self.ownership == "balanced" or self.world == 1:
+                self._owners = plan_owners(self._infos, self.world, self._cost_model, self._update_freq)
+            else:
+                self._owners = plan_owners_local(self._infos, self._held_counts(), self.world, self._cost_model,
+                                                 self._update_freq)
+        return self._owners
+
+    def _held_counts(self) -> dict[str, list[int]]:
+        """Elements of every matrix in every rank's partition (one all_gather_object)."""
+        local = {e.name: sum(p.numel for p in e.pieces) for e in self.entries_with_pieces() if e.is_matrix}
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, local, group=self.group)
+        return {info.name: [int(table.get(info.name, 0)) for table in gathered] for info in self._infos}
 
     # ----- layout ---------------------------------------------------------
     def _pieces(self, gi: int, group: dict[str, Any]) -> list[Entry]:

@@ -2,8 +2,8 @@
 
 Every structured matrix gets exactly one owner; only the owner keeps its
 basis/factors and moments and computes its update. The plan is a pure function
-of (names, shapes, options, world size), so every rank computes the same plan
-without communicating.
+of (names, shapes, options, world size, and for the "local" plan which rank
+holds how much of each matrix), so every rank computes the same plan.
 """
 from __future__ import annotations
 
@@ -48,6 +48,36 @@ def plan_owners(matrices: Sequence[MatrixInfo], world_size: int, cost_model: str
         load, rank = heapq.heappop(heap)
         owners[matrices[i].name] = rank
         heapq.heappush(heap, (load + matrix_cost(matrices[i], cost_model, update_freq), rank))
+    return owners
+
+
+def plan_owners_local(matrices: Sequence[MatrixInfo], held: Mapping[str, Sequence[int]], world_size: int,
+                      cost_model: str = "flops", update_freq: int = 200, slack: float = 0.25) -> dict[str, int]:
+    """Prefer the rank that already holds most of a matrix, within a load cap; else the least loaded.
+
+    ``held[name][r]`` = elements of the matrix in rank r's ZeRO partition. A matrix owned
+    where it lives needs no gradient gather and no update return, so at ZeRO-1/2 (where
+    DeepSpeed's partitions keep most matrices whole) communication drops to the few
+    matrices cut by partition boundaries. The cap, (1 + slack) x the mean cost per rank,
+    keeps refresh/rotation work balanced. Largest cost first; ties break on rank id and
+    input order, so every rank computes the same plan.
+    """
+    costs = [matrix_cost(m, cost_model, update_freq) for m in matrices]
+    cap = (1.0 + slack) * sum(costs) / max(1, world_size)
+    order = sorted(range(len(matrices)), key=lambda i: (-costs[i], i))
+    load = [0.0] * world_size
+    owners: dict[str, int] = {}
+    for i in order:
+        name = matrices[i].name
+        counts = list(held.get(name, ())) + [0] * world_size
+        most = max(counts[:world_size])
+        # among the ranks holding the most of it (all of them when replicated, as at stage 0
+        # or with ZeRO-3's even split) the least loaded: that is plain LPT when locality is moot
+        best = min((r for r in range(world_size) if counts[r] == most), key=lambda r: (load[r], r))
+        if most == 0 or load[best] + costs[i] > cap:
+            best = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = best
+        load[best] += costs[i]
     return owners
 
 

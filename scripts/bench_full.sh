@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The full benchmark run behind docs/benchmarks.md (about 75 minutes on the 2-core development machine).
+# Run it alone: a second busy process on the same cores distorts every timing.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$(bash "$root/scripts/setup_env.sh" | tail -n 1)"
+cd "$root"
+out="${OUT:-docs/bench}"
+"$venv/bin/python" -m ds_structopt.bench convergence --out "$out"
+"$venv/bin/python" -m ds_structopt.bench step --models 60m 130m 350m 1b --whole-step-models 130m --plain-steps 2 --out "$out"
+"$venv/bin/python" -m ds_structopt.bench dist --out "$out"
