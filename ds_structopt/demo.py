@@ -1,4 +1,4 @@
-"""Main job (for now): a tiny LLaMA trained on Python's bundled docs with AdaDiag++ and AdamW.
+"""Single-process comparison: a tiny LLaMA trained on Python's bundled docs with AdaDiag++ and AdamW.
 
 Same model init, data order, schedule and parameter split for both; prints the
 training loss as it goes and the held-out loss of each optimizer at the end.
@@ -15,7 +15,10 @@ import torch
 
 import ds_structopt as dso
 from ds_structopt.training.schedule import warmup_cosine
-from ds_structopt.data.embedded import BYTE_VOCAB, byte_tokens, embedded_text, eval_batches, random_batch, train_eval_split
+from ds_structopt.data.packing import pack
+from ds_structopt.data.sampler import ShardedBatchSampler
+from ds_structopt.data.sources import iter_documents
+from ds_structopt.data.tokenizer import ByteTokenizer
 
 
 # Each optimizer at (about) its best lr for this model, from a 300-step sweep over
@@ -23,11 +26,11 @@ from ds_structopt.data.embedded import BYTE_VOCAB, byte_tokens, embedded_text, e
 DEFAULT_LR = {"AdamW": 1e-3, "AdaDiag": 3e-3, "AdaDiag++": 3e-3, "ASGO": 1e-2, "DASGO": 1e-2}
 
 
-def tiny_llama(seed: int, seq_len: int) -> torch.nn.Module:
+def tiny_llama(seed: int, seq_len: int, vocab_size: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=BYTE_VOCAB,
+        vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=352,
         num_hidden_layers=4,
@@ -67,18 +70,18 @@ def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> float:
     return total
 
 
-def train_one(name: str, args: argparse.Namespace, train_tokens: torch.Tensor, eval_set: list[torch.Tensor]) -> dict[str, float]:
-    model = tiny_llama(args.seed, args.seq_len)
+def train_one(name: str, args: argparse.Namespace, data: Any, eval_set: list[torch.Tensor]) -> dict[str, float]:
+    model = tiny_llama(args.seed, args.seq_len, data.vocab_size)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(name.replace("-factored", ""), 3e-3)
     opt = make_optimizer(name, model, lr, args.weight_decay, args.update_freq)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    sampler = ShardedBatchSampler(len(data.train), args.batch_size, seed=args.seed)  # same batches for everyone
     start = time.perf_counter()
     for step in range(args.steps):
         scale = warmup_cosine(step, args.steps, max(1, args.steps // 10))
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * scale
-        batch = random_batch(train_tokens, args.batch_size, args.seq_len, gen)
+        batch = data.train[sampler.next_indices()].long()
         loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -106,10 +109,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    train_tokens, eval_tokens = train_eval_split(byte_tokens(embedded_text()))
-    eval_set = eval_batches(eval_tokens, args.batch_size, args.seq_len, max_batches=8)
-    print(f"corpus: {len(train_tokens)} train / {len(eval_tokens)} eval byte tokens (pydoc_data.topics)")
-    results = {name: train_one(name, args, train_tokens, eval_set) for name in args.optimizers}
+    data = pack(iter_documents(["embedded"]), ByteTokenizer(), args.seq_len)
+    eval_set = list(data.eval[: 8 * args.batch_size].long().split(args.batch_size))
+    print(f"corpus: {len(data.train)} train / {len(data.eval)} held-out rows of {args.seq_len} byte tokens "
+          "(pydoc topics + stdlib docstrings)")
+    results = {name: train_one(name, args, data, eval_set) for name in args.optimizers}
     print("\nheld-out loss after", args.steps, "steps:")
     for name, r in results.items():
         print(f"  {name:>18}: eval loss {r['eval_loss']:.4f}  (ppl {math.exp(r['eval_loss']):.2f}, lr {r['lr']:g}, {r['seconds']:.1f} s)")

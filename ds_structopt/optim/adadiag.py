@@ -27,6 +27,7 @@ from . import validation as v
 from .base import StructuredOptimizer
 from .batching import buckets, chunks, stack
 from .moments import adam_directions, factored_directions
+from .refresh import decomposition_cost, refresh_due
 
 State = MutableMapping[str, Any]
 
@@ -59,6 +60,7 @@ class AdaDiag(StructuredOptimizer):
         beta2_decay=None,
         relative_step=False,
         max_decomp_failures=3,
+        stagger_refresh=False,
         structured=True,
         adam_betas=None,
         adam_eps=1e-8,
@@ -85,6 +87,7 @@ class AdaDiag(StructuredOptimizer):
                 raise ValueError(f"{name}: beta2_decay must be a negative number (e.g. -0.8) or None, got {decay!r}")
         v.check_bool(name, "relative_step", group["relative_step"])
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
+        v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
         if group["relative_step"] and not group["factored"]:
             raise ValueError(f"{name}: relative_step=True needs factored=True (it is Adafactor's step-size rule)")
 
@@ -128,9 +131,13 @@ class AdaDiag(StructuredOptimizer):
             st["step"] += 1
         if group["basis"] == "ema":
             self._accumulate_factors(grads, states, group["basis_beta"])
+        if group["stagger_refresh"]:
+            self.phase_planner.assign(states, [decomposition_cost(*g.shape, st["rotate_left"], st["rotate_right"])
+                                               for g, st in zip(grads, states)], group["update_freq"])
         due = [
             i for i, st in enumerate(states)
-            if (st["rotate_left"] or st["rotate_right"]) and (st["step"] - 1) % group["update_freq"] == 0
+            if (st["rotate_left"] or st["rotate_right"])
+            and refresh_due(st["step"], group["update_freq"], st.get("refresh_phase", 0))
         ]
         fresh = self._refresh([grads[i] for i in due], [states[i] for i in due], group) if due else []
 

@@ -30,6 +30,7 @@ from . import linalg
 from . import validation as v
 from .base import StructuredOptimizer
 from .batching import buckets, chunks, stack
+from .refresh import refresh_due
 
 State = MutableMapping[str, Any]
 
@@ -74,6 +75,7 @@ class ASGO(_MomentumRMSOptimizer):
         rms_scale=0.2,
         max_precond_dim=10000,
         max_decomp_failures=3,
+        stagger_refresh=False,
         structured=True,
         adam_betas=(0.9, 0.95),
         adam_eps=1e-8,
@@ -90,6 +92,7 @@ class ASGO(_MomentumRMSOptimizer):
         v.check_int_at_least(name, "update_freq", group["update_freq"], 1)
         v.check_nonneg(name, "damping", group["damping"])
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
+        v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
 
     def _init_state(self, st: State, grad: Tensor, group: dict[str, Any]) -> None:
         if "step" in st:
@@ -122,7 +125,11 @@ class ASGO(_MomentumRMSOptimizer):
         if group["root"] == "newton_schulz":
             roots = self._newton_schulz_roots(states, group)
         else:
-            due = [st for st in states if st["side"] and (st["step"] - 1) % group["update_freq"] == 0]
+            if group["stagger_refresh"]:
+                self.phase_planner.assign(states, [float(st["precond"].shape[0]) ** 3 if st["side"] else 0.0
+                                                   for st in states], group["update_freq"])
+            due = [st for st in states
+                   if st["side"] and refresh_due(st["step"], group["update_freq"], st.get("refresh_phase", 0))]
             self._eigh_roots(due, group)
             roots = [st["root"] for st in states]
         updates = self._precondition(states, roots)

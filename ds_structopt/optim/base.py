@@ -117,6 +117,15 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     ) -> tuple[list[Tensor], list[float]]:
         """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U."""
 
+    @property
+    def phase_planner(self) -> "PhasePlanner":
+        """Refresh phases for ``stagger_refresh`` (one planner per optimizer, across calls)."""
+        if getattr(self, "_phase_planner", None) is None:
+            from .refresh import PhasePlanner
+
+            self._phase_planner = PhasePlanner()
+        return self._phase_planner
+
     def adam_betas(self, group: dict[str, Any]) -> tuple[float, float]:
         return tuple(group["adam_betas"] if group["adam_betas"] is not None else group["betas"])
 

@@ -20,6 +20,11 @@ optimizer step, after DeepSpeed's reduction, overflow check and clipping:
    W <- W (1 - lr wd) - lr U to the pieces in its own partition;
 4. elementwise parameters run AdamW on this rank's pieces only.
 
+Owners are planned once, on first use, from where DeepSpeed put the pieces
+(``ownership="local"``: the rank holding most of a matrix owns it unless that
+breaks a 1.25x load cap), so at ZeRO-1/2 steps 1 and 3 only move the matrices
+that partition boundaries cut; ``"balanced"`` is plain LPT over the cost model.
+
 Only reduce and broadcast are used (gloo and NCCL both have them).
 """
 from __future__ import annotations
