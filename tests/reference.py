@@ -27,15 +27,6 @@ def align(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
     return new
 
 
-def align_null(new: torch.Tensor, old: torch.Tensor | None, rank: int) -> torch.Tensor:
-    """Columns rank: span the null space: rotate them to the orthonormal basis closest to the old ones."""
-    if old is None or rank >= new.shape[1]:
-        return new
-    n_new = new[:, rank:]
-    u, _, vh = torch.linalg.svd(n_new.T @ old[:, rank:])
-    return torch.cat([new[:, :rank], n_new @ (u @ vh)], dim=1)
-
-
 def inverse_sqrt(v: torch.Tensor, damping: float) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(v)
     vals = vals.clamp_min(0)
@@ -80,9 +71,8 @@ class RefAdaDiag:
             use_left = self.two_sided or m <= n
             use_right = self.two_sided or m > n
             old_p, old_q = self.P, self.Q
-            rank = min(m, n) if self.basis == "grad" else max(m, n)
-            self.P = align_null(align(left, self.P), self.P, rank) if use_left else None
-            self.Q = align_null(align(right, self.Q), self.Q, rank) if use_right else None
+            self.P = align(left, self.P) if use_left else None
+            self.Q = align(right, self.Q) if use_right else None
             if self.moments == "reproject":
                 if old_p is not None:
                     self.M = self.P.T @ old_p @ self.M

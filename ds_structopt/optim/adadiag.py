@@ -196,8 +196,7 @@ class AdaDiag(StructuredOptimizer):
             if cand is None:
                 self._on_failure(st, g, group["max_decomp_failures"])
             else:
-                rank = min(g.shape) if group["basis"] == "grad" else max(g.shape)
-                self._install(st, cand[0], cand[1], group["moments"], rank)
+                self._install(st, cand[0], cand[1], group["moments"])
         return [cand is not None for cand in candidates]
 
     def _grad_bases(self, grads: Sequence[Tensor], states: Sequence[State]) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
@@ -241,14 +240,12 @@ class AdaDiag(StructuredOptimizer):
             out.append(None if failed else (p, q))
         return out
 
-    def _install(self, st: State, new_p: Optional[Tensor], new_q: Optional[Tensor], moments: str,
-                 rank: int) -> None:
-        """New bases, continuous with the old: signs aligned, null-space completion aligned (grad SVD)."""
+    def _install(self, st: State, new_p: Optional[Tensor], new_q: Optional[Tensor], moments: str) -> None:
         old_p, old_q = st["P"], st["Q"]
         if new_p is not None and old_p is not None:
-            new_p = linalg.align_null_space(linalg.align_signs(new_p, old_p), old_p, rank)
+            new_p = linalg.align_signs(new_p, old_p)
         if new_q is not None and old_q is not None:
-            new_q = linalg.align_null_space(linalg.align_signs(new_q, old_q), old_q, rank)
+            new_q = linalg.align_signs(new_q, old_q)
         if moments == "reproject" and "exp_avg" in st:
             # M <- (P_new^T P_old) M (Q_old^T Q_new); second moments carried over (as SOAP).
             m = st["exp_avg"]

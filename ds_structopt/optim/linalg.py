@@ -127,30 +127,6 @@ def align_signs(new: Tensor, old: Tensor) -> Tensor:
     return new * torch.where(dots < 0, -1.0, 1.0).to(new.dtype)
 
 
-def align_null_space(new: Tensor, old: Tensor, rank: int) -> Tensor:
-    """Columns ``rank:`` of an SVD basis complete the null space, in no particular basis: take the
-    orthonormal basis of that same subspace closest to the old columns (orthogonal Procrustes).
-
-    Without this, moments kept in the rotated space for those directions would be
-    re-attached to an arbitrary new basis at every refresh (the larger side of a
-    non-square matrix has ``d - rank`` such directions). The span is unchanged, so
-    the result is still an SVD basis of the new gradient.
-    """
-    d = new.shape[-1]
-    if rank >= d:
-        return new
-    null_new = new[..., rank:]
-    cross = null_new.mT @ old[..., rank:]
-    try:
-        u, _, vh = torch.linalg.svd(cross.double())
-    except RuntimeError:  # keep the sign-aligned completion
-        return new
-    rotation = (u @ vh).to(new.dtype)
-    if not torch.isfinite(rotation).all():
-        return new
-    return torch.cat([new[..., :rank], null_new @ rotation], dim=-1)
-
-
 def eigh_inverse_root(stack: Tensor, damping: float) -> list[Optional[Tensor]]:
     """V^{-1/2} by eigendecomposition, damping relative to the largest eigenvalue.
 
