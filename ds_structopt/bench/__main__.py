@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from . import convergence, optimizers
 
             result = convergence.run(convergence.settings_from(args, args.quick), optimizers.names(args.optimizers),
-                                     args.out)
+                                     args.out, baseline=args.baseline)
         elif args.suite == "step":
             from . import step
 

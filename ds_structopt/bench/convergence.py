@@ -133,7 +133,7 @@ def reach(history: Sequence[dict[str, float]], target: float) -> tuple[Optional[
 
 
 def grid(name: str, trials: Optional[int]) -> list[float]:
-    lrs = list(contenders.CONTENDERS[name].lrs)
+    lrs = list((contenders.CONTENDERS.get(name) or contenders.VARIANTS[name]).lrs)
     if trials is None or trials >= len(lrs):
         return lrs
     mid = len(lrs) // 2
@@ -166,10 +166,26 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"target_eval_loss": target, "best": rows}
 
 
-def run(s: Settings, names: Sequence[str], out_dir: str | Path, log: Any = None) -> dict[str, Any]:
+def baseline_runs(path: str | Path, s: Settings) -> list[dict[str, Any]]:
+    """AdamW's runs from an earlier convergence.json with the same settings (to compare variants to it)."""
+    import json
+
+    raw = json.loads(Path(path).read_text())
+    theirs = {k: v for k, v in raw["settings"].items() if k != "trials"}
+    ours = {k: v for k, v in asdict(s).items() if k != "trials"}
+    ours["data"], theirs["data"] = list(ours["data"]), list(theirs["data"])
+    if theirs != ours:
+        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+        raise ValueError(f"--baseline {path} was run with other settings ({', '.join(diff)})")
+    return [r for r in raw["runs"] if r["optimizer"] == "AdamW"]
+
+
+def run(s: Settings, names: Sequence[str], out_dir: str | Path, log: Any = None,
+        baseline: Optional[str] = None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, flush=True))
     data = load_data(s)
-    runs = []
+    runs = baseline_runs(baseline, s) if baseline else []
+    names = [n for n in names if not (baseline and n == "AdamW")]
     for name in names:
         for lr in grid(name, s.trials):
             t = time.perf_counter()
@@ -215,6 +231,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--update-freq", type=int, default=d.update_freq)
     p.add_argument("--trials", type=int, default=None, help="lr grid points per optimizer (default: all, 3)")
+    p.add_argument("--baseline", default=None,
+                   help="reuse AdamW's runs from an earlier convergence.json (same settings) instead of rerunning")
 
 
 def settings_from(args: argparse.Namespace, quick: bool) -> Settings:

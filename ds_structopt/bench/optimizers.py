@@ -41,11 +41,12 @@ def _adafactor(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Opt
 def _ours(name: str, **fixed: Any) -> Callable[[list[nn.Parameter], float, int], torch.optim.Optimizer]:
     def build(params: list[nn.Parameter], lr: float, update_freq: int) -> torch.optim.Optimizer:
         cls = dso.get_optimizer_class(name)
-        opts = dict(fixed, lr=lr)
+        opts: dict[str, Any] = {"lr": lr}
         if "update_freq" in cls.DEFAULTS:
             opts["update_freq"] = update_freq
         if "weight_decay" in cls.DEFAULTS:
             opts["weight_decay"] = 0.0
+        opts.update(fixed)  # a variant's own options win (e.g. its own update_freq)
         return cls([{"params": params, "structured": True}], **opts)
     return build
 
@@ -72,6 +73,16 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("DASGO", (5e-3, 1e-2, 2e-2), _ours("DASGO"), ours=True),
     Contender("SOAP", (1e-3, 2e-3, 4e-3), _soap),
     Contender("Muon", (1e-2, 2e-2, 4e-2), _muon),
+]}
+
+
+# Variants for investigating a result (``--optimizers "AdaDiag++ reproject" ...``); not run by default.
+VARIANTS: dict[str, Contender] = {c.name: c for c in [
+    Contender("AdaDiag++ reproject", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", moments="reproject"), ours=True),
+    Contender("AdaDiag++ ema", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", basis="ema"), ours=True),
+    Contender("AdaDiag++ T=5", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", update_freq=5), ours=True),
+    Contender("AdaDiag reproject", (1e-3, 2e-3, 4e-3), _ours("AdaDiag", moments="reproject"), ours=True),
+    Contender("AdamW low", (1.25e-4, 2.5e-4, 5e-4), _adamw),
 ]}
 
 
@@ -135,9 +146,9 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[dict[str, A
 def build(name: str, model: nn.Module, lr: Optional[float] = None, *, update_freq: int = 100,
           elementwise_lr: float = 1e-3) -> PairedOptimizer:
     """``name`` from CONTENDERS at ``lr`` (default: the middle of its grid)."""
-    if name not in CONTENDERS:
-        raise ValueError(f"unknown optimizer '{name}'; choose from {sorted(CONTENDERS)}")
-    c = CONTENDERS[name]
+    c = CONTENDERS.get(name) or VARIANTS.get(name)
+    if c is None:
+        raise ValueError(f"unknown optimizer '{name}'; choose from {sorted(CONTENDERS) + sorted(VARIANTS)}")
     matrices, elementwise = split_params(model)
     matrix_opt = c.build(matrices, c.default_lr() if lr is None else lr, update_freq)
     elem_opt = torch.optim.AdamW(elementwise, lr=elementwise_lr, betas=(0.9, 0.999), foreach=True) \
@@ -148,7 +159,7 @@ def build(name: str, model: nn.Module, lr: Optional[float] = None, *, update_fre
 def names(selection: Optional[Sequence[str]] = None) -> list[str]:
     if not selection:
         return list(CONTENDERS)
-    unknown = [n for n in selection if n not in CONTENDERS]
+    unknown = [n for n in selection if n not in CONTENDERS and n not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown optimizer(s) {unknown}; choose from {sorted(CONTENDERS)}")
+        raise ValueError(f"unknown optimizer(s) {unknown}; choose from {sorted(CONTENDERS) + sorted(VARIANTS)}")
     return list(selection)
