@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full benchmark run behind docs/benchmarks.md (about 75 minutes on the 2-core development machine).
+# The full benchmark run behind docs/benchmarks.md (about 2 hours on the 2-core development machine).
 # Run it alone: a second busy process on the same cores distorts every timing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
