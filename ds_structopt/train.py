@@ -152,6 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         (Path(args.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if dist.is_initialized():
         dist.barrier()
+        # An initialized gloo group left to interpreter shutdown can abort in its worker threads
+        # (seen under mpirun after a successful run): tear it down while everything is alive.
+        dist.destroy_process_group()
     return result
 
 
