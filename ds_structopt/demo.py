@@ -19,6 +19,7 @@ from ds_structopt.data.packing import pack
 from ds_structopt.data.sampler import ShardedBatchSampler
 from ds_structopt.data.sources import iter_documents
 from ds_structopt.data.tokenizer import ByteTokenizer
+from ds_structopt.training.local import evaluate, lm_step
 
 
 # Each optimizer at (about) its best lr for this model, from a 300-step sweep over
@@ -62,15 +63,7 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: f
     return cls(groups, **opts)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> float:
-    model.eval()
-    total = sum(model(input_ids=b[:, :-1], labels=b[:, 1:].contiguous()).loss.item() for b in batches) / len(batches)
-    model.train()
-    return total
-
-
-def train_one(name: str, args: argparse.Namespace, data: Any, eval_set: list[torch.Tensor]) -> dict[str, float]:
+def train_one(name: str, args: argparse.Namespace, data: Any, eval_rows: torch.Tensor) -> dict[str, float]:
     model = tiny_llama(args.seed, args.seq_len, data.vocab_size)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(name.replace("-factored", ""), 3e-3)
     opt = make_optimizer(name, model, lr, args.weight_decay, args.update_freq)
@@ -81,16 +74,11 @@ def train_one(name: str, args: argparse.Namespace, data: Any, eval_set: list[tor
         scale = warmup_cosine(step, args.steps, max(1, args.steps // 10))
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * scale
-        batch = data.train[sampler.next_indices()].long()
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = lm_step(model, opt, data.train[sampler.next_indices()].long())
         if step % args.log_every == 0 or step == args.steps - 1:
             print(f"[{name:>10}] step {step:4d}  train loss {loss.item():.4f}", flush=True)
     seconds = time.perf_counter() - start
-    return {"eval_loss": evaluate(model, eval_set), "seconds": seconds, "lr": lr}
+    return {"eval_loss": evaluate(model, eval_rows, args.batch_size), "seconds": seconds, "lr": lr}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
@@ -110,10 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
         torch.set_num_threads(args.threads)
 
     data = pack(iter_documents(["embedded"]), ByteTokenizer(), args.seq_len)
-    eval_set = list(data.eval[: 8 * args.batch_size].long().split(args.batch_size))
+    eval_rows = data.eval[: 8 * args.batch_size]
     print(f"corpus: {len(data.train)} train / {len(data.eval)} held-out rows of {args.seq_len} byte tokens "
           "(pydoc topics + stdlib docstrings)")
-    results = {name: train_one(name, args, data, eval_set) for name in args.optimizers}
+    results = {name: train_one(name, args, data, eval_rows) for name in args.optimizers}
     print("\nheld-out loss after", args.steps, "steps:")
     for name, r in results.items():
         print(f"  {name:>18}: eval loss {r['eval_loss']:.4f}  (ppl {math.exp(r['eval_loss']):.2f}, lr {r['lr']:g}, {r['seconds']:.1f} s)")

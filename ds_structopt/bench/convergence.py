@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import optimizers as contenders
+from ..training.local import evaluate, lm_step
 from . import report
 
 
@@ -57,17 +58,6 @@ def build_model(s: Settings, vocab_size: int) -> torch.nn.Module:
     return LlamaForCausalLM(model_config(s.model, vocab_size, s.seq_len))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, rows: torch.Tensor, batch: int) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for b in rows.long().split(batch):
-        total += model(input_ids=b[:, :-1], labels=b[:, 1:].contiguous()).loss.item() * len(b)
-        count += len(b)
-    model.train()
-    return total / max(1, count)
-
-
 def state_split(opt: contenders.PairedOptimizer) -> dict[str, int]:
     """Optimizer-state bytes: all, the matrices' part, and of that the rotations (P, Q) and the rest."""
     matrix = opt.matrix_part()
@@ -101,12 +91,7 @@ def run_one(name: str, lr: float, s: Settings, data: Any) -> dict[str, Any]:
         scale = warmup_cosine(step, s.steps, warmup, s.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        rows = data.train[sampler.next_indices()].long()
-        loss = model(input_ids=rows[:, :-1], labels=rows[:, 1:].contiguous()).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = lm_step(model, opt, data.train[sampler.next_indices()].long())
         train_seconds += time.perf_counter() - t0
         if not math.isfinite(loss.item()):
             diverged = True

@@ -142,7 +142,7 @@ def measure_optimizer(name: str, model: torch.nn.Module, update_freq: int, plain
             "params": n_all, "matrix_params": n_mat}
 
 
-def memory_needed(params: int, names: Sequence[str]) -> int:
+def memory_needed(params: int) -> int:
     """Rough upper bound: weights + grads + the largest state (SOAP, ~30 B/param) + workspace."""
     return params * (4 + 4 + 30 + 8)
 
@@ -223,7 +223,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         cfg = model_config(size, 32000, seq_len)
         approx = cfg.vocab_size * cfg.hidden_size * 2 + cfg.num_hidden_layers * (
             4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
-        need, have = memory_needed(approx, names), _available_memory(device)
+        need, have = memory_needed(approx), _available_memory(device)
         if need > have:
             skipped[size] = f"needs ~{need / 2**30:.0f} GiB for {approx / 1e9:.2f}B params, {args.device} has {have / 2**30:.0f} GiB"
             print(f"[step] skip {size}: {skipped[size]}")
