@@ -31,6 +31,7 @@ def _rank_file(directory: str, rank: int) -> str:
 
 def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
     """This rank's share, by name: owned matrix states, elementwise pieces, fp32 master pieces."""
+    opt.math.settle()  # decompositions running ahead land in the states they belong to
     elements: dict[str, list[dict[str, Any]]] = {}
     masters: dict[str, list[dict[str, Any]]] = {}
     for e in opt.entries_with_pieces():

@@ -64,7 +64,8 @@ def initialize(
 
         def optimizer(params: Any) -> DistributedStructuredOptimizer:
             return DistributedStructuredOptimizer(params, cls, options, cost_model=dist_options["cost_model"],
-                                                  ownership=dist_options["ownership"])
+                                                  ownership=dist_options["ownership"],
+                                                  ownership_group_size=dist_options["ownership_group_size"])
 
     result = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Union
 from ..optim.base import StructuredOptimizer
 
 OUR_BLOCK = "ds_structopt"
-DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local"}
+DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local", "ownership_group_size": None}
 _COST_MODELS = ("flops", "memory", "numel")
 # DeepSpeed's own optimizer names (deepspeed/runtime/config.py), lower-case.
 _DEEPSPEED_NAMES = ("adagrad", "adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam", "lion",
@@ -108,6 +108,10 @@ def _dist_options(block: Any) -> dict[str, Any]:
         raise ConfigError(f"{OUR_BLOCK}.cost_model must be one of {list(_COST_MODELS)}, got {out['cost_model']!r}")
     if out["ownership"] not in ("local", "balanced"):
         raise ConfigError(f"{OUR_BLOCK}.ownership must be one of ['local', 'balanced'], got {out['ownership']!r}")
+    size = out["ownership_group_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"{OUR_BLOCK}.ownership_group_size must be a positive integer (ranks per node) or null, "
+                          f"got {size!r}")
     return out
 
 

@@ -61,6 +61,7 @@ class AdaDiag(StructuredOptimizer):
         relative_step=False,
         max_decomp_failures=3,
         stagger_refresh=False,
+        refresh_from="current",
         structured=True,
         adam_betas=None,
         adam_eps=1e-8,
@@ -88,12 +89,14 @@ class AdaDiag(StructuredOptimizer):
         v.check_bool(name, "relative_step", group["relative_step"])
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
         v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
+        v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
         if group["relative_step"] and not group["factored"]:
             raise ValueError(f"{name}: relative_step=True needs factored=True (it is Adafactor's step-size rule)")
 
     # ----- state ----------------------------------------------------------
-    def _sides(self, m: int, n: int, max_dim: int) -> tuple[bool, bool]:
-        if self.TWO_SIDED:
+    @classmethod
+    def _sides(cls, m: int, n: int, max_dim: int) -> tuple[bool, bool]:
+        if cls.TWO_SIDED:
             return m <= max_dim, n <= max_dim
         left = m <= n
         return left and m <= max_dim, (not left) and n <= max_dim
@@ -118,6 +121,18 @@ class AdaDiag(StructuredOptimizer):
             st[key] = 0
         st.setdefault("nonfinite_skips", 0)
 
+    @classmethod
+    def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
+        """fp32 elements an m x n matrix's state holds after its first step (for the planner;
+        tests check it against real states)."""
+        left, right = cls._sides(m, n, group["max_precond_dim"])
+        out = m * n if (not group["factored"] or group["betas"][0] > 0) else 0
+        out += (m + n) if group["factored"] else m * n
+        out += (m * m if left else 0) + (n * n if right else 0)  # P, Q
+        if group["basis"] == "ema":
+            out += (m * m if left else 0) + (n * n if right else 0)  # L, R
+        return out
+
     # ----- the update -----------------------------------------------------
     def matrix_updates(
         self,
@@ -134,11 +149,9 @@ class AdaDiag(StructuredOptimizer):
         if group["stagger_refresh"]:
             self.phase_planner.assign(states, [decomposition_cost(*g.shape, st["rotate_left"], st["rotate_right"])
                                                for g, st in zip(grads, states)], group["update_freq"])
-        due = [
-            i for i, st in enumerate(states)
-            if (st["rotate_left"] or st["rotate_right"])
-            and refresh_due(st["step"], group["update_freq"], st.get("refresh_phase", 0))
-        ]
+        due = self._due(states, group, step_offset=0)
+        if group["refresh_from"] == "previous":
+            due = self._install_ahead(due, grads, states, group)  # computed last step; what is left runs now
         fresh = self._refresh([grads[i] for i in due], [states[i] for i in due], group) if due else []
 
         rotated = rotate(grads, states, to_basis=True)
@@ -157,7 +170,49 @@ class AdaDiag(StructuredOptimizer):
         else:
             directions = adam_directions(rotated, states, tuple(group["betas"]), group["eps"])
         updates = rotate(directions, states, to_basis=False)
+        if group["refresh_from"] == "previous":
+            self._submit_ahead(grads, states, group)
         return updates, self._step_sizes(group, states, weights)
+
+    @staticmethod
+    def _due(states: Sequence[State], group: dict[str, Any], step_offset: int) -> list[int]:
+        """Indices of the rotated matrices whose basis refreshes at step ``st["step"] + step_offset``."""
+        return [i for i, st in enumerate(states)
+                if (st["rotate_left"] or st["rotate_right"])
+                and refresh_due(st["step"] + step_offset, group["update_freq"], st.get("refresh_phase", 0))]
+
+    def _install_ahead(self, due: list[int], grads: Sequence[Tensor], states: Sequence[State],
+                       group: dict[str, Any]) -> list[int]:
+        """Install the bases computed from the previous step; returns the due matrices that have none
+        (step 1, or the first step after loading a checkpoint written before this option)."""
+        left = []
+        for i in due:
+            found, cand = self.refresh_ahead.take(states[i])
+            if not found:
+                left.append(i)
+            elif cand is None:
+                self._on_failure(states[i], grads[i], group["max_decomp_failures"])
+            else:
+                self._install(states[i], cand[0], cand[1], group["moments"])
+        return left
+
+    def _submit_ahead(self, grads: Sequence[Tensor], states: Sequence[State], group: dict[str, Any]) -> None:
+        """Start, in the background, the decompositions of the matrices due next step, from this
+        step's inputs (copies: DeepSpeed reuses its gradient buffers, our factors change in place)."""
+        due = self._due(states, group, step_offset=1)
+        if not due:
+            return
+        targets = [states[i] for i in due]
+        if group["basis"] == "grad":
+            inputs = [grads[i].clone() for i in due]
+            sides = [{"rotate_left": st["rotate_left"], "rotate_right": st["rotate_right"]} for st in targets]
+            compute = lambda: self._grad_bases(inputs, sides)  # noqa: E731
+        else:
+            snapshots = [{"L": None if st["L"] is None else st["L"].clone(),
+                          "R": None if st["R"] is None else st["R"].clone(), "P": st["P"], "Q": st["Q"]}
+                         for st in targets]
+            compute = lambda: self._factor_bases(snapshots, group["power_qr"])  # noqa: E731
+        self.refresh_ahead.submit(targets, compute, grads[due[0]].device)
 
     def _step_sizes(self, group: dict[str, Any], states: Sequence[State], weights: Optional[Sequence[Tensor]]) -> list[float]:
         lr = group["lr"]

@@ -45,6 +45,16 @@ def rms_match_(updates: Sequence[Tensor], target_rms: Optional[float]) -> None:
     torch._foreach_mul_(list(updates), factors)
 
 
+def inverse_roots(preconds: Sequence[Tensor], damping: float) -> list[Optional[Tensor]]:
+    """V^{-1/2} by eigh for each matrix (None where it failed), batched over equal sizes."""
+    out: list[Optional[Tensor]] = [None] * len(preconds)
+    for d, idx in buckets([p.shape[0] for p in preconds]).items():
+        for part in chunks(idx, 4 * 4 * d * d):
+            for i, root in zip(part, linalg.eigh_inverse_root(stack([preconds[i] for i in part]), damping)):
+                out[i] = root
+    return out
+
+
 class _MomentumRMSOptimizer(StructuredOptimizer):
     """Options shared by ASGO and DASGO (momentum, RMS-matched updates, Adam for the rest)."""
 
@@ -76,6 +86,7 @@ class ASGO(_MomentumRMSOptimizer):
         max_precond_dim=10000,
         max_decomp_failures=3,
         stagger_refresh=False,
+        refresh_from="current",
         structured=True,
         adam_betas=(0.9, 0.95),
         adam_eps=1e-8,
@@ -93,6 +104,15 @@ class ASGO(_MomentumRMSOptimizer):
         v.check_nonneg(name, "damping", group["damping"])
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
         v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
+        v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
+
+    @classmethod
+    def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
+        """fp32 elements of an m x n matrix's state after its first step (momentum, V, eigh root)."""
+        d = min(m, n)
+        if d > group["max_precond_dim"]:
+            return m * n
+        return m * n + d * d * (2 if group["root"] == "eigh" else 1)
 
     def _init_state(self, st: State, grad: Tensor, group: dict[str, Any]) -> None:
         if "step" in st:
@@ -128,13 +148,41 @@ class ASGO(_MomentumRMSOptimizer):
             if group["stagger_refresh"]:
                 self.phase_planner.assign(states, [float(st["precond"].shape[0]) ** 3 if st["side"] else 0.0
                                                    for st in states], group["update_freq"])
-            due = [st for st in states
-                   if st["side"] and refresh_due(st["step"], group["update_freq"], st.get("refresh_phase", 0))]
+            due = self._due(states, group, step_offset=0)
+            if group["refresh_from"] == "previous":
+                due = self._install_ahead(due, group)
             self._eigh_roots(due, group)
             roots = [st["root"] for st in states]
         updates = self._precondition(states, roots)
         rms_match_(updates, group["rms_scale"])
+        if group["root"] == "eigh" and group["refresh_from"] == "previous":
+            self._submit_ahead(states, group)
         return updates, [group["lr"]] * len(states)
+
+    @staticmethod
+    def _due(states: Sequence[State], group: dict[str, Any], step_offset: int) -> list[State]:
+        return [st for st in states if st["side"]
+                and refresh_due(st["step"] + step_offset, group["update_freq"], st.get("refresh_phase", 0))]
+
+    def _install_ahead(self, due: list[State], group: dict[str, Any]) -> list[State]:
+        """Install roots computed from the previous step's V; returns the due states that have none."""
+        left = []
+        for st in due:
+            found, root = self.refresh_ahead.take(st)
+            if found:
+                self._install_root(st, root, group["max_decomp_failures"])
+            else:
+                left.append(st)
+        return left
+
+    def _submit_ahead(self, states: Sequence[State], group: dict[str, Any]) -> None:
+        """Background eigh of this step's V (a copy) for the matrices due next step."""
+        due = self._due(states, group, step_offset=1)
+        if not due:
+            return
+        snapshots = [st["precond"].clone() for st in due]
+        damping = group["damping"]
+        self.refresh_ahead.submit(due, lambda: inverse_roots(snapshots, damping), snapshots[0].device)
 
     def _accumulate(self, grads: Sequence[Tensor], states: Sequence[State], beta2: float, cumulative: bool) -> None:
         keys = [(tuple(g.shape), st["side"]) for g, st in zip(grads, states)]
@@ -171,12 +219,8 @@ class ASGO(_MomentumRMSOptimizer):
         return roots
 
     def _eigh_roots(self, states: Sequence[State], group: dict[str, Any]) -> None:
-        keys = [st["precond"].shape[0] for st in states]
-        for d, idx in buckets(keys).items():
-            for part in chunks(idx, 4 * 4 * d * d):
-                roots = linalg.eigh_inverse_root(stack([states[i]["precond"] for i in part]), group["damping"])
-                for i, root in zip(part, roots):
-                    self._install_root(states[i], root, group["max_decomp_failures"])
+        for st, root in zip(states, inverse_roots([st["precond"] for st in states], group["damping"])):
+            self._install_root(st, root, group["max_decomp_failures"])
 
     def _install_root(self, st: State, root: Optional[Tensor], max_failures: int) -> None:
         if root is not None:
@@ -233,6 +277,11 @@ class DASGO(_MomentumRMSOptimizer):
         adam_eps=1e-8,
         adam_weight_decay=0.0,
     )
+
+    @classmethod
+    def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
+        """fp32 elements of an m x n matrix's state: momentum and one column vector."""
+        return m * n + n
 
     def matrix_updates(
         self,

@@ -117,6 +117,11 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     ) -> tuple[list[Tensor], list[float]]:
         """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U."""
 
+    @classmethod
+    def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
+        """fp32 elements in the state of an m x n matrix after its first step (planner's memory model)."""
+        raise NotImplementedError(f"{cls.NAME} has no state-size model")
+
     @property
     def phase_planner(self) -> "PhasePlanner":
         """Refresh phases for ``stagger_refresh`` (one planner per optimizer, across calls)."""
@@ -125,6 +130,20 @@ class StructuredOptimizer(Optimizer, abc.ABC):
 
             self._phase_planner = PhasePlanner()
         return self._phase_planner
+
+    @property
+    def refresh_ahead(self) -> "RefreshAhead":
+        """Background decompositions for ``refresh_from="previous"`` (created on first use)."""
+        if getattr(self, "_refresh_ahead", None) is None:
+            from .refresh import RefreshAhead
+
+            self._refresh_ahead = RefreshAhead()
+        return self._refresh_ahead
+
+    def settle(self) -> None:
+        """Finish background decompositions into the states (before saving or inspecting them)."""
+        if getattr(self, "_refresh_ahead", None) is not None:
+            self._refresh_ahead.settle()
 
     def adam_betas(self, group: dict[str, Any]) -> tuple[float, float]:
         return tuple(group["adam_betas"] if group["adam_betas"] is not None else group["betas"])
@@ -194,6 +213,10 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values() if isinstance(t, Tensor))
 
     # ----- checkpoints ----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self.settle()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, keeping our fp32 state fp32 (torch would cast it to a bf16 param's dtype) and unaliased."""
         saved_state = state_dict["state"]

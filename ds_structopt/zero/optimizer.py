@@ -10,22 +10,25 @@ for every matrix, which ranks hold which pieces.
 One ``step()`` call per param group (DeepSpeed calls it that way), once per
 optimizer step, after DeepSpeed's reduction, overflow check and clipping:
 
-1. owners receive the full gradient of the matrices they own (``reduce`` of a
-   zero-filled bucket into which every rank writes its pieces; skipped when
-   the owner already holds the whole matrix);
+1. owners receive the pieces of the matrices they own that other ranks hold
+   (one point-to-point message per rank pair: only the pieces, so the bytes
+   do not grow with the world size; none when the owner holds it whole);
 2. owners compute updates with the single-process math
-   (``StructuredOptimizer.matrix_updates``), state kept only there;
-3. updates (and per-matrix step sizes; 0 = skipped) go back by ``broadcast``
-   from each owner to the ranks holding pieces, and every rank applies
-   W <- W (1 - lr wd) - lr U to the pieces in its own partition;
+   (``StructuredOptimizer.matrix_updates``), state kept only there; what an
+   owner holds whole is computed while its other pieces are in flight;
+3. each holder gets back only its slices of the updates (and per-matrix step
+   sizes; 0 = skipped) and applies W <- W (1 - lr wd) - lr U to its pieces;
 4. elementwise parameters run AdamW on this rank's pieces only.
 
 Owners are planned once, on first use, from where DeepSpeed put the pieces
 (``ownership="local"``: the rank holding most of a matrix owns it unless that
 breaks a 1.25x load cap), so at ZeRO-1/2 steps 1 and 3 only move the matrices
 that partition boundaries cut; ``"balanced"`` is plain LPT over the cost model.
+With ``ownership_group_size`` every node-sized group of ranks has its own
+owners (``replicas.py``) and updates never leave the group.
 
-Only reduce and broadcast are used (gloo and NCCL both have them).
+Messages are ``batch_isend_irecv`` of ``isend``/``irecv`` (gloo and NCCL).
+``comm_bytes`` counts the bytes this rank sends.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from torch.optim import Optimizer
 
 from ..optim.adamw import adamw_step
 from ..optim.base import COUNTERS, StructuredOptimizer, grad_flags
-from .ownership import MatrixInfo, plan_owners, plan_owners_local
+from .ownership import MatrixInfo, plan_replica_owners
+from .replicas import ReplicaGroups
 
 
 @dataclass
@@ -77,6 +81,7 @@ class DistributedStructuredOptimizer(Optimizer):
         cost_model: str = "flops",
         process_group: Optional[dist.ProcessGroup] = None,
         ownership: str = "local",
+        ownership_group_size: Optional[int] = None,
     ) -> None:
         self.math = optimizer_cls(params, **options)
         self.group = process_group
@@ -96,7 +101,9 @@ class DistributedStructuredOptimizer(Optimizer):
         if ownership not in ("local", "balanced"):
             raise ValueError(f"ownership must be 'local' or 'balanced', got {ownership!r}")
         self.ownership = ownership
-        self._owners: Optional[dict[str, int]] = None
+        self.replicas = ReplicaGroups(self.world, ownership_group_size, self.group)
+        self._owners: Optional[dict[str, list[int]]] = None
+        self._my_owners: Optional[dict[str, int]] = None
         # ZeRO-3: flat partition (by id) -> [(model param, offset in flat, start in param, numel)],
         # registered by the DeepSpeed integration (stage 3 has no _hp_mapping).
         self.flat_layouts: dict[int, list[tuple[Tensor, int, int, int]]] = {}
@@ -109,14 +116,21 @@ class DistributedStructuredOptimizer(Optimizer):
     # ----- ownership ------------------------------------------------------
     @property
     def owners(self) -> dict[str, int]:
-        """Matrix name -> owner rank. "local" needs DeepSpeed's partitions, so it is planned on first
-        use (the first step, or a checkpoint save/load), which every rank reaches together."""
+        """Matrix name -> the rank that owns it for this rank's replica group (the whole group
+        unless ``ownership_group_size`` is set)."""
+        if self._my_owners is None:
+            self._my_owners = {name: ranks[self.replicas.index] for name, ranks in self.replica_owners.items()}
+        return self._my_owners
+
+    @property
+    def replica_owners(self) -> dict[str, list[int]]:
+        """Matrix name -> its owner in each replica group. "local" needs DeepSpeed's partitions,
+        so it is planned on first use (the first step, or a checkpoint save/load), which every
+        rank reaches together."""
         if self._owners is None:
-            if self.ownership == "balanced" or self.world == 1:
-                self._owners = plan_owners(self._infos, self.world, self._cost_model, self._update_freq)
-            else:
-                self._owners = plan_owners_local(self._infos, self._held_counts(), self.world, self._cost_model,
-                                                 self._update_freq)
+            held = None if self.ownership == "balanced" or self.world == 1 else self._held_counts()
+            self._owners = plan_replica_owners(self._infos, self.world, self.replicas.size, self._cost_model,
+                                               self._update_freq, held)
         return self._owners
 
     def _held_counts(self) -> dict[str, list[int]]:
@@ -236,83 +250,128 @@ class DistributedStructuredOptimizer(Optimizer):
                        eps=group["adam_eps"], weight_decay=wd)
 
     def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
+        """Gather owned gradients, compute updates, return them: point-to-point messages of pieces
+        only (one per rank pair and direction), posted asynchronously so an owner's math runs
+        while other pieces are in flight."""
         holders = self._holders[self._current_holders]
-        by_name = {e.name: e for e in entries}
-        # 1. full gradients at the owners
-        full_grads: dict[str, Tensor] = {}
-        for owner in range(self.world):
-            owned = [e for e in entries if self.owners[e.name] == owner and holders.get(e.name)]
-            needs_reduce = [e for e in owned if not _covered(holders[e.name], owner, _numel(e.shape))]
-            if owner == self.rank:
-                for e in owned:
-                    if e not in needs_reduce:
-                        full_grads[e.name] = self._assemble_local(group, e)
-            if not needs_reduce:
-                continue
-            sizes = [_numel(e.shape) for e in needs_reduce]
-            buf = torch.zeros(sum(sizes), dtype=torch.float32, device=self._device(group))
-            offset = 0
-            for e, size in zip(needs_reduce, sizes):
-                for piece in e.pieces:
-                    g = piece.grad()
-                    if g is not None:
-                        buf.narrow(0, offset + piece.start, piece.numel).copy_(g)
-                offset += size
-            dist.reduce(buf, dst=self._global_rank(owner), group=self.group)
-            self.comm_bytes += buf.numel() * 4
-            if owner == self.rank:
-                offset = 0
-                for e, size in zip(needs_reduce, sizes):
-                    full_grads[e.name] = buf.narrow(0, offset, size)
-                    offset += size
+        replica_owners, owners = self.replica_owners, self.owners
+        device = self._device(group)
+        entries = [e for e in entries if holders.get(e.name)]
+        wanted = {}  # name -> this rank owns it and lacks pieces of it (owners it must receive from)
+        local: dict[str, Tensor] = {}
+        for e in entries:
+            if owners[e.name] == self.rank:
+                if _covered(holders[e.name], self.rank, _numel(e.shape)):
+                    local[e.name] = self._assemble_local(group, e)
+                else:
+                    wanted[e.name] = e
 
-        # 2. owners compute updates
+        # 1. gradient pieces to every owner that lacks them (its replica owner in every group)
+        ops, sent = [], []
+        for dst in range(self.world):
+            if dst == self.rank:
+                continue
+            parts = [_grad_or_zeros(piece, device) for e in entries if dst in replica_owners[e.name]
+                     and not _covered(holders[e.name], dst, _numel(e.shape)) for piece in e.pieces]
+            if parts:
+                msg = torch.cat(parts)
+                ops.append(dist.P2POp(dist.isend, msg, self._global_rank(dst), self.group, _TAG_GATHER))
+                sent.append(msg)
+        full = {name: torch.zeros(_numel(e.shape), dtype=torch.float32, device=device) for name, e in wanted.items()}
+        inbox: list[tuple[int, Tensor]] = []
+        for src in range(self.world):
+            if src == self.rank:
+                continue
+            size = sum(n for e in wanted.values() for r, _, n in holders[e.name] if r == src)
+            if size:
+                buf = torch.empty(size, dtype=torch.float32, device=device)
+                ops.append(dist.P2POp(dist.irecv, buf, self._global_rank(src), self.group, _TAG_GATHER))
+                inbox.append((src, buf))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        self.comm_bytes += sum(m.numel() * 4 for m in sent)
+        for e in wanted.values():  # this rank's own pieces
+            for piece in e.pieces:
+                g = piece.grad()
+                if g is not None:
+                    full[e.name].narrow(0, piece.start, piece.numel).copy_(g)
+
+        # 2. owners compute: first what is already here, then what arrives
+        by_name = {e.name: e for e in entries}
+        updates = self._owner_updates(group, by_name, local)
+        for w in works:
+            w.wait()
+        for src, buf in inbox:
+            offset = 0
+            for e in wanted.values():
+                for r, start, n in holders[e.name]:
+                    if r == src:
+                        full[e.name].narrow(0, start, n).copy_(buf.narrow(0, offset, n))
+                        offset += n
+        updates.update(self._owner_updates(group, by_name, full))
+
+        # 3. update slices (and step sizes) back to the other holders in this replica group
+        wd = group["weight_decay"]
+        members = self.replicas.members()
+        ops, sent, inbox = [], [], []
+        for dst in members:
+            if dst == self.rank:
+                continue
+            mats = [e for e in entries if owners[e.name] == self.rank and any(r == dst for r, _, _ in holders[e.name])]
+            if mats:
+                parts = [updates[e.name][0].narrow(0, start, n) for e in mats for r, start, n in holders[e.name] if r == dst]
+                msg = torch.cat(parts + [torch.tensor([updates[e.name][1] for e in mats], dtype=torch.float32,
+                                                      device=device)])
+                ops.append(dist.P2POp(dist.isend, msg, self._global_rank(dst), self.replicas.group, _TAG_RETURN))
+                sent.append(msg)
+        for src in members:
+            if src == self.rank:
+                continue
+            mats = [e for e in entries if owners[e.name] == src and e.pieces]
+            if mats:
+                size = sum(p.numel for e in mats for p in e.pieces) + len(mats)
+                buf = torch.empty(size, dtype=torch.float32, device=device)
+                ops.append(dist.P2POp(dist.irecv, buf, self._global_rank(src), self.replicas.group, _TAG_RETURN))
+                inbox.append((mats, buf))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        self.comm_bytes += sum(m.numel() * 4 for m in sent)
+        for e in entries:
+            if owners[e.name] == self.rank:
+                u, lr = updates[e.name]
+                self._apply(e, u, lr, wd)
+        for w in works:
+            w.wait()
+        for mats, buf in inbox:
+            lrs = buf[buf.numel() - len(mats):].tolist()
+            offset = 0
+            for e, lr in zip(mats, lrs):
+                for piece in e.pieces:
+                    chunk = buf.narrow(0, offset, piece.numel)
+                    offset += piece.numel
+                    if lr != 0.0:
+                        self._apply_piece(piece, chunk, lr, wd)
+
+    def _owner_updates(self, group: dict[str, Any], by_name: dict[str, Entry],
+                       full_grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, float]]:
+        """Updates (flat) and step sizes of owned matrices from their full gradients; 0 = skipped."""
         updates: dict[str, tuple[Tensor, float]] = {}
         mine = [by_name[n] for n in full_grads]
-        if mine:
-            grads = [full_grads[e.name].view(e.shape[0], -1) for e in mine]
-            flags = grad_flags(grads)
-            live = [(e, g) for e, g, (finite, nonzero) in zip(mine, grads, flags) if finite and nonzero]
-            for e, (finite, nonzero) in zip(mine, flags):
-                if not (finite and nonzero):  # skipped: step size 0 tells the holders to leave it
-                    if not finite:
-                        st = self.matrix_state.setdefault(e.name, {})
-                        st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
-                    updates[e.name] = (torch.zeros(_numel(e.shape)), 0.0)
-            if live:
-                states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]
-                weights = [e.lp for e, _ in live]
-                ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
-                for (e, _), u, lr in zip(live, ups, sizes):
-                    updates[e.name] = (u.reshape(-1), lr)
-
-        # 3. updates back to the holders, applied piecewise
-        wd = group["weight_decay"]
-        for owner in range(self.world):
-            owned = [e for e in entries if self.owners[e.name] == owner and holders.get(e.name)]
-            shared = [e for e in owned if any(r != owner for r, _, _ in holders[e.name])]
-            if shared:
-                sizes = [_numel(e.shape) for e in shared]
-                buf = torch.zeros(sum(sizes) + len(shared), dtype=torch.float32, device=self._device(group))
-                if owner == self.rank:
-                    offset = 0
-                    for k, (e, size) in enumerate(zip(shared, sizes)):
-                        u, lr = updates[e.name]
-                        buf.narrow(0, offset, size).copy_(u)
-                        buf[sum(sizes) + k] = lr
-                        offset += size
-                dist.broadcast(buf, src=self._global_rank(owner), group=self.group)
-                self.comm_bytes += buf.numel() * 4
-                lrs = buf[sum(sizes):].tolist()
-                offset = 0
-                for e, size, lr in zip(shared, sizes, lrs):
-                    self._apply(e, buf.narrow(0, offset, size), lr, wd)
-                    offset += size
-            if owner == self.rank:
-                for e in owned:
-                    if e not in shared:
-                        u, lr = updates[e.name]
-                        self._apply(e, u, lr, wd)
+        if not mine:
+            return updates
+        grads = [full_grads[e.name].view(e.shape[0], -1) for e in mine]
+        flags = grad_flags(grads)
+        live = [(e, g) for e, g, (finite, nonzero) in zip(mine, grads, flags) if finite and nonzero]
+        for e, (finite, nonzero) in zip(mine, flags):
+            if not (finite and nonzero):  # skipped: step size 0 tells the holders to leave it
+                if not finite:
+                    st = self.matrix_state.setdefault(e.name, {})
+                    st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+                updates[e.name] = (torch.zeros(_numel(e.shape), device=grads[0].device), 0.0)
+        if live:
+            states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]
+            ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=[e.lp for e, _ in live])
+            for (e, _), u, lr in zip(live, ups, sizes):
+                updates[e.name] = (u.reshape(-1), lr)
+        return updates
 
     def _assemble_local(self, group: dict[str, Any], e: Entry) -> Tensor:
         """The full gradient of a matrix whose pieces are all on this rank (missing grad -> zeros: skipped)."""
@@ -327,18 +386,24 @@ class DistributedStructuredOptimizer(Optimizer):
                 full.narrow(0, piece.start, piece.numel).copy_(g)
         return full
 
-    @staticmethod
-    def _apply(e: Entry, update: Tensor, lr: float, wd: float) -> None:
+    @classmethod
+    def _apply(cls, e: Entry, update: Tensor, lr: float, wd: float) -> None:
+        """Apply a whole matrix's flat update to this rank's pieces of it."""
         if lr == 0.0:
             return
         for piece in e.pieces:
-            w = piece.param
-            w32 = w if w.dtype == torch.float32 else w.float()
-            if wd:
-                w32.mul_(1.0 - lr * wd)
-            w32.add_(update.narrow(0, piece.start, piece.numel), alpha=-lr)
-            if w32 is not w:
-                w.copy_(w32)
+            cls._apply_piece(piece, update.narrow(0, piece.start, piece.numel), lr, wd)
+
+    @staticmethod
+    def _apply_piece(piece: Piece, update: Tensor, lr: float, wd: float) -> None:
+        """W <- W (1 - lr wd) - lr U on one piece, in fp32."""
+        w = piece.param
+        w32 = w if w.dtype == torch.float32 else w.float()
+        if wd:
+            w32.mul_(1.0 - lr * wd)
+        w32.add_(update, alpha=-lr)
+        if w32 is not w:
+            w.copy_(w32)
 
     def _device(self, group: dict[str, Any]) -> torch.device:
         return group["params"][0].device
@@ -361,6 +426,14 @@ class DistributedStructuredOptimizer(Optimizer):
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for st in list(self.matrix_state.values()) + list(self.elem_state.values())
                    for t in st.values() if isinstance(t, Tensor))
+
+
+_TAG_GATHER, _TAG_RETURN = 7301, 7302  # distinct tags: a rank pair may exchange both in one step
+
+
+def _grad_or_zeros(piece: Piece, device: torch.device) -> Tensor:
+    g = piece.grad()
+    return g.float() if g is not None else torch.zeros(piece.numel, dtype=torch.float32, device=device)
 
 
 def _numel(shape: Iterable[int]) -> int:

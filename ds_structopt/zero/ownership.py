@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -86,4 +86,23 @@ def loads(matrices: Sequence[MatrixInfo], owners: Mapping[str, int], world_size:
     out = [0.0] * world_size
     for info in matrices:
         out[owners[info.name]] += matrix_cost(info, cost_model)
+    return out
+
+
+def plan_replica_owners(matrices: Sequence[MatrixInfo], world_size: int, group_size: int, cost_model: str = "flops",
+                        update_freq: int = 200, held: Optional[Mapping[str, Sequence[int]]] = None) -> dict[str, list[int]]:
+    """One owner per matrix in every replica group of ``group_size`` consecutive ranks.
+
+    ``held`` (elements of each matrix per rank) selects the locality plan within each group;
+    None is plain LPT. With one group (``group_size == world_size``) this is the flat plan.
+    """
+    out: dict[str, list[int]] = {m.name: [] for m in matrices}
+    for base in range(0, world_size, group_size):
+        if held is None:
+            local = plan_owners(matrices, group_size, cost_model, update_freq)
+        else:
+            in_group = {name: list(counts[base:base + group_size]) for name, counts in held.items()}
+            local = plan_owners_local(matrices, in_group, group_size, cost_model, update_freq)
+        for name, rank in local.items():
+            out[name].append(base + rank)
     return out

@@ -1,0 +1,221 @@
+"""Predict, per rank, what a run of our optimizer costs: state memory, refresh load, bytes moved.
+
+Everything is computed with the code the optimizer itself runs (ownership plan,
+refresh phases, each family's state-size model) on DeepSpeed's partition
+layout (``zero_layout``), so memory and our step's bytes are exact, not
+estimates: ``tests/test_plan.py`` compares them with ``bench dist``. DeepSpeed's
+own traffic (gradient reduction, parameter all-gather) is a model, reported
+separately. Time projections divide FLOPs by a device FLOP/s and bytes by a
+link bandwidth: a first-order estimate, stated as such.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+from ..optim.refresh import PhasePlanner
+from ..zero.ownership import MatrixInfo, plan_replica_owners
+from .model_shapes import ParamSpec
+from .zero_layout import held_counts, holdings
+
+FP32 = 4
+DECOMP_FLOPS_PER_CUBE = 10.0  # eigh/SVD with vectors ~ 9-10 d^3 FLOPs
+
+
+@dataclass
+class Plan:
+    world: int
+    ranks_per_node: int
+    group_size: int
+    stage: int
+    optimizer: str
+    update_freq: int
+    stagger: bool
+    params: int
+    matrices: int
+    state_bytes_per_rank: list[int]
+    owned_matrices_per_rank: list[int]
+    our_bytes_per_step: int                 # handed to collectives by our step, summed over ranks
+    our_bytes_per_step_inter_node: int      # the part on collectives that span nodes
+    deepspeed_bytes_per_step: int           # DeepSpeed's own collectives (model), summed over ranks
+    refresh_flops_per_step: list[list[float]] = field(repr=False)  # [rank][step in window]
+    rotation_flops_per_step: list[float] = field(repr=False)       # [rank]
+
+    @property
+    def refresh_max(self) -> float:
+        return max(max(r) for r in self.refresh_flops_per_step)
+
+    @property
+    def refresh_mean(self) -> float:
+        return sum(sum(r) for r in self.refresh_flops_per_step) / (self.world * self.update_freq)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("refresh_flops_per_step")
+        out.update(refresh_flops_max=self.refresh_max, refresh_flops_mean=self.refresh_mean,
+                   max_state_bytes=max(self.state_bytes_per_rank), rotation_flops_max=max(self.rotation_flops_per_step))
+        out.pop("rotation_flops_per_step")
+        out["state_bytes_per_rank"] = _summary(self.state_bytes_per_rank)
+        out["owned_matrices_per_rank"] = _summary(self.owned_matrices_per_rank)
+        return out
+
+
+def _summary(values: list[int]) -> Any:
+    return values if len(values) <= 8 else {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
+
+
+def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: dict[str, Any], world: int,
+              stage: int, ranks_per_node: Optional[int] = None, group_size: Optional[int] = None,
+              ownership: str = "local", cost_model: str = "flops") -> Plan:
+    """The plan of one configuration; ``group_size`` = hierarchical ``ownership_group_size``."""
+    import ds_structopt as dso
+
+    cls = dso.get_optimizer_class(optimizer)
+    opts = cls.resolve_options(dict(options))
+    update_freq = int(opts.get("update_freq", 1))
+    stagger = bool(opts.get("stagger_refresh", False))
+    ranks_per_node = ranks_per_node or world
+    group_size = group_size or world
+    if world % group_size:
+        raise ValueError(f"ownership_group_size must divide the world size {world}, got {group_size}")
+    pieces = holdings(groups, world, stage)
+    all_params = [p for g in groups for p in g]
+    mats = [p for p in all_params if p.is_matrix]
+    infos = [MatrixInfo(p.name, *p.rows_cols) for p in mats]
+    held = None if ownership == "balanced" or world == 1 else held_counts({p.name: pieces[p.name] for p in mats}, world)
+    owners = plan_replica_owners(infos, world, group_size, cost_model, update_freq, held)
+
+    # memory: owned matrix states + AdamW moments of the elementwise pieces held
+    state = [0] * world
+    owned = [0] * world
+    rotation = [0.0] * world
+    costs: list[list[float]] = [[] for _ in range(world)]
+    for p, info in zip(mats, infos):
+        elems = cls.state_elements(info.rows, info.cols, opts)
+        for r in owners[p.name]:
+            state[r] += FP32 * elems
+            owned[r] += 1
+            rotation[r] += step_flops(cls.NAME, info.rows, info.cols, opts)
+            costs[r].append(refresh_flops(cls.NAME, info.rows, info.cols, opts))
+    for p in all_params:
+        if not p.is_matrix:
+            for r, _, n in pieces[p.name]:
+                state[r] += FP32 * 2 * n
+
+    # refresh load over one window: step 1 + k, k = 0..T-1 (phases as the optimizer assigns them)
+    window = [[0.0] * update_freq for _ in range(world)]
+    for r in range(world):
+        if stagger:
+            states: list[dict[str, Any]] = [{} for _ in costs[r]]
+            PhasePlanner().assign(states, costs[r], update_freq)
+            for st, c in zip(states, costs[r]):
+                window[r][st["refresh_phase"]] += c
+        else:
+            window[r][0] = sum(costs[r])
+
+    ours, inter = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node)
+    return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
+                update_freq=update_freq, stagger=stagger, params=sum(p.numel for p in all_params), matrices=len(mats),
+                state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,
+                our_bytes_per_step_inter_node=inter, deepspeed_bytes_per_step=deepspeed_bytes(groups, world, stage),
+                refresh_flops_per_step=window, rotation_flops_per_step=rotation)
+
+
+def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],
+              world: int, group_size: int, ranks_per_node: int) -> tuple[int, int]:
+    """Bytes our step hands to collectives, summed over ranks (as ``DistributedStructuredOptimizer``
+    counts them): one reduce per owner gathering the matrices it does not hold whole (every rank
+    passes the whole buffer), one broadcast per owner returning updates (+ one step size each) to
+    the other holders in its replica group. Returns (all, on collectives spanning nodes)."""
+    total = inter = 0
+    owned_by: dict[int, list[ParamSpec]] = {}
+    for p in mats:
+        for r in owners[p.name]:
+            owned_by.setdefault(r, []).append(p)
+    held = {p.name: {} for p in mats}
+    for p in mats:
+        for r, _, n in pieces[p.name]:
+            held[p.name][r] = held[p.name].get(r, 0) + n
+    holder_ranks = {p.name: sorted(held[p.name]) for p in mats}
+    for owner in range(world):
+        mine = owned_by.get(owner, [])
+        gather = sum(p.numel for p in mine if held[p.name].get(owner, 0) < p.numel)
+        if gather:
+            total += world * FP32 * gather
+            inter += world * FP32 * gather if world > ranks_per_node else 0
+        base = owner - owner % group_size
+        shared = [p for p in mine
+                  if bisect.bisect_left(holder_ranks[p.name], base + group_size) - bisect.bisect_left(holder_ranks[p.name], base)
+                  - (1 if owner in held[p.name] else 0) > 0]
+        if shared:
+            size = group_size * FP32 * (sum(p.numel for p in shared) + len(shared))
+            total += size
+            inter += size if group_size > ranks_per_node else 0
+    return total, inter
+
+
+def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> int:
+    """DeepSpeed's own bytes per step, summed over ranks (model, checked against ``bench dist``):
+    stage 0 all-reduces gradients; 1/2 reduce gradient buckets and all-gather updated partitions;
+    3 also all-gathers parameters for forward and backward."""
+    if world == 1:
+        return 0
+    padded = 0
+    for params in groups:
+        total = sum(p.numel for p in params)
+        padded += total + (-total) % (2 * world)
+    n = FP32 * padded
+    if stage == 0:
+        return world * n
+    if stage in (1, 2):
+        return 2 * world * n
+    return 3 * world * n
+
+
+def step_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
+    """Per-step FLOPs of one matrix's preconditioning (rotations, Gram products, roots)."""
+    if name in ("AdaDiag", "AdaDiag++"):
+        two = name == "AdaDiag++"
+        left = m <= opts["max_precond_dim"] and (two or m <= n)
+        right = n <= opts["max_precond_dim"] and (two or m > n)
+        f = (4.0 * m * m * n if left else 0.0) + (4.0 * m * n * n if right else 0.0)
+        if opts.get("basis") == "ema":
+            f += (2.0 * m * m * n if left else 0.0) + (2.0 * m * n * n if right else 0.0)
+        return f + 10.0 * m * n
+    if name == "ASGO":
+        d, other = min(m, n), max(m, n)
+        f = 4.0 * d * d * other
+        if opts.get("root") == "newton_schulz":
+            f += opts.get("ns_iterations", 10) * 6.0 * d**3
+        return f
+    return 8.0 * m * n
+
+
+def refresh_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
+    """FLOPs of one basis/root refresh of one matrix (0 where there is none)."""
+    if name in ("AdaDiag", "AdaDiag++"):
+        two = name == "AdaDiag++"
+        left = m <= opts["max_precond_dim"] and (two or m <= n)
+        right = n <= opts["max_precond_dim"] and (two or m > n)
+        return DECOMP_FLOPS_PER_CUBE * ((m**3 if left else 0) + (n**3 if right else 0))
+    if name == "ASGO" and opts.get("root") == "eigh":
+        return DECOMP_FLOPS_PER_CUBE * min(m, n) ** 3
+    return 0.0
+
+
+def projection(plan: Plan, tokens_per_step: int, device_flops: float, mfu: float, intra_bw: float,
+               inter_bw: float) -> dict[str, float]:
+    """Seconds per step, AdamW vs ours, first order: model FLOPs 6 N tokens / (world x FLOP/s x MFU);
+    ours adds the slowest rank's rotations + its mean refresh per step (staggered: the window's
+    worst step) at ``mfu`` of ``device_flops``, and our bytes per rank over the link they use."""
+    adamw = 6.0 * plan.params * tokens_per_step / (plan.world * device_flops * mfu)
+    worst_refresh = max(max(r) if plan.stagger else sum(r) / plan.update_freq for r in plan.refresh_flops_per_step)
+    spike = plan.refresh_max
+    compute = (max(plan.rotation_flops_per_step) + worst_refresh) / (device_flops * mfu)
+    per_rank_inter = plan.our_bytes_per_step_inter_node / plan.world
+    per_rank_intra = (plan.our_bytes_per_step - plan.our_bytes_per_step_inter_node) / plan.world
+    comm = per_rank_intra / intra_bw + per_rank_inter / inter_bw
+    return {"adamw_step_s": adamw, "our_compute_s": compute, "our_comm_s": comm,
+            "refresh_spike_s": spike / (device_flops * mfu),
+            "overhead_vs_adamw": (compute + comm) / adamw}
