@@ -1,6 +1,6 @@
 """``ds-structopt`` console script: ``train`` (the LLaMA entry point), ``validate`` (check a DeepSpeed JSON),
 ``check`` (is this environment able to train: versions, DeepSpeed accelerator, optimizers), ``bench``
-(benchmark suites, docs/benchmarks.md)."""
+(benchmark suites, docs/benchmarks.md), ``plan`` (what a run costs per rank at scale)."""
 from __future__ import annotations
 
 import sys
@@ -12,9 +12,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = {"train": "train a LLaMA model (see: ds-structopt train --help)",
                 "validate": "check a DeepSpeed JSON with a ds_structopt optimizer block",
                 "check": "check this environment: pinned versions, DeepSpeed accelerator, optimizers",
-                "bench": "benchmarks vs AdamW and peers: convergence, step, dist (see: ds-structopt bench --help)"}
+                "bench": "benchmarks vs AdamW and peers: convergence, step, dist (see: ds-structopt bench --help)",
+                "plan": "per-rank state memory, refresh load and bytes/step for a model at scale (no GPU needed)"}
     if not args or args[0] not in commands:
-        print("usage: ds-structopt {train,validate,check,bench} ...\n" + "\n".join(f"  {k:9s} {v}" for k, v in commands.items()),
+        print("usage: ds-structopt {train,validate,check,bench,plan} ...\n" + "\n".join(f"  {k:9s} {v}" for k, v in commands.items()),
               file=sys.stderr)
         return 2
     if args[0] == "train":
@@ -26,6 +27,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench.__main__ import main as bench_main
 
         return bench_main(args[1:])
+    if args[0] == "plan":
+        from .planning.cli import main as plan_main
+
+        return plan_main(args[1:])
     if args[0] == "check":
         from .healthcheck import main as check_main
 

@@ -58,20 +58,24 @@ class CommCounter:
         import torch.distributed as dist
         import torch.distributed.distributed_c10d as c10d
 
-        for module in (dist, c10d):
-            for name in COLLECTIVES:
+        for name in COLLECTIVES:
+            # one wrapper for both names of a function: torch checks P2POp(op) by identity
+            wrapped: dict[int, Any] = {}
+            for module in (c10d, dist):
                 fn = getattr(module, name, None)
                 if fn is None or (module, name) in self._originals:
                     continue
                 self._originals[(module, name)] = fn
-                setattr(module, name, self._wrap(fn, name))
+                if id(fn) not in wrapped:
+                    wrapped[id(fn)] = self._wrap(fn, name)
+                setattr(module, name, wrapped[id(fn)])
         return self
 
     def _wrap(self, fn: Any, name: str) -> Any:
         counter = self
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            if counter.active and counter.depth == 0:
+            if counter.active and counter.depth == 0 and name not in ("recv", "irecv"):  # receive buffers are outputs
                 # what this rank contributes: the input tensor(s), not output buffers
                 first = args[0] if args else next(iter(kwargs.values()), None)
                 if name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
@@ -119,6 +123,21 @@ def optimizer_state_bytes(engine: Any) -> int:
                for t in st.values() if isinstance(t, torch.Tensor))
 
 
+def llama_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The LlamaConfig of a dist run (the planner test builds the same model)."""
+    return dict(vocab_size=256, hidden_size=cfg["hidden"], intermediate_size=int(cfg["hidden"] * 2.75),
+                num_hidden_layers=cfg["layers"], num_attention_heads=max(1, cfg["hidden"] // 64),
+                max_position_embeddings=cfg["seq_len"], tie_word_embeddings=False)
+
+
+def _our_comm_bytes(engine: Any) -> int:
+    """Bytes our step has sent so far on this rank (0 for DeepSpeed's own optimizer)."""
+    from ds_structopt.integrations.deepspeed import find_optimizer
+
+    ours = find_optimizer(engine)
+    return 0 if ours is None else int(ours.comm_bytes)
+
+
 def worker(cfg: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
@@ -137,23 +156,26 @@ def worker(cfg: dict[str, Any]) -> None:
         block = json.loads(json.dumps(OURS[name]))
         if name != "DASGO":
             block["params"]["update_freq"] = cfg["update_freq"]
+            block["params"].update(cfg.get("options") or {})
         blocks[name] = block
     results = {}
     for name, block in blocks.items():
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=256, hidden_size=cfg["hidden"], intermediate_size=int(cfg["hidden"] * 2.75),
-            num_hidden_layers=cfg["layers"], num_attention_heads=max(1, cfg["hidden"] // 64),
-            max_position_embeddings=cfg["seq_len"], tie_word_embeddings=False))
+        model = LlamaForCausalLM(LlamaConfig(**llama_kwargs(cfg)))
         ds_cfg = {"train_batch_size": cfg["batch"], "train_micro_batch_size_per_gpu": cfg["batch"] // world,
                   "zero_optimization": {"stage": cfg["stage"]}, "optimizer": block, "steps_per_print": 10**9,
                   "gradient_clipping": 1.0}
+        if cfg.get("ds_structopt") and name != BASELINE:
+            ds_cfg["ds_structopt"] = cfg["ds_structopt"]
         engine, *_ = dso.initialize(model=model, model_parameters=dso.param_groups(model), config=ds_cfg)
         times, counter.bytes, counter.calls = [], 0, 0
+        ours_before = None
         for i, b in enumerate(batches):
             ids = b.chunk(world)[rank]
             dist.barrier()
             counter.active = i >= cfg["warmup"]
+            if i == cfg["warmup"]:
+                ours_before = _our_comm_bytes(engine)
             start = time.perf_counter()
             loss = engine(input_ids=ids[:, :-1], labels=ids[:, 1:].contiguous()).loss
             engine.backward(loss)
@@ -166,6 +188,7 @@ def worker(cfg: dict[str, Any]) -> None:
         results[name] = {"step_s": times[len(times) // 2], "mean_s": sum(times) / len(times),
                          "state_bytes": optimizer_state_bytes(engine),
                          "comm_bytes_per_step": counter.bytes / cfg["steps"], "comm_calls_per_step": counter.calls / cfg["steps"],
+                         "our_comm_bytes_per_step": (_our_comm_bytes(engine) - ours_before) / cfg["steps"],
                          "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
         del engine
     tmp_out = Path(cfg["out"], f".rank{rank}.json")
@@ -202,6 +225,7 @@ def run_config(cfg: dict[str, Any], timeout: float = 1200) -> dict[str, Any]:
         rs = [pr[name] for pr in per_rank]
         merged[name] = {"step_s": max(r["step_s"] for r in rs), "state_bytes_per_rank": [r["state_bytes"] for r in rs],
                         "comm_bytes_per_step": sum(r["comm_bytes_per_step"] for r in rs),
+                        "our_comm_bytes_per_step": sum(r["our_comm_bytes_per_step"] for r in rs),
                         "comm_calls_per_step": rs[0]["comm_calls_per_step"], "params": rs[0]["params"]}
     base = merged[BASELINE]
     for r in merged.values():

@@ -10,7 +10,6 @@ link bandwidth: a first-order estimate, stated as such.
 """
 from __future__ import annotations
 
-import bisect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -124,41 +123,36 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
 
 def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],
               world: int, group_size: int, ranks_per_node: int) -> tuple[int, int]:
-    """Bytes our step hands to collectives, summed over ranks (as ``DistributedStructuredOptimizer``
-    counts them): one reduce per owner gathering the matrices it does not hold whole (every rank
-    passes the whole buffer), one broadcast per owner returning updates (+ one step size each) to
-    the other holders in its replica group. Returns (all, on collectives spanning nodes)."""
+    """Bytes our step sends, summed over ranks (as ``DistributedStructuredOptimizer.comm_bytes``):
+    every piece of a matrix to each of its owners that does not hold it whole, then each owner's
+    update slices, plus one step size per matrix, to the other holders in its replica group.
+    Returns (all, between ranks on different nodes)."""
     total = inter = 0
-    owned_by: dict[int, list[ParamSpec]] = {}
     for p in mats:
-        for r in owners[p.name]:
-            owned_by.setdefault(r, []).append(p)
-    held = {p.name: {} for p in mats}
-    for p in mats:
+        held: dict[int, int] = {}
         for r, _, n in pieces[p.name]:
-            held[p.name][r] = held[p.name].get(r, 0) + n
-    holder_ranks = {p.name: sorted(held[p.name]) for p in mats}
-    for owner in range(world):
-        mine = owned_by.get(owner, [])
-        gather = sum(p.numel for p in mine if held[p.name].get(owner, 0) < p.numel)
-        if gather:
-            total += world * FP32 * gather
-            inter += world * FP32 * gather if world > ranks_per_node else 0
-        base = owner - owner % group_size
-        shared = [p for p in mine
-                  if bisect.bisect_left(holder_ranks[p.name], base + group_size) - bisect.bisect_left(holder_ranks[p.name], base)
-                  - (1 if owner in held[p.name] else 0) > 0]
-        if shared:
-            size = group_size * FP32 * (sum(p.numel for p in shared) + len(shared))
-            total += size
-            inter += size if group_size > ranks_per_node else 0
+            held[r] = held.get(r, 0) + n
+        for owner in owners[p.name]:
+            node = owner // ranks_per_node
+            base = owner - owner % group_size
+            for r, n in held.items():
+                if r == owner:
+                    continue
+                crosses = r // ranks_per_node != node
+                if held.get(owner, 0) < p.numel:  # gather: r's pieces to the owner
+                    total += FP32 * n
+                    inter += FP32 * n if crosses else 0
+                if base <= r < base + group_size:  # return: r's slices and the step size
+                    total += FP32 * (n + 1)
+                    inter += FP32 * (n + 1) if crosses else 0
     return total, inter
 
 
 def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> int:
     """DeepSpeed's own bytes per step, summed over ranks (model, checked against ``bench dist``):
     stage 0 all-reduces gradients; 1/2 reduce gradient buckets and all-gather updated partitions;
-    3 also all-gathers parameters for forward and backward."""
+    3 all-gathers parameters for forward and backward and reduce-scatters gradients (measured: the
+    same bytes as 1/2 at these sizes; prefetch and persistence thresholds change it at scale)."""
     if world == 1:
         return 0
     padded = 0
@@ -170,7 +164,7 @@ def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: in
         return world * n
     if stage in (1, 2):
         return 2 * world * n
-    return 3 * world * n
+    return 2 * world * n
 
 
 def step_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
