@@ -78,3 +78,65 @@ def test_stagger_is_deterministic_and_survives_a_checkpoint_mid_window():
 def test_stagger_option_is_validated():
     with pytest.raises(ValueError, match="stagger_refresh"):
         dso.AdaDiagPP(_params(), stagger_refresh="yes")
+
+
+# ----- refresh_from="previous": decompositions one step ahead, in a worker thread -----------------
+AHEAD_CASES = [(dso.AdaDiagPP, {}), (dso.AdaDiag, {"basis": "ema"}), (dso.AdaDiagPP, {"basis": "ema", "power_qr": True}),
+               (dso.ASGO, {"root": "eigh", "damping": 1e-4})]
+
+
+def test_ahead_installs_the_basis_of_the_previous_gradient():
+    """At a refresh step t the basis is the SVD basis of G_{t-1} (columns up to sign), not of G_t."""
+    T = 4
+    params, opt = _run(lambda ps: dso.AdaDiagPP(ps, lr=1e-3, update_freq=T, refresh_from="previous"), 1 + T)
+    previous = _grads(T - 1, params)  # _run's step index t-1 = T-1 feeds global step T
+    for p, g in zip(params, previous):
+        st = opt.state[p]
+        u, _, vh = torch.linalg.svd(g)
+        overlap = (st["P"].mT @ u).diagonal().abs()
+        assert torch.allclose(overlap, torch.ones_like(overlap), atol=1e-3), p.shape
+        assert st["refreshes"] == 2
+
+
+@pytest.mark.parametrize("cls, extra", AHEAD_CASES)
+def test_ahead_is_deterministic_and_survives_a_checkpoint_with_work_in_flight(cls, extra):
+    make = lambda ps: cls(ps, lr=1e-3, update_freq=5, stagger_refresh=True, refresh_from="previous", **extra)  # noqa: E731
+    full, _ = _run(make, 13)
+    again, _ = _run(make, 13)
+    assert all(torch.equal(a, b) for a, b in zip(full, again))
+    params, opt = _run(make, 7)  # matrices due at step 8 are being decomposed now
+    assert len(opt.refresh_ahead) > 0
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach().clone() for p in params]}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert any("pending_refresh" in st for st in saved["opt"]["state"].values())
+    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    _run(make, 13, params=resumed, opt=opt2, start=7)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+
+
+def test_ahead_differs_from_current_and_still_learns():
+    target = [torch.randn(s) for s in SHAPES]
+
+    def run(mode):
+        params = _params()
+        opt = dso.AdaDiagPP(params, lr=5e-2, update_freq=3, refresh_from=mode)
+        for _ in range(60):
+            opt.zero_grad()
+            sum(((p - t) ** 2).sum() for p, t in zip(params, target)).backward()
+            opt.step()
+        return sum(((p - t) ** 2).sum().item() for p, t in zip(params, target))
+
+    start = sum(((p - t) ** 2).sum().item() for p, t in zip(_params(), target))
+    current, ahead = run("current"), run("previous")
+    assert ahead != current and ahead < 0.5 * start
+
+
+def test_refresh_from_is_validated():
+    with pytest.raises(ValueError, match="refresh_from"):
+        dso.AdaDiagPP(_params(), refresh_from="next")
+    with pytest.raises(ValueError, match="refresh_from"):
+        dso.ASGO(_params(), refresh_from=1)
