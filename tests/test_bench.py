@@ -59,6 +59,22 @@ def test_dist_quick(tmp_path):
     assert (tmp_path / "dist_comm_ratio.png").exists()
 
 
+@pytest.mark.slow
+def test_refresh_quick(tmp_path):
+    assert bench(["refresh", "--quick", "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "refresh.json").read_text())
+    runs = {r["variant"]: r for r in raw["runs"]}
+    assert list(runs) == ["no refresh", "synchronous", "staggered", "staggered + ahead"]
+    for name, r in runs.items():
+        assert _finite(r["median_s"], r["max_s"], r["max_over_median"], r["final_loss"]), (name, r)
+        assert len(r["step_times"]) == raw["settings"]["warmup"] + raw["settings"]["windows"] * raw["settings"]["update_freq"]
+    # every matrix refreshes at step 1; only the refreshing variants refresh again in the window
+    assert runs["synchronous"]["refreshes"] > runs["no refresh"]["refreshes"] > 0
+    assert runs["staggered + ahead"]["refreshes"] == runs["staggered"]["refreshes"] == runs["synchronous"]["refreshes"]
+    assert "share of refresh time hidden" in (tmp_path / "refresh.md").read_text()
+    assert (tmp_path / "refresh_step_times.png").exists()
+
+
 def test_unknown_optimizer_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ds_structopt.bench", "convergence", "--quick", "--out", str(tmp_path),
                            "--optimizers", "AdamW", "Lion"], capture_output=True, text=True, timeout=120)

@@ -140,3 +140,19 @@ def test_refresh_from_is_validated():
         dso.AdaDiagPP(_params(), refresh_from="next")
     with pytest.raises(ValueError, match="refresh_from"):
         dso.ASGO(_params(), refresh_from=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (side-stream path; run on the device machine)")
+def test_ahead_on_a_side_cuda_stream_matches_cpu():
+    def run(device):
+        params = [torch.nn.Parameter(p.detach().to(device)) for p in _params()]
+        opt = dso.AdaDiagPP(params, lr=1e-3, update_freq=3, stagger_refresh=True, refresh_from="previous")
+        for t in range(10):
+            for p, g in zip(params, _grads(t, params)):
+                p.grad = g.to(device)
+            opt.step()
+        return [p.detach().cpu() for p in params]
+
+    cpu, gpu = run("cpu"), run("cuda")
+    for a, b in zip(cpu, gpu):
+        assert ((a - b).norm() / a.norm()).item() < 1e-3

@@ -3,7 +3,8 @@
 Suites: ``convergence`` (steps/time to AdamW's final loss), ``step`` (optimizer
 and whole training-step time, memory, state bytes at LLaMA shapes), ``dist``
 (1/2/4 CPU ranks at ZeRO 1/2/3: state per rank, bytes communicated, step time
-vs DeepSpeed's AdamW). Each writes ``<suite>.json``, ``<suite>.md`` and PNGs to
+vs DeepSpeed's AdamW), ``refresh`` (step-time spikes of basis refreshes: synchronous,
+staggered, staggered + refresh-ahead, 2 and 4 ranks). Each writes ``<suite>.json``, ``<suite>.md`` and PNGs to
 ``--out``; ``--quick`` is the CI smoke size (each suite under 5 minutes here).
 """
 from __future__ import annotations
@@ -12,15 +13,15 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-SUITES = ("convergence", "step", "dist")
+SUITES = ("convergence", "step", "dist", "refresh")
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    from . import convergence, dist, step
+    from . import convergence, dist, refresh, step
 
     p = argparse.ArgumentParser(prog="ds-structopt bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="suite", required=True)
-    for name, module in (("convergence", convergence), ("step", step), ("dist", dist)):
+    for name, module in (("convergence", convergence), ("step", step), ("dist", dist), ("refresh", refresh)):
         sp = sub.add_parser(name, help=module.__doc__.splitlines()[0])
         sp.add_argument("--out", default=f"runs/bench/{name}", help="output folder")
         sp.add_argument("--quick", action="store_true", help="CI smoke size")
@@ -41,6 +42,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from . import step
 
             result = step.run_cli(args)
+        elif args.suite == "refresh":
+            from . import refresh
+
+            result = refresh.run_cli(args)
         else:
             from . import dist
 

@@ -216,6 +216,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--update-freq", type=int, default=d.update_freq)
     p.add_argument("--trials", type=int, default=None, help="lr grid points per optimizer (default: all, 3)")
+    p.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
     p.add_argument("--baseline", default=None,
                    help="reuse AdamW's runs from an earlier convergence.json (same settings) instead of rerunning")
 
@@ -223,7 +224,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace, quick: bool) -> Settings:
     s = Settings(model=args.model, data=tuple(args.data), tokenizer=args.tokenizer, seq_len=args.seq_len,
                  batch=args.batch, steps=args.steps, eval_every=args.eval_every, update_freq=args.update_freq,
-                 trials=args.trials)
+                 trials=args.trials, seed=args.seed)
     if quick:
         s.model, s.seq_len, s.steps, s.eval_every, s.eval_rows, s.update_freq = "tiny", 64, 20, 5, 16, 5
         s.trials = 1 if args.trials is None else args.trials

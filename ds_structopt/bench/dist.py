@@ -191,22 +191,19 @@ def worker(cfg: dict[str, Any]) -> None:
                          "our_comm_bytes_per_step": (_our_comm_bytes(engine) - ours_before) / cfg["steps"],
                          "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
         del engine
-    tmp_out = Path(cfg["out"], f".rank{rank}.json")
-    tmp_out.write_text(json.dumps(results))
-    tmp_out.rename(tmp_out.with_name(f"rank{rank}.json"))  # whole file or none
-    dist.barrier()
-    dist.destroy_process_group()
+    write_rank_result(cfg["out"], rank, results)
 
 
-def run_config(cfg: dict[str, Any], timeout: float = 1200) -> dict[str, Any]:
-    """Start ``cfg['ranks']`` ranks, wait, and merge their per-rank results."""
+def launch_ranks(module: str, cfg: dict[str, Any], timeout: float = 1200) -> list[dict[str, Any]]:
+    """Run ``python -m <module> --worker <cfg>`` on ``cfg['ranks']`` gloo ranks (one thread each);
+    returns every rank's results (the worker writes ``rank<r>.json`` into ``cfg['out']``)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dict(cfg, out=tmp)
         port, procs = _free_port(), []
         for rank in range(cfg["ranks"]):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg["ranks"]),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen([sys.executable, "-m", "ds_structopt.bench.dist", "--worker", json.dumps(cfg)],
+            procs.append(subprocess.Popen([sys.executable, "-m", module, "--worker", json.dumps(cfg)],
                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outputs = [p.communicate(timeout=timeout)[0] for p in procs]
         failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode]
@@ -214,12 +211,28 @@ def run_config(cfg: dict[str, Any], timeout: float = 1200) -> dict[str, Any]:
         if failed and finished:
             # every rank passed the final barrier with its results written: a crash in gloo's
             # teardown after that cannot have touched the measurements
-            print(f"[dist] warning: ranks {[r for r, _ in failed]} exited non-zero after writing their results "
+            print(f"[bench] warning: ranks {[r for r, _ in failed]} exited non-zero after writing their results "
                   "(process-group teardown)", file=sys.stderr)
         elif failed:
             tails = "\n".join(f"--- rank {r} exit {rc}:\n{_without_warnings(outputs[r])[-3000:]}" for r, rc in failed)
-            raise RuntimeError(f"dist bench ranks={cfg['ranks']} stage={cfg['stage']} failed:\n{tails}")
-        per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(cfg["ranks"])]
+            raise RuntimeError(f"{module} ranks={cfg['ranks']} failed:\n{tails}")
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(cfg["ranks"])]
+
+
+def write_rank_result(out_dir: str, rank: int, results: Any) -> None:
+    """Whole file or none, then the final barrier every rank passes before tearing down."""
+    import torch.distributed as dist
+
+    tmp_out = Path(out_dir, f".rank{rank}.json")
+    tmp_out.write_text(json.dumps(results))
+    tmp_out.rename(tmp_out.with_name(f"rank{rank}.json"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_config(cfg: dict[str, Any], timeout: float = 1200) -> dict[str, Any]:
+    """Start ``cfg['ranks']`` ranks, wait, and merge their per-rank results."""
+    per_rank = launch_ranks("ds_structopt.bench.dist", cfg, timeout)
     merged = {}
     for name in per_rank[0]:
         rs = [pr[name] for pr in per_rank]

@@ -82,6 +82,9 @@ VARIANTS: dict[str, Contender] = {c.name: c for c in [
     Contender("AdaDiag++ ema", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", basis="ema"), ours=True),
     Contender("AdaDiag++ T=5", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", update_freq=5), ours=True),
     Contender("AdaDiag reproject", (1e-3, 2e-3, 4e-3), _ours("AdaDiag", moments="reproject"), ours=True),
+    Contender("AdaDiag++ staggered", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", stagger_refresh=True), ours=True),
+    Contender("AdaDiag++ staggered+ahead", (1e-3, 2e-3, 4e-3),
+              _ours("AdaDiag++", stagger_refresh=True, refresh_from="previous"), ours=True),
     Contender("AdamW low", (1.25e-4, 2.5e-4, 5e-4), _adamw),
 ]}
 
