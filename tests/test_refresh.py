@@ -82,14 +82,17 @@ def test_stagger_option_is_validated():
 
 # ----- refresh_from="previous": decompositions one step ahead, in a worker thread -----------------
 AHEAD_CASES = [(dso.AdaDiagPP, {}), (dso.AdaDiag, {"basis": "ema"}), (dso.AdaDiagPP, {"basis": "ema", "power_qr": True}),
-               (dso.ASGO, {"root": "eigh", "damping": 1e-4})]
+               (dso.ASGO, {"root": "eigh", "damping": 1e-4}), (dso.AdaDiagPP, {"refresh_ahead_steps": 3}),
+               (dso.ASGO, {"root": "eigh", "damping": 1e-4, "refresh_ahead_steps": 2})]
 
 
-def test_ahead_installs_the_basis_of_the_previous_gradient():
-    """At a refresh step t the basis is the SVD basis of G_{t-1} (columns up to sign), not of G_t."""
+@pytest.mark.parametrize("lead", [1, 2])
+def test_ahead_installs_the_basis_of_an_earlier_gradient(lead):
+    """At a refresh step t the basis is the SVD basis of G_{t-lead} (columns up to sign), not of G_t."""
     T = 4
-    params, opt = _run(lambda ps: dso.AdaDiagPP(ps, lr=1e-3, update_freq=T, refresh_from="previous"), 1 + T)
-    previous = _grads(T - 1, params)  # _run's step index t-1 = T-1 feeds global step T
+    params, opt = _run(lambda ps: dso.AdaDiagPP(ps, lr=1e-3, update_freq=T, refresh_from="previous",
+                                                refresh_ahead_steps=lead), 1 + T)
+    previous = _grads(T - lead, params)  # _run's index i feeds global step i + 1; step 1 + T is due
     for p, g in zip(params, previous):
         st = opt.state[p]
         u, _, vh = torch.linalg.svd(g)
@@ -140,6 +143,10 @@ def test_refresh_from_is_validated():
         dso.AdaDiagPP(_params(), refresh_from="next")
     with pytest.raises(ValueError, match="refresh_from"):
         dso.ASGO(_params(), refresh_from=1)
+    with pytest.raises(ValueError, match="refresh_ahead_steps must be below update_freq"):
+        dso.AdaDiagPP(_params(), update_freq=5, refresh_from="previous", refresh_ahead_steps=5)
+    with pytest.raises(ValueError, match="refresh_ahead_steps"):
+        dso.AdaDiagPP(_params(), refresh_ahead_steps=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (side-stream path; run on the device machine)")

@@ -62,6 +62,7 @@ class AdaDiag(StructuredOptimizer):
         max_decomp_failures=3,
         stagger_refresh=False,
         refresh_from="current",
+        refresh_ahead_steps=1,
         structured=True,
         adam_betas=None,
         adam_eps=1e-8,
@@ -90,6 +91,7 @@ class AdaDiag(StructuredOptimizer):
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
         v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
         v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
+        v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
         if group["relative_step"] and not group["factored"]:
             raise ValueError(f"{name}: relative_step=True needs factored=True (it is Adafactor's step-size rule)")
 
@@ -199,7 +201,7 @@ class AdaDiag(StructuredOptimizer):
     def _submit_ahead(self, grads: Sequence[Tensor], states: Sequence[State], group: dict[str, Any]) -> None:
         """Start, in the background, the decompositions of the matrices due next step, from this
         step's inputs (copies: DeepSpeed reuses its gradient buffers, our factors change in place)."""
-        due = self._due(states, group, step_offset=1)
+        due = self._due(states, group, step_offset=group["refresh_ahead_steps"])
         if not due:
             return
         targets = [states[i] for i in due]

@@ -87,6 +87,7 @@ class ASGO(_MomentumRMSOptimizer):
         max_decomp_failures=3,
         stagger_refresh=False,
         refresh_from="current",
+        refresh_ahead_steps=1,
         structured=True,
         adam_betas=(0.9, 0.95),
         adam_eps=1e-8,
@@ -105,6 +106,7 @@ class ASGO(_MomentumRMSOptimizer):
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
         v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
         v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
+        v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
 
     @classmethod
     def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
@@ -177,7 +179,7 @@ class ASGO(_MomentumRMSOptimizer):
 
     def _submit_ahead(self, states: Sequence[State], group: dict[str, Any]) -> None:
         """Background eigh of this step's V (a copy) for the matrices due next step."""
-        due = self._due(states, group, step_offset=1)
+        due = self._due(states, group, step_offset=group["refresh_ahead_steps"])
         if not due:
             return
         snapshots = [st["precond"].clone() for st in due]

@@ -67,3 +67,10 @@ def check_patterns(owner: str, name: str, value: Any) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_ahead_steps(name: str, value: Any, update_freq: Any) -> None:
+    """refresh_ahead_steps: 1 <= k < update_freq, or 1 (one decomposition in flight per matrix)."""
+    check_int_at_least(name, "refresh_ahead_steps", value, 1)
+    if isinstance(update_freq, int) and not isinstance(update_freq, bool) and value > 1 and value >= update_freq:
+        raise ValueError(f"{name}: refresh_ahead_steps must be below update_freq ({update_freq}), got {value}")

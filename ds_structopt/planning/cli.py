@@ -33,7 +33,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--tokens-per-step", type=int, default=4 * 1024 * 1024, help="global batch in tokens")
     p.add_argument("--device-tflops", type=float, default=989.0, help="dense bf16 peak per device (H100 SXM: 989)")
-    p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak reached by model and optimizer math")
+    p.add_argument("--mfu", type=float, default=0.4, help="fraction of that peak the model's training reaches")
+    p.add_argument("--matmul-tflops", type=float, default=50.0, help="our fp32 rotation matmuls, achieved")
+    p.add_argument("--decomp-tflops", type=float, default=1.5,
+                   help="fp32 eigh/SVD achieved (latency-bound: far below peak)")
     p.add_argument("--intra-node-gbps", type=float, default=450.0, help="GB/s per rank within a node (NVLink)")
     p.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per rank across nodes (400 Gb/s NIC)")
     p.add_argument("--json", help="also write every plan and projection to this file")
@@ -68,20 +71,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 plan = make_plan(groups, args.optimizer, options, world, args.stage, args.ranks_per_node,
                                  args.ownership_group_size, args.ownership)
                 proj = projection(plan, args.tokens_per_step, args.device_tflops * 1e12, args.mfu,
+                                  args.matmul_tflops * 1e12, args.decomp_tflops * 1e12,
                                   args.intra_node_gbps * 1e9, args.inter_node_gbps * 1e9)
                 rows.append([model, world, f"{plan.params / 1e9:.2f}B", max(plan.state_bytes_per_rank) / 2**30,
                              plan.refresh_max / 1e12, plan.refresh_mean / 1e12,
                              plan.our_bytes_per_step / world / 2**30, plan.deepspeed_bytes_per_step / world / 2**30,
-                             proj["adamw_step_s"], proj["our_compute_s"] + proj["our_comm_s"], proj["overhead_vs_adamw"]])
+                             proj["adamw_step_s"], f"{proj['overhead_mean']:.1%}", f"{proj['overhead_worst_step']:.1%}"])
                 dumps.append({"model": model, **plan.as_dict(), "projection": proj})
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     headers = ["model", "ranks", "params", "state GiB/rank (max)", "refresh TFLOP/step max", "refresh TFLOP/step mean",
-               "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "our extra s", "overhead vs AdamW"]
+               "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "overhead (mean)", "overhead (worst step)"]
     print(f"{args.optimizer} {args.options}, ZeRO-{args.stage}, {args.ranks_per_node} ranks/node, "
           f"ownership {args.ownership}" + (f" in groups of {args.ownership_group_size}" if args.ownership_group_size else "")
-          + f"; {args.tokens_per_step} tokens/step, {args.device_tflops:g} TFLOP/s x MFU {args.mfu:g}, "
+          + f"; {args.tokens_per_step} tokens/step, model at {args.device_tflops:g} TFLOP/s x MFU {args.mfu:g}, "
+          f"rotations {args.matmul_tflops:g} TFLOP/s, eigh/SVD {args.decomp_tflops:g} TFLOP/s, "
           f"{args.intra_node_gbps:g}/{args.inter_node_gbps:g} GB/s intra/inter-node\n")
     print(report.markdown_table(headers, rows))
     if args.json:
