@@ -311,10 +311,15 @@ def write(out_dir: str | Path, settings: dict[str, Any], runs: list[dict[str, An
     return {"files": files, "plots": plots}
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def worker_entry(run: Any, argv: Optional[list[str]] = None) -> None:
+    """``python -m <suite module> --worker <json>``: what ``launch_ranks`` starts on each rank."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        worker(json.loads(argv[1]))
+        run(json.loads(argv[1]))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    worker_entry(worker, argv)
 
 
 if __name__ == "__main__":

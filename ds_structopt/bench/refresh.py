@@ -19,16 +19,14 @@ refresh-ahead = 1 - (mean(ahead) - floor) / (mean(staggered) - floor).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from . import report
-from .dist import launch_ranks, write_rank_result
+from .dist import launch_ranks, worker_entry, write_rank_result
 
 VARIANTS = {
     "no refresh": {"update_freq": 10**9},
@@ -152,11 +150,5 @@ def write(out_dir: str, settings: dict[str, Any], runs: list[dict[str, Any]]) ->
     return {"files": files, "plots": plots}
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        worker(json.loads(argv[1]))
-
-
 if __name__ == "__main__":
-    main()
+    worker_entry(worker)

@@ -28,6 +28,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--options", default="{}", help="optimizer params as JSON")
     p.add_argument("--deepspeed-config", help="take optimizer, options, stage and ds_structopt block from this JSON")
     p.add_argument("--ownership", default="local", choices=["local", "balanced"])
+    p.add_argument("--cost-model", default="flops", choices=["flops", "memory", "numel"])
     p.add_argument("--ownership-group-size", type=int, default=None,
                    help="hierarchical ownership: owners per group of this many ranks (e.g. ranks per node)")
     p.add_argument("--seq-len", type=int, default=4096)
@@ -53,6 +54,7 @@ def _from_deepspeed(args: argparse.Namespace) -> None:
     args.optimizer, args.options = parsed.optimizer_type, json.dumps(parsed.options)
     args.stage = int((raw.get("zero_optimization") or {}).get("stage", 0))
     args.ownership = parsed.dist_options["ownership"]
+    args.cost_model = parsed.dist_options["cost_model"]
     args.ownership_group_size = parsed.dist_options["ownership_group_size"] or args.ownership_group_size
 
 
@@ -69,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             groups = model_params(model, args.optimizer, options, seq_len=args.seq_len)
             for world in args.world:
                 plan = make_plan(groups, args.optimizer, options, world, args.stage, args.ranks_per_node,
-                                 args.ownership_group_size, args.ownership)
+                                 args.ownership_group_size, args.ownership, args.cost_model)
                 proj = projection(plan, args.tokens_per_step, args.device_tflops * 1e12, args.mfu,
                                   args.matmul_tflops * 1e12, args.decomp_tflops * 1e12,
                                   args.intra_node_gbps * 1e9, args.inter_node_gbps * 1e9)
@@ -84,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     headers = ["model", "ranks", "params", "state GiB/rank (max)", "refresh TFLOP/step max", "refresh TFLOP/step mean",
                "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "overhead (mean)", "overhead (worst step)"]
     print(f"{args.optimizer} {args.options}, ZeRO-{args.stage}, {args.ranks_per_node} ranks/node, "
-          f"ownership {args.ownership}" + (f" in groups of {args.ownership_group_size}" if args.ownership_group_size else "")
+          f"ownership {args.ownership} by {args.cost_model}" + (f" in groups of {args.ownership_group_size}" if args.ownership_group_size else "")
           + f"; {args.tokens_per_step} tokens/step, model at {args.device_tflops:g} TFLOP/s x MFU {args.mfu:g}, "
           f"rotations {args.matmul_tflops:g} TFLOP/s, eigh/SVD {args.decomp_tflops:g} TFLOP/s, "
           f"{args.intra_node_gbps:g}/{args.inter_node_gbps:g} GB/s intra/inter-node\n")

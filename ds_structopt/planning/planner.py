@@ -162,23 +162,22 @@ def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: in
         total = sum(p.numel for p in params)
         padded += total + (-total) % (2 * world)
     n = FP32 * padded
-    if stage == 0:
-        return world * n
-    if stage in (1, 2):
-        return 2 * world * n
-    return 2 * world * n
+    return (1 if stage == 0 else 2) * world * n
+
+
+def _rotated_sides(name: str, m: int, n: int, opts: dict[str, Any]) -> tuple[bool, bool]:
+    """Which sides of an m x n matrix AdaDiag/AdaDiag++ rotate (the optimizer's own rule)."""
+    import ds_structopt as dso
+
+    return dso.get_optimizer_class(name)._sides(m, n, opts["max_precond_dim"])
 
 
 def step_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
     """Per-step FLOPs of one matrix's preconditioning (rotations, Gram products, roots)."""
     if name in ("AdaDiag", "AdaDiag++"):
-        two = name == "AdaDiag++"
-        left = m <= opts["max_precond_dim"] and (two or m <= n)
-        right = n <= opts["max_precond_dim"] and (two or m > n)
-        f = (4.0 * m * m * n if left else 0.0) + (4.0 * m * n * n if right else 0.0)
-        if opts.get("basis") == "ema":
-            f += (2.0 * m * m * n if left else 0.0) + (2.0 * m * n * n if right else 0.0)
-        return f + 10.0 * m * n
+        left, right = _rotated_sides(name, m, n, opts)
+        per_side = (m * m * n if left else 0.0) + (m * n * n if right else 0.0)
+        return (6.0 if opts.get("basis") == "ema" else 4.0) * per_side + 10.0 * m * n
     if name == "ASGO":
         d, other = min(m, n), max(m, n)
         f = 4.0 * d * d * other
@@ -191,9 +190,7 @@ def step_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
 def refresh_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
     """FLOPs of one basis/root refresh of one matrix (0 where there is none)."""
     if name in ("AdaDiag", "AdaDiag++"):
-        two = name == "AdaDiag++"
-        left = m <= opts["max_precond_dim"] and (two or m <= n)
-        right = n <= opts["max_precond_dim"] and (two or m > n)
+        left, right = _rotated_sides(name, m, n, opts)
         return DECOMP_FLOPS_PER_CUBE * ((m**3 if left else 0) + (n**3 if right else 0))
     if name == "ASGO" and opts.get("root") == "eigh":
         return DECOMP_FLOPS_PER_CUBE * min(m, n) ** 3
