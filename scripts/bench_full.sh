@@ -10,8 +10,8 @@ out="${OUT:-docs/bench}"
 "$venv/bin/python" -m ds_structopt.bench step --models 60m 130m 350m 1b --whole-step-models 130m --plain-steps 2 --out "$out"
 "$venv/bin/python" -m ds_structopt.bench dist --out "$out"
 "$venv/bin/python" -m ds_structopt.bench refresh --out "$out"
-# staggered (and refresh-ahead) vs synchronous refresh on the convergence suite, two seeds
-for seed in 0 1; do
+# staggered (and refresh-ahead) vs synchronous refresh on the convergence suite, three seeds
+for seed in 0 1 2; do
   "$venv/bin/python" -m ds_structopt.bench convergence --trials 1 --seed "$seed" --out "$out/stagger-seed$seed" \
     --optimizers AdamW "AdaDiag++" "AdaDiag++ staggered" "AdaDiag++ staggered+ahead"
 done
