@@ -48,9 +48,17 @@ def metrics(engine: Any) -> dict[str, float]:
     return _metrics(engine)
 
 
+def distributed_optimizer(model: Any, optimizer: str = "AdaDiag++", process_group: Any = None, **kwargs: Any):
+    """Our ownership-partitioned optimizer for a DDP- or FSDP2-wrapped model, no DeepSpeed
+    (see integrations/torch_parallel.py)."""
+    from .integrations.torch_parallel import distributed_optimizer as _distributed_optimizer
+
+    return _distributed_optimizer(model, optimizer, process_group, **kwargs)
+
+
 def build(name: str, params: Any, **options: Any) -> StructuredOptimizer:
     """Construct the optimizer called ``name`` in configs."""
     return get_optimizer_class(name)(params, **options)
 
 
-__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build", "initialize", "metrics", "zero_init"]
+__all__ = ["AdaDiag", "AdaDiagPP", "ASGO", "DASGO", "StructuredOptimizer", "OPTIMIZERS", "param_groups", "get_optimizer_class", "build", "distributed_optimizer", "initialize", "metrics", "zero_init"]

@@ -1,1 +1,1 @@
-"""Framework integrations (DeepSpeed now). They import the math, never the reverse."""
+"""Framework integrations (DeepSpeed; plain PyTorch DDP/FSDP2). They import the math, never the reverse."""

@@ -58,7 +58,9 @@ class Piece:
 
     def grad(self) -> Optional[Tensor]:
         g = self.source.grad
-        return None if g is None else g.view(-1).narrow(0, self.offset, self.numel)
+        if g is None:
+            return None
+        return _local(g).reshape(-1).narrow(0, self.offset, self.numel)
 
 
 @dataclass
@@ -153,7 +155,10 @@ class DistributedStructuredOptimizer(Optimizer):
         for e, own in zip(entries, params if per_param else [None] * len(entries)):
             e.pieces = []
             if per_param:
-                e.pieces.append(Piece(0, own.numel(), own.view(-1), own, 0))
+                if _is_dtensor(own):  # FSDP2: this rank's rows of the parameter
+                    e.pieces.extend(_dtensor_pieces(own))
+                else:
+                    e.pieces.append(Piece(0, own.numel(), own.view(-1), own, 0))
                 continue
             flat = params[0]
             mapping = getattr(e.lp, "_hp_mapping", None)
@@ -218,7 +223,7 @@ class DistributedStructuredOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            if not group["params"] or not any(p.grad is not None and bool(p.grad.any()) for p in group["params"]):
+            if not group["params"] or not any(_has_gradient(p) for p in group["params"]):
                 # ZeRO-3 hands us one sub-group at a time (others empty); DeepSpeed's state-init
                 # call has zero gradients: nothing to do either way.
                 continue
@@ -429,6 +434,39 @@ class DistributedStructuredOptimizer(Optimizer):
 
 
 _TAG_GATHER, _TAG_RETURN = 7301, 7302  # distinct tags: a rank pair may exchange both in one step
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's storage of a tensor (the local shard of an FSDP2 DTensor, else the tensor)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _has_gradient(p: Tensor) -> bool:
+    """DeepSpeed's state-init call has all-zero gradients; FSDP2 shards are checked by presence only
+    (a local all-zero shard on one rank must not make it skip a step the others take)."""
+    if p.grad is None:
+        return False
+    return True if _is_dtensor(p) else bool(p.grad.any())
+
+
+def _dtensor_pieces(param: Tensor) -> list[Piece]:
+    """The piece of an FSDP2 parameter (sharded on dim 0, torch.chunk sizes) this rank holds."""
+    placements = param.placements
+    if len(placements) != 1 or not placements[0].is_shard() or placements[0].dim != 0:
+        raise RuntimeError(f"FSDP2 parameters must be sharded on dim 0 over one mesh dimension, got {placements}")
+    local = param.to_local()
+    if local.numel() == 0:
+        return []
+    rows = param.shape[0]
+    world = param.device_mesh.size()
+    rank = param.device_mesh.get_local_rank()
+    chunk = -(-rows // world)
+    row_size = local.numel() // local.shape[0]
+    return [Piece(rank * chunk * row_size, local.numel(), local.view(-1), param, 0)]
 
 
 def _grad_or_zeros(piece: Piece, device: torch.device) -> Tensor:

@@ -17,7 +17,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, cases: list, tmp: Path, timeout: int = 600, attempts: int = 2) -> dict:
+def run_ranks(world: int, cases: list, tmp: Path, timeout: int = 600, attempts: int = 2, worker: Path = WORKER) -> dict:
     """Run the cases on ``world`` real ranks; returns rank 0's results.
 
     A rank that crashes after finishing its work (C++ teardown of gloo at exit) is tolerated;
@@ -29,7 +29,7 @@ def run_ranks(world: int, cases: list, tmp: Path, timeout: int = 600, attempts: 
     out = tmp / "result.pt"
     spec.write_text(json.dumps({"cases": cases, "out": str(out)}))
     for attempt in range(attempts):
-        codes, logs = _launch(world, spec, timeout)
+        codes, logs = _launch(world, spec, timeout, worker)
         if all(c == 0 for c in codes) or (out.exists() and all("WORKER-DONE" in log for log in logs)):
             return torch.load(out, weights_only=False)
         rendezvous = any(("EADDRINUSE" in log or "Address already in use" in log) for log in logs)
@@ -38,14 +38,14 @@ def run_ranks(world: int, cases: list, tmp: Path, timeout: int = 600, attempts: 
     raise AssertionError("unreachable")
 
 
-def _launch(world: int, spec: Path, timeout: int) -> tuple[list, list]:
+def _launch(world: int, spec: Path, timeout: int, worker: Path) -> tuple[list, list]:
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(spec)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     for p in procs:
