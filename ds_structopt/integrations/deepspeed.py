@@ -72,18 +72,25 @@ def initialize(
         training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=parsed.ds_config, **kwargs,
     )
-    engine = result[0]
-    ours = find_optimizer(engine)
-    if ours is not None:
-        from ..checkpoint import wrap_engine_checkpointing
-
-        if engine.zero_optimization_stage() == 3:
-            ours.flat_layouts = zero3_layouts(engine.optimizer)
-            ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
-
-        wrap_engine_checkpointing(engine, ours)
-        _log_metrics_to_monitor(engine, ours)
+    attach_engine(result[0])
     return result
+
+
+def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
+    """After ``deepspeed.initialize`` (ours, or one a framework made): ZeRO-3 layouts, our
+    checkpoint files beside DeepSpeed's, metrics to the monitor. Idempotent."""
+    ours = find_optimizer(engine)
+    if ours is None or getattr(engine, "_ds_structopt_attached", False):
+        return ours
+    from ..checkpoint import wrap_engine_checkpointing
+
+    if engine.zero_optimization_stage() == 3:
+        ours.flat_layouts = zero3_layouts(engine.optimizer)
+        ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
+    wrap_engine_checkpointing(engine, ours)
+    _log_metrics_to_monitor(engine, ours)
+    engine._ds_structopt_attached = True
+    return ours
 
 
 def zero3_layouts(zero_opt: Any) -> dict[int, list[tuple[Any, int, int, int]]]:

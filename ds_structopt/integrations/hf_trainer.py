@@ -1,0 +1,70 @@
+"""Hugging Face ``Trainer`` with ``TrainingArguments(deepspeed="ds.json")`` naming our optimizer.
+
+``StructOptTrainer`` is a drop-in ``Trainer``: if the DeepSpeed JSON's
+``"optimizer"`` block has one of our types, it takes that block (and the
+optional ``"ds_structopt"`` block) out of the config Trainer hands to
+accelerate/DeepSpeed, so DeepSpeed receives our optimizer as a client
+optimizer (built over ``ds_structopt.param_groups(model)``) and the LR
+scheduler is the Trainer's own (``lr_scheduler_type``, warmup). ``"auto"``
+values in the block are filled by Trainer from ``TrainingArguments`` first.
+With any other optimizer type it is exactly ``Trainer``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+
+from .deepspeed_config import OUR_BLOCK, ConfigError, _dist_options
+
+
+class StructOptTrainer(Trainer):
+    """``Trainer`` that understands ``{"optimizer": {"type": "AdaDiag++", ...}}`` in its DeepSpeed JSON."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._structopt: Optional[tuple[Any, dict[str, Any], dict[str, Any]]] = None
+        hf_config = getattr(self.args, "hf_deepspeed_config", None)
+        config = getattr(hf_config, "config", None)
+        if not isinstance(config, dict):
+            return
+        import ds_structopt as dso
+
+        block = config.get("optimizer") or {}
+        if block.get("type") not in dso.OPTIMIZERS:
+            return
+        cls = dso.get_optimizer_class(block["type"])
+        options = dict(block.get("params") or {})
+        auto = [k for k, v in options.items() if v == "auto"]
+        if auto:
+            raise ConfigError(f"optimizer.params: {auto} still 'auto' (Trainer fills only lr, betas, eps, weight_decay)")
+        if isinstance(options.get("betas"), list):
+            options["betas"] = tuple(options["betas"])
+        cls.resolve_options(dict(options))  # one-line error naming a bad option, before anything starts
+        dist_options = _dist_options(config.get(OUR_BLOCK, {}))
+        del config["optimizer"]  # the same dict accelerate's DeepSpeed plugin reads
+        config.pop(OUR_BLOCK, None)
+        config["zero_allow_untested_optimizer"] = True
+        self._structopt = (cls, options, dist_options)
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        if self._structopt is None:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            import ds_structopt as dso
+            from ..zero.optimizer import DistributedStructuredOptimizer
+
+            cls, options, dist_options = self._structopt
+            self.optimizer = DistributedStructuredOptimizer(
+                dso.param_groups(model if model is not None else self.model), cls, options,
+                cost_model=dist_options["cost_model"], ownership=dist_options["ownership"],
+                ownership_group_size=dist_options["ownership_group_size"])
+        return self.optimizer
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._structopt is not None and getattr(self, "deepspeed", None) is not None:
+            from .deepspeed import attach_engine
+
+            attach_engine(self.deepspeed)  # ZeRO-3 layouts, our checkpoint files, metrics (once)
+        return super().training_step(*args, **kwargs)
