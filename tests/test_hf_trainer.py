@@ -21,7 +21,10 @@ def _torchrun(stage, out):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(port), str(WORKER), str(stage), str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a rank aborting in gloo's C++ teardown after the run finished (both ranks printed WORKER-DONE,
+    # results written) is the known torch/gloo exit race, not a training failure
+    finished = proc.stdout.count("WORKER-DONE") == 2 and out.exists()
+    assert proc.returncode == 0 or finished, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
 

@@ -55,6 +55,9 @@ def main(stage: int, out: str) -> None:
             json.dump({"losses": record.losses, "metrics": metrics,
                        "final_lrs": [g["lr"] for g in trainer.optimizer.param_groups],
                        "engine_optimizer": type(trainer.deepspeed.optimizer).__name__}, f)
+    dist.barrier()
+    print("WORKER-DONE", flush=True)  # the test tolerates a gloo teardown abort after this line
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
