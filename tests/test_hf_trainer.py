@@ -61,5 +61,6 @@ print("process group started:", dist.is_initialized())
 def test_bad_option_in_our_block_is_one_line_before_any_process_group(tmp_path):
     proc = subprocess.run([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + BAD], capture_output=True, text=True,
                           timeout=300)
-    assert "ERROR: AdaDiag++: update_freq must be an integer >= 1, got 0" in proc.stdout, proc.stdout + proc.stderr
+    assert "ERROR: optimizer.params: AdaDiag++: update_freq must be an integer >= 1, got 0" in proc.stdout, \
+        proc.stdout + proc.stderr
     assert "process group started: False" in proc.stdout

@@ -31,6 +31,20 @@ def _run(opt_factory, steps, params=None, opt=None, start=0):
     return params, opt
 
 
+def _resume_through_checkpoint(make, params, opt, start, steps):
+    """Save optimizer state and params (weights_only-loadable), rebuild both, run on to ``steps``.
+    Returns (what was saved, the resumed params)."""
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach().clone() for p in params]}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    _run(make, steps, params=resumed, opt=opt2, start=start)
+    return saved, resumed
+
+
 def test_refresh_due_schedule():
     assert [t for t in range(1, 13) if refresh_due(t, 4)] == [1, 5, 9]
     assert [t for t in range(1, 13) if refresh_due(t, 4, phase=2)] == [1, 3, 7, 11]
@@ -64,14 +78,7 @@ def test_stagger_is_deterministic_and_survives_a_checkpoint_mid_window():
     again, _ = _run(make, 13)
     assert all(torch.equal(a, b) for a, b in zip(full, again))
     params, opt = _run(make, 7)  # stop mid-window
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "params": [p.detach().clone() for p in params]}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved["opt"])
-    _run(make, 13, params=resumed, opt=opt2, start=7)
+    _, resumed = _resume_through_checkpoint(make, params, opt, start=7, steps=13)
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
 
 
@@ -109,15 +116,8 @@ def test_ahead_is_deterministic_and_survives_a_checkpoint_with_work_in_flight(cl
     assert all(torch.equal(a, b) for a, b in zip(full, again))
     params, opt = _run(make, 7)  # matrices due at step 8 are being decomposed now
     assert len(opt.refresh_ahead) > 0
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "params": [p.detach().clone() for p in params]}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    saved, resumed = _resume_through_checkpoint(make, params, opt, start=7, steps=13)
     assert any("pending_refresh" in st for st in saved["opt"]["state"].values())
-    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved["opt"])
-    _run(make, 13, params=resumed, opt=opt2, start=7)
     assert all(torch.equal(a, b) for a, b in zip(full, resumed))
 
 

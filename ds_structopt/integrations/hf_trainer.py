@@ -6,7 +6,8 @@ optional ``"ds_structopt"`` block) out of the config Trainer hands to
 accelerate/DeepSpeed, so DeepSpeed receives our optimizer as a client
 optimizer (built over ``ds_structopt.param_groups(model)``) and the LR
 scheduler is the Trainer's own (``lr_scheduler_type``, warmup). ``"auto"``
-values in the block are filled by Trainer from ``TrainingArguments`` first.
+values in the block are filled by Trainer from ``TrainingArguments`` first;
+the blocks are parsed and validated by ``parse_config``, as for ``initialize``.
 With any other optimizer type it is exactly ``Trainer``.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
-from .deepspeed_config import OUR_BLOCK, ConfigError, _dist_options
+from .deepspeed_config import parse_config
 
 
 class StructOptTrainer(Trainer):
@@ -31,22 +32,12 @@ class StructOptTrainer(Trainer):
             return
         import ds_structopt as dso
 
-        block = config.get("optimizer") or {}
-        if block.get("type") not in dso.OPTIMIZERS:
+        if (config.get("optimizer") or {}).get("type") not in dso.OPTIMIZERS:
             return
-        cls = dso.get_optimizer_class(block["type"])
-        options = dict(block.get("params") or {})
-        auto = [k for k, v in options.items() if v == "auto"]
-        if auto:
-            raise ConfigError(f"optimizer.params: {auto} still 'auto' (Trainer fills only lr, betas, eps, weight_decay)")
-        if isinstance(options.get("betas"), list):
-            options["betas"] = tuple(options["betas"])
-        cls.resolve_options(dict(options))  # one-line error naming a bad option, before anything starts
-        dist_options = _dist_options(config.get(OUR_BLOCK, {}))
-        del config["optimizer"]  # the same dict accelerate's DeepSpeed plugin reads
-        config.pop(OUR_BLOCK, None)
-        config["zero_allow_untested_optimizer"] = True
-        self._structopt = (cls, options, dist_options)
+        parsed = parse_config(config)  # one-line error naming a bad option, before anything starts
+        config.clear()  # the same dict accelerate's DeepSpeed plugin reads: now without our blocks
+        config.update(parsed.ds_config)
+        self._structopt = (parsed.optimizer_cls, parsed.options, parsed.dist_options)
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         if self._structopt is None:

@@ -118,9 +118,9 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U."""
 
     @classmethod
+    @abc.abstractmethod
     def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
         """fp32 elements in the state of an m x n matrix after its first step (planner's memory model)."""
-        raise NotImplementedError(f"{cls.NAME} has no state-size model")
 
     @property
     def phase_planner(self) -> "PhasePlanner":
