@@ -158,7 +158,7 @@ def run_synthetic(case: dict) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from ds_structopt.integrations.megatron_core import get_megatron_structopt_optimizer
+    from ds_structopt.integrations.megatron_core import get_megatron_structopt_optimizer, load_checkpoint, save_checkpoint
 
     setup(case["tp"])
     model = build_model()
@@ -169,7 +169,8 @@ def run_synthetic(case: dict) -> dict:
                                            [ddp], case.get("optimizer", "AdaDiag++"), case.get("options", {"update_freq": 3}),
                                            tp_mode="gather")
     full_shapes = {n: (layouts[n].full_shape(p.shape) if layouts[n] else tuple(p.shape)) for n, p in model.named_parameters()}
-    for step in range(case["steps"]):
+    start = load_checkpoint(case["resume"], [ddp], opt)["iteration"] if case.get("resume") else 0
+    for step in range(start, case["steps"]):
         ddp.zero_grad_buffer()
         opt.zero_grad()
         for i, (name, p) in enumerate(model.named_parameters()):
@@ -177,9 +178,40 @@ def run_synthetic(case: dict) -> dict:
             p.main_grad.copy_(layouts[name].local_view(g) if layouts[name] else g)
         ok, _, _ = opt.step()
         assert ok
+        if case.get("save_at") == step + 1:
+            save_checkpoint(case["ckpt"], step + 1, [ddp], opt)
     if case.get("final"):
         save_model(model, case["final"])
     return {}
+
+
+def run_errors(case: dict) -> dict:
+    """Bad input to the builder: every mistake must be one ValueError line naming what is wrong."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from ds_structopt.integrations.megatron_core import get_megatron_structopt_optimizer
+
+    setup(1)
+    ddp = DistributedDataParallel(model_config(False), DistributedDataParallelConfig(use_distributed_optimizer=False),
+                                  build_model())
+    attempts = {
+        "tp_mode": dict(tp_mode="rows"),
+        "lr_in_options": dict(options={"lr": 1e-3}),
+        "unknown_option": dict(options={"update_frq": 3}),
+        "bad_value": dict(options={"update_freq": -1}),
+        "unknown_optimizer": dict(optimizer="Shampoo"),
+        "distributed_optimizer": dict(config=OptimizerConfig(lr=1e-3, use_distributed_optimizer=True)),
+    }
+    out = {}
+    for key, kwargs in attempts.items():
+        config = kwargs.pop("config", OptimizerConfig(lr=1e-3))
+        try:
+            get_megatron_structopt_optimizer(config, [ddp], **kwargs)
+            out[key] = None
+        except ValueError as e:
+            out[key] = str(e)
+    return out
 
 
 def run_init(case: dict) -> dict:
@@ -205,7 +237,7 @@ def main(spec_path: str) -> None:
     results = {}
     for case in spec["cases"]:
         run = {"init": run_init, "dump": run_dump, "layout": run_layout,
-               "synthetic": run_synthetic}.get(case.get("kind"), run_train)
+               "synthetic": run_synthetic, "errors": run_errors}.get(case.get("kind"), run_train)
         results[case["name"]] = run(case)
         dist.barrier()
     if dist.get_rank() == 0:

@@ -33,9 +33,10 @@ FORMAT_VERSION = 1
 
 
 def _module(chunk: torch.nn.Module) -> torch.nn.Module:
-    while not hasattr(chunk, "sharded_state_dict") and hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+    """The model inside megatron's DDP / Float16Module wrappers (what dist-checkpointing saves)."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunk)
 
 
 def _positions() -> tuple[int, int, int, int]:
