@@ -13,7 +13,7 @@ if [[ ! -f "$stamp" || "$root/pyproject.toml" -nt "$stamp" || "$root/constraints
     export DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
     # torch first, from the pin, so nothing later can pull a multi-GB CUDA build.
     "$venv/bin/pip" install -q -c "$root/constraints.txt" torch
-    "$venv/bin/pip" install -q -c "$root/constraints.txt" -e "$root[test,mpi,bench,hf]"
+    "$venv/bin/pip" install -q -c "$root/constraints.txt" -e "$root[test,mpi,bench,hf,megatron]"
     touch "$stamp"
 fi
 echo "$venv"

@@ -45,7 +45,12 @@ class CudaToCpu(TorchFunctionMode):
 
 
 def install(seed: int = 1234) -> None:
-    """Make megatron-core run on a CPU-only torch (no-op where CUDA exists); seed its RNG tracker."""
+    """Make megatron-core run on a CPU-only torch (no-op where CUDA exists); seed its RNG tracker.
+
+    Call after ``initialize_model_parallel`` to seed now, or before it (a script that seeds with
+    ``model_parallel_cuda_manual_seed`` itself): the first call installs without seeding
+    when model parallelism is not initialized yet.
+    """
     global _INSTALLED
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -56,8 +61,17 @@ def install(seed: int = 1234) -> None:
         torch.cuda.current_device = lambda: "cpu"
         torch.cuda.synchronize = lambda *a, **k: None
         CudaToCpu().__enter__()  # stays active for the life of the process
+        from megatron.core import tensor_parallel
+        from megatron.core.tensor_parallel import random as mrandom
+
+        # scripts seed megatron with model_parallel_cuda_manual_seed: give them the CPU tracker
+        tensor_parallel.model_parallel_cuda_manual_seed = mrandom.model_parallel_cuda_manual_seed = \
+            lambda seed, *a, **k: _seed_cpu_tracker(seed)
         _INSTALLED = True
-    _seed_cpu_tracker(seed)
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        _seed_cpu_tracker(seed)
 
 
 def _seed_cpu_tracker(seed: int) -> None:
