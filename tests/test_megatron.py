@@ -53,6 +53,7 @@ def runs(tmp_path_factory):
          "save_at": STEPS, "ckpt": d["ckpt_bf16"]},
         {"name": "bf16-tp2-resumed", "tp": 2, "bf16": True, "steps": 2 * STEPS, **ADADIAG, **init,
          **final("bf16-tp2-resumed"), "resume": d["ckpt_bf16"]},
+        {"name": "fp16-dp2", "fp16": True, "initial_loss_scale": 2.0**24, "steps": 2 * STEPS, **ADADIAG, **init},
         {"name": "adadiag-dp2-resumed", "steps": STEPS, **ADADIAG, **init, **final("adadiag-dp2-resumed"),
          "resume": d["ckpt_adadiag"]},
     ], root / "launch2", worker=WORKER)
@@ -134,6 +135,18 @@ def test_local_mode_and_bf16_train(runs):
         assert sum(losses[-3:]) / 3 < losses[0] - 0.5, (name, losses)
     local, gather = runs["local-tp2"]["ranks"][0]["state_bytes"], runs["adadiag-tp2"]["ranks"][0]["state_bytes"]
     assert local < gather  # block-diagonal: each TP rank keeps state for its shard only
+
+
+@pytest.mark.slow
+def test_fp16_loss_scaling_skips_overflows_and_trains(runs):
+    """megatron's dynamic loss scaler: overflowing steps are skipped on every rank together (inf/nan
+    found on any owner's parameters), the chain's one scale backs off, then training proceeds.
+    (With one scaler per wrapper the scales drifted apart and overflows kept recurring.)"""
+    run = runs["fp16-dp2"]
+    assert any(run["skipped"]) and not all(run["skipped"]), run["skipped"]
+    assert run["loss_scales"][-1] < 2.0**24
+    assert not any(run["skipped"][-5:]), run["skipped"]
+    assert sum(run["losses"][-3:]) / 3 < run["losses"][0] - 0.3, run["losses"]
 
 
 @pytest.mark.slow

@@ -21,21 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (the CPU 
 VOCAB, SEQ, GLOBAL_BATCH = 128, 32, 8
 
 
-def model_config(bf16: bool, fp64: bool = False):
+def model_config(bf16: bool, fp64: bool = False, fp16: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                              ffn_hidden_size=128, use_cpu_initialization=True, normalization="RMSNorm",
                              gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-                             hidden_dropout=0.0, attention_dropout=0.0, bf16=bf16,
-                             params_dtype=torch.bfloat16 if bf16 else (torch.float64 if fp64 else torch.float32))
+                             hidden_dropout=0.0, attention_dropout=0.0, bf16=bf16, fp16=fp16,
+                             params_dtype=(torch.bfloat16 if bf16 else torch.float16 if fp16 else
+                                           torch.float64 if fp64 else torch.float32))
 
 
-def build_model(bf16: bool = False, fp64: bool = False):
+def build_model(bf16: bool = False, fp64: bool = False, fp16: bool = False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return GPTModel(config=model_config(bf16, fp64), transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+    return GPTModel(config=model_config(bf16, fp64, fp16), transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                     vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
 
 
@@ -81,14 +82,15 @@ def run_train(case: dict) -> dict:
 
     setup(case.get("tp", 1))
     bf16 = case.get("bf16", False)
-    fp64 = case.get("fp64", False)
-    cfg = model_config(bf16, fp64)
-    model = build_model(bf16, fp64)
+    fp64, fp16 = case.get("fp64", False), case.get("fp16", False)
+    cfg = model_config(bf16, fp64, fp16)
+    model = build_model(bf16, fp64, fp16)
     load_model(model, case["init"])
-    module = Float16Module(cfg, model) if bf16 else model
+    module = Float16Module(cfg, model) if (bf16 or fp16) else model
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=False,
                                                                     grad_reduce_in_fp32=not fp64), module)
     opt_cfg = OptimizerConfig(optimizer="adam", lr=case.get("lr", 3e-3), weight_decay=0.01, clip_grad=case.get("clip_grad", 1.0), bf16=bf16,
+                              fp16=fp16, initial_loss_scale=case.get("initial_loss_scale", 2.0**32),
                               adam_beta1=0.9, adam_beta2=0.95)
     opt = get_megatron_structopt_optimizer(opt_cfg, [ddp], case.get("optimizer", "AdaDiag++"),
                                            case.get("options", {"update_freq": 3}), tp_mode=case.get("mode", "gather"))
@@ -99,20 +101,22 @@ def run_train(case: dict) -> dict:
     rows = GLOBAL_BATCH // dp
     mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None]
     pos = torch.arange(SEQ)[None].expand(rows, SEQ)
-    losses, norms = [], []
+    losses, norms, skipped, scales = [], [], [], []
     for step in range(start, case["steps"]):
         tokens = global_batch(step)[dp_rank * rows:(dp_rank + 1) * rows]
         ddp.zero_grad_buffer()
         opt.zero_grad()
         loss = ddp(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).float().mean()
-        loss.backward()
+        opt.scale_loss(loss).backward()  # x loss scale (fp16), as megatron's schedule does
         finalize_model_grads([ddp])
         ok, norm, _ = opt.step()
-        assert ok, f"step {step} skipped"
+        assert ok or fp16, f"step {step} skipped"
+        skipped.append(not ok)
+        scales.append(float(opt.get_loss_scale()))
         reported = loss.detach().clone()
         dist.all_reduce(reported, group=ps.get_data_parallel_group())
         losses.append(reported.item() / dp)
-        norms.append(float(norm))
+        norms.append(float(norm or 0.0))
         if case.get("save_at") == step + 1:
             save_checkpoint(case["ckpt"], step + 1, [ddp], opt)
     if case.get("final"):
@@ -120,7 +124,7 @@ def run_train(case: dict) -> dict:
     owned = sum(1 for n, r in opt.owners.items() if r == dp_rank)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"owned": owned, "state_bytes": opt.structured.stats().get("state_bytes", 0)})
-    return {"losses": losses, "norms": norms, "ranks": gathered, "loss_scale": float(opt.get_loss_scale())}
+    return {"losses": losses, "norms": norms, "ranks": gathered, "skipped": skipped, "loss_scales": scales}
 
 
 def split_layouts(model, tp: int) -> dict:

@@ -20,7 +20,7 @@ from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16Optimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ...zero.ownership import MatrixInfo, plan_owners
-from .owner_sharded import OwnerShardedOptimizer
+from .owner_sharded import OwnerShardedOptimizer, SharedScale
 from .tp_layout import layout_of
 from .tp_optimizer import TP_MODES, TensorParallelStructured
 
@@ -85,8 +85,9 @@ def get_megatron_structopt_optimizer(config: OptimizerConfig, model_chunks: list
     params_by_owner: list[list[torch.Tensor]] = [[] for _ in range(dp_size)]
     for p in matrices + elementwise:
         params_by_owner[owners[names[p]]].append(p)
-    wrapped = [_wrap(opt, config, tp_group) for opt in [structured, *inner_elementwise]]
-    result = OwnerShardedOptimizer(wrapped, params_by_owner, dp_group)
+    scaler = _grad_scaler(config)
+    wrapped = [_wrap(opt, config, tp_group, scaler) for opt in [structured, *inner_elementwise]]
+    result = OwnerShardedOptimizer(wrapped, params_by_owner, dp_group, grad_scaler=scaler)
     result.structured = structured
     result.param_names = names
     result.owners = owners
@@ -171,9 +172,10 @@ def _grad_scaler(config: OptimizerConfig):
     return None
 
 
-def _wrap(opt: torch.optim.Optimizer, config: OptimizerConfig, tp_group):
+def _wrap(opt: torch.optim.Optimizer, config: OptimizerConfig, tp_group, scaler):
     if config.fp16 or config.bf16:
-        wrapped = Float16OptimizerWithFloat16Params(opt, config, _grad_scaler(config), None)
+        shared = SharedScale(scaler) if scaler is not None else None
+        wrapped = Float16OptimizerWithFloat16Params(opt, config, shared, None)
     else:
         wrapped = FP32Optimizer(opt, config, None)
     wrapped.tp_group = tp_group

@@ -85,12 +85,11 @@ def save_checkpoint(directory: str, iteration: int, model_chunks: list[torch.nn.
     tp, pp, dp, dp_size = _positions()
     torch.save(_owned_state(optimizer), os.path.join(tmp, "optim", f"tp{tp:02d}_pp{pp:02d}_dp{dp:03d}.pt"))
     if dist.get_rank() == 0:
-        scalers = [w.grad_scaler.state_dict() if getattr(w, "grad_scaler", None) is not None else {}
-                   for w in optimizer.chained_optimizers]
+        scaler = optimizer.grad_scaler.state_dict() if optimizer.grad_scaler is not None else {}
         torch.save({"version": FORMAT_VERSION, "iteration": iteration, "dp_size": dp_size,
                     "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
                     "pp_size": parallel_state.get_pipeline_model_parallel_world_size(),
-                    "grad_scalers": scalers, "extra": extra or {}}, os.path.join(tmp, "common.pt"))
+                    "grad_scaler": scaler, "extra": extra or {}}, os.path.join(tmp, "common.pt"))
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -157,7 +156,6 @@ def load_checkpoint(path: str, model_chunks: list[torch.nn.Module], optimizer: A
         if name in saved["structured"]:
             inner.state[w] = {k: (v.to(w.device) if isinstance(v, torch.Tensor) else v)
                               for k, v in saved["structured"][name].items()}
-    for wrapper, scaler_state in zip(optimizer.chained_optimizers, common["grad_scalers"]):
-        if getattr(wrapper, "grad_scaler", None) is not None and scaler_state:
-            wrapper.grad_scaler.load_state_dict(scaler_state)
+    if optimizer.grad_scaler is not None and common["grad_scaler"]:
+        optimizer.grad_scaler.load_state_dict(common["grad_scaler"])
     return common

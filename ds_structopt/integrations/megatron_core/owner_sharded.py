@@ -8,11 +8,14 @@ updated parameters are all-gathered. Ownership comes from our cost model, not
 by numel; the all-gather pads every rank's flat buffer to one size, because
 gloo's all_gather cannot take uneven sizes. Gradient statistics (norm for
 clipping, inf/nan for loss scaling, zero counts) are reduced over the whole
-world since each rank sees only its own parameters' gradients.
+world since each rank sees only its own parameters' gradients. With a loss scaler (fp16)
+the chain has ONE scaler: megatron's wrappers each check their own parameters, the
+flags are OR-ed and the scale is updated once per step, so every parameter is
+unscaled by the scale its loss was multiplied by.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,14 +23,46 @@ from megatron.core.optimizer.clip_grads import count_zeros_fp32, get_grad_norm_f
 from megatron.core.optimizer.optimizer import ChainedOptimizer, MegatronOptimizer
 
 
+class SharedScale:
+    """What a megatron wrapper sees of the chain's one loss scaler: its scale, but no updates."""
+
+    def __init__(self, scaler: Any) -> None:
+        self.scaler = scaler
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scaler.scale
+
+    @property
+    def inv_scale(self) -> torch.Tensor:
+        return self.scaler.inv_scale
+
+    def update(self, found_inf: bool) -> None:
+        """The chain updates the real scaler once, with every wrapper's flag."""
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.scaler.load_state_dict(state_dict)
+
+
 class OwnerShardedOptimizer(ChainedOptimizer):
     def __init__(self, optimizers: list[MegatronOptimizer], params_by_owner: list[list[torch.Tensor]],
-                 dp_group: Optional[dist.ProcessGroup]) -> None:
+                 dp_group: Optional[dist.ProcessGroup], grad_scaler: Any = None) -> None:
         for opt in optimizers:
             opt.grad_stats_parallel_group = None  # None = the whole world
         super().__init__(optimizers)
         self.params_by_owner = params_by_owner
         self.dp_group = dp_group
+        self.grad_scaler = grad_scaler
+
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        found_inf = super().prepare_grads()
+        if self.grad_scaler is not None:
+            self.grad_scaler.update(found_inf)
+        return found_inf
 
     @torch.no_grad()
     def get_grad_norm(self) -> float:
