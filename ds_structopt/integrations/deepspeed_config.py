@@ -68,14 +68,17 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
         raise ConfigError(f"'optimizer' must be an object with 'type' and 'params', got {block!r}")
     unknown_keys = set(block) - {"type", "params"}
     if unknown_keys:
-        raise ConfigError(f"optimizer: unknown key '{sorted(unknown_keys)[0]}' (expected 'type' and 'params')")
+        raise ConfigError(f"optimizer: unknown key {sorted(unknown_keys)[0]!r} (expected 'type' and 'params')")
     opt_type = block.get("type")
+    if not isinstance(opt_type, str):
+        raise ConfigError(f"optimizer.type must be a string naming an optimizer, got {opt_type!r}; "
+                          f"ds_structopt provides {sorted(OPTIMIZERS)}")
     if opt_type not in OPTIMIZERS:
-        if isinstance(opt_type, str) and (opt_type.lower() in _DEEPSPEED_NAMES or _is_torch_optimizer(opt_type)):
+        if opt_type.lower() in _DEEPSPEED_NAMES or _is_torch_optimizer(opt_type):
             return StructOptConfig(cfg, None, opt_type, {}, dist_options)  # DeepSpeed's own: leave it alone
         close = difflib.get_close_matches(str(opt_type), list(OPTIMIZERS), n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"optimizer.type: unknown optimizer '{opt_type}'{hint}; ds_structopt provides {sorted(OPTIMIZERS)}")
+        raise ConfigError(f"optimizer.type: unknown optimizer {opt_type!r}{hint}; ds_structopt provides {sorted(OPTIMIZERS)}")
     params = block.get("params", {})
     if not isinstance(params, Mapping):
         raise ConfigError(f"optimizer.params must be an object, got {params!r}")
@@ -102,7 +105,7 @@ def _dist_options(block: Any) -> dict[str, Any]:
         if key not in DIST_DEFAULTS:
             close = difflib.get_close_matches(key, list(DIST_DEFAULTS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{OUR_BLOCK}: unknown option '{key}'{hint}")
+            raise ConfigError(f"{OUR_BLOCK}: unknown option {key!r}{hint}")
     out = {**DIST_DEFAULTS, **block}
     if out["cost_model"] not in _COST_MODELS:
         raise ConfigError(f"{OUR_BLOCK}.cost_model must be one of {list(_COST_MODELS)}, got {out['cost_model']!r}")

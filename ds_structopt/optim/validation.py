@@ -14,7 +14,7 @@ def reject_unknown(owner: str, given: Mapping[str, Any], known: Iterable[str]) -
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"{owner}: unknown option '{name}'{hint}")
+            raise ValueError(f"{owner}: unknown option {name!r}{hint}")
 
 
 def check_nonneg(owner: str, name: str, value: Any) -> None:
