@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..zero.optimizer import DistributedStructuredOptimizer
+from .safe_load import UnsafeCheckpointError, safe_load  # noqa: F401 (re-exported)
 
 SUBDIR = "ds_structopt"
 FORMAT_VERSION = 1
@@ -79,7 +80,7 @@ def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint {directory} has no {SUBDIR}/ optimizer state (written without ds_structopt?)")
     files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
-    saved = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True) for f in files]
+    saved = [safe_load(os.path.join(folder, f)) for f in files]
     world = {s["world_size"] for s in saved}
     if len(world) != 1 or len(saved) != world.pop():
         raise ValueError(f"checkpoint {directory}: expected one {SUBDIR} file per saving rank, found {files}")

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from ...checkpoint.safe_load import safe_load
+
 FORMAT_VERSION = 1
 
 
@@ -115,7 +117,7 @@ def load_checkpoint(path: str, model_chunks: list[torch.nn.Module], optimizer: A
     """Restore model, optimizer state and fp32 masters (at any DP size); returns ``common.pt``'s dict."""
     if os.path.exists(os.path.join(path, "latest")):
         path = latest_checkpoint(path)
-    common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=True)
+    common = safe_load(os.path.join(path, "common.pt"))
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     if (common["tp_size"], common["pp_size"]) != (tp_size, pp_size):
@@ -133,7 +135,7 @@ def load_checkpoint(path: str, model_chunks: list[torch.nn.Module], optimizer: A
         raise ValueError(f"checkpoint {path}: expected {common['dp_size']} optimizer files for tp{tp:02d}_pp{pp:02d}, found {mine}")
     saved: dict[str, dict[str, Any]] = {"structured": {}, "elementwise": {}, "masters": {}}
     for f in mine:
-        part = torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True)
+        part = safe_load(os.path.join(folder, f))
         for key in saved:
             saved[key].update(part[key])
 

@@ -1,0 +1,74 @@
+"""Checkpoint files are read without running code: tensors-only state loads with weights_only=True,
+and a file carrying an executable pickle payload is refused with one line (the payload never runs)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_structopt.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+
+
+class Payload:
+    """Unpickling this runs a shell command (what a poisoned checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_tensors_only_file_loads(tmp_path):
+    path = tmp_path / "ok.pt"
+    torch.save({"state": {"exp_avg": torch.ones(3)}, "step": 4, "names": ["a"]}, path)
+    assert safe_load(path)["step"] == 4
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"state": Payload(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        safe_load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert not marker.exists()
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from test_checkpoint_safety import Payload
+    import ds_structopt
+    from ds_structopt import checkpoint
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=0, world_size=1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    opt = ds_structopt.distributed_optimizer(model, "AdaDiag++", lr=1e-2, update_freq=2)
+    model(torch.randn(5, 8)).square().mean().backward()
+    opt.step()
+    out = sys.argv[1]
+    checkpoint.save(opt, out)
+    rank_file = os.path.join(out, "ds_structopt", "rank00000.pt")
+    torch.load(rank_file, weights_only=True)          # our own state: tensors and plain containers
+    checkpoint.load(opt, out)                          # and it loads back
+    torch.save({"matrix_state": Payload(out + "/pwned")}, rank_file)
+    try:
+        checkpoint.load(opt, out)
+    except checkpoint.UnsafeCheckpointError as exc:
+        print("REFUSED", exc)
+    dist.destroy_process_group()
+""")
+
+
+def test_our_checkpoint_loader_refuses_a_poisoned_rank_file(tmp_path):
+    from dist.launch import free_port
+
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(Path(__file__).parent), str(free_port())],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
+    assert refused and "rank00000.pt" in refused[0], proc.stdout
+    assert not (tmp_path / "pwned").exists()
