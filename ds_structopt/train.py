@@ -70,15 +70,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     import ds_structopt as dso
+    from ds_structopt import faults
     from ds_structopt.data.packing import pack
     from ds_structopt.data.sampler import ShardedBatchSampler
     from ds_structopt.data.sources import iter_documents
     from ds_structopt.data.tokenizer import load_tokenizer
+    from ds_structopt.integrations.deepspeed import find_optimizer
     from ds_structopt.integrations.deepspeed_config import load_config
     from ds_structopt.training import checkpoints
     from ds_structopt.training.logs import TrainLog
     from ds_structopt.training.schedule import warmup_cosine
 
+    faults.install()  # no-op unless DS_STRUCTOPT_FAULTS is set (tests)
     ds_cfg = load_config(args.deepspeed_config)
     tokenizer = load_tokenizer(args.tokenizer)
     data = pack(iter_documents(args.data), tokenizer, args.seq_len)
@@ -91,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
 
     start_step = 0
-    if args.resume and (tag := checkpoints.latest(ckpt_root)) is not None:
+    if args.resume and (tag := _resume_tag(ckpt_root, rank)) is not None:
         _, client = engine.load_checkpoint(ckpt_root, tag=tag)
         sampler.load_state_dict(client["sampler"])
         start_step = int(client["step"])
@@ -120,7 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     first_loss = evaluate() if start_step == 0 else None
     t0, last = time.perf_counter(), {}
+    ours = find_optimizer(engine)
     for step in range(start_step, args.steps):
+        faults.at_step(step + 1, rank)
+        skipped_before = _skipped(engine, ours)
         if scheduler is None:
             for g, base in zip(engine.optimizer.param_groups, base_lrs):
                 g["lr"] = base * warmup_cosine(step, args.steps, warmup, args.min_lr_ratio)
@@ -128,10 +134,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         losses = []
         for batch in rows.split(micro)[:accum]:
             loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
+            if faults.poison_loss(step + 1, rank):
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
         done = step + 1
+        if _skipped(engine, ours) > skipped_before and rank == 0:
+            print(f"warning: step {done}: non-finite gradients on some rank, optimizer step skipped on all ranks "
+                  f"(weights and optimizer state unchanged; {_skipped(engine, ours)} skipped so far)", flush=True)
         row: dict[str, Any] = {}
         if done % args.eval_every == 0 or done == args.steps:
             ev = evaluate()
@@ -140,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             elapsed = time.perf_counter() - t0
             row.update(step=done, train_loss=sum(losses) / len(losses), lr=engine.optimizer.param_groups[0]["lr"],
                        tokens=done * tokens_per_step, seconds=round(elapsed, 3),
-                       tokens_per_s=(done - start_step) * tokens_per_step / max(elapsed, 1e-9))
+                       tokens_per_s=(done - start_step) * tokens_per_step / max(elapsed, 1e-9),
+                       skipped_steps=_skipped(engine, ours), **_health(ours))
             log.write(row, start_step)
             last = row
         if done % args.save_every == 0 or done == args.steps:
@@ -156,6 +168,51 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         # (seen under mpirun after a successful run): tear it down while everything is alive.
         dist.destroy_process_group()
     return result
+
+
+def _resume_tag(root: str, rank: int) -> Optional[str]:
+    """Rank 0 picks the newest intact checkpoint (files checked against its manifest) for everyone."""
+    import torch.distributed as dist
+
+    from ds_structopt.training import checkpoints
+
+    choice: list[Any] = [None]
+    if rank == 0:
+        try:
+            choice[0] = ("ok", checkpoints.resume_tag(root))
+        except RuntimeError as exc:
+            choice[0] = ("error", str(exc))
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    status, value = choice[0]
+    if status == "error":
+        raise SystemExit(f"error: {value}")
+    return value
+
+
+def _skipped(engine: Any, ours: Any) -> int:
+    """Optimizer steps skipped for non-finite gradients: by DeepSpeed's ZeRO-1/2 overflow check (it
+    then never calls our step) or by ours (every other stage); the same count on every rank."""
+    return int(getattr(engine, "skipped_steps", 0)) + (ours.skipped_steps if ours is not None else 0)
+
+
+def _health(ours: Any) -> dict[str, Any]:
+    """Decomposition-failure counters summed over ranks, and rank 0's memory and open files."""
+    import torch.distributed as dist
+
+    values = ours.metrics() if ours is not None else {}
+    counts = torch.tensor([float(values.get(k, 0)) for k in ("decomp_failures", "identity_fallbacks")])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    out = {"decomp_failures": int(counts[0]),
+           "identity_fallbacks": int(counts[1])}
+    try:
+        with open("/proc/self/status") as f:
+            rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        out.update(rss_mb=round(rss_kb / 1024, 1), open_fds=len(os.listdir("/proc/self/fd")))
+    except (OSError, StopIteration):  # not Linux
+        pass
+    return out
 
 
 def _placement() -> list[str]:

@@ -35,7 +35,7 @@ EDITS = st.one_of(
     st.tuples(st.just(("zero_optimization", "stage")), JSON | st.just(DELETE)),
     st.tuples(st.just(("zero_optimization",)), JSON),
     st.tuples(st.sampled_from(["offload_optimizer", "offload_param"]).map(lambda k: ("zero_optimization", k)), JSON),
-    st.tuples(st.sampled_from(["cost_model", "ownership", "ownership_group_size", "owner"]).map(
+    st.tuples(st.sampled_from(["cost_model", "ownership", "ownership_group_size", "collective_timeout_s", "owner"]).map(
         lambda k: (OUR_BLOCK, k)), JSON | st.just(DELETE)),
     st.tuples(st.just((OUR_BLOCK,)), JSON),
 )
@@ -56,7 +56,7 @@ def apply(config: dict, path: tuple, value) -> dict:
 
 def usable(parsed) -> None:
     """An accepted config must give an optimizer that steps (and our block must be complete)."""
-    assert set(parsed.dist_options) == {"cost_model", "ownership", "ownership_group_size"}
+    assert set(parsed.dist_options) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s"}
     if parsed.optimizer_cls is None:
         return
     w = torch.nn.Parameter(torch.randn(6, 4))

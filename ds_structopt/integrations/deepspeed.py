@@ -28,6 +28,19 @@ def _config_source(args: Any, config: Any, config_params: Any) -> Any:
     return config
 
 
+def _init_distributed(timeout_s: float, required: Optional[bool]) -> None:
+    """Start the process group ourselves so every collective has our timeout: a dead or hung rank
+    makes the others fail within ``collective_timeout_s`` instead of DeepSpeed's 30 minutes."""
+    import datetime
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if required is False or dist.is_initialized() or "RANK" not in os.environ:
+        return
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=float(timeout_s)), verbose=False)
+
+
 def initialize(
     args: Any = None,
     model: Any = None,
@@ -53,6 +66,7 @@ def initialize(
     from .launch_env import adopt_slurm_env
 
     adopt_slurm_env()
+    _init_distributed(parsed.dist_options["collective_timeout_s"], dist_init_required)
 
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args) if not isinstance(args, argparse.Namespace) else argparse.Namespace(**vars(args))

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional, Union
 from ..optim.base import StructuredOptimizer
 
 OUR_BLOCK = "ds_structopt"
-DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local", "ownership_group_size": None}
+DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local", "ownership_group_size": None,
+                                 "collective_timeout_s": 600}
 _COST_MODELS = ("flops", "memory", "numel")
 # DeepSpeed's own optimizer names (deepspeed/runtime/config.py), lower-case.
 _DEEPSPEED_NAMES = ("adagrad", "adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam", "lion",
@@ -115,6 +116,9 @@ def _dist_options(block: Any) -> dict[str, Any]:
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ConfigError(f"{OUR_BLOCK}.ownership_group_size must be a positive integer (ranks per node) or null, "
                           f"got {size!r}")
+    timeout = out["collective_timeout_s"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
+        raise ConfigError(f"{OUR_BLOCK}.collective_timeout_s must be a number of seconds > 0, got {timeout!r}")
     return out
 
 

@@ -1,38 +1,103 @@
-"""Atomic, rotated checkpoints around ``engine.save_checkpoint``.
+"""Atomic, verified, rotated checkpoints around ``engine.save_checkpoint``.
 
-DeepSpeed writes ``<root>/.incoming/<tag>/``; rank 0 then renames it to
-``<root>/<tag>`` and atomically replaces ``<root>/latest``. A crash mid-save
-leaves the previous checkpoint and ``latest`` untouched. Only the newest
-``keep_last`` checkpoints are kept.
+DeepSpeed writes ``<root>/.incoming/<tag>/``; rank 0 then records every file's
+size and SHA-256 in ``manifest.json``, renames the folder to ``<root>/<tag>`` and
+atomically replaces ``<root>/latest``. So:
+
+- a crash (or a killed rank) mid-save leaves the previous checkpoint and ``latest`` untouched;
+- a save that fails on any rank (disk full, I/O error) is abandoned on every rank
+  together, training goes on, and the previous checkpoint stays the newest;
+- a save that would not fit (free space below the size of the last checkpoint) is
+  skipped up front with a warning, instead of filling the disk mid-write;
+- on resume every file is checked against the manifest; a truncated or corrupted
+  checkpoint is reported in one line and the previous good one is used.
+
+Only the newest ``keep_last`` checkpoints are kept (removed after a new one is published).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
+from .. import faults
+
 INCOMING = ".incoming"
+MANIFEST = "manifest.json"
 
 
-def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_last: int) -> str:
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's files do not match its manifest (or it has none)."""
+
+
+def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_last: int) -> Optional[str]:
+    """Write checkpoint ``step`` on every rank (collective). Returns its path, or None when it was not written."""
     tag = f"step{step:08d}"
+    rank = engine.global_rank
     incoming = os.path.join(root, INCOMING)
-    engine.save_checkpoint(incoming, tag=tag, client_state=client_state, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()
+    problem = _space_problem(root) if rank == 0 else None
+    if _agree(problem is not None):
+        if rank == 0:
+            print(f"warning: checkpoint {tag} skipped: {problem}; newest kept: {latest(root)}", flush=True)
+        return None
+    error: Optional[BaseException] = None
+    try:
+        engine.save_checkpoint(incoming, tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as exc:  # disk full, I/O errors: never fatal, never published
+        error = exc
+    if _agree(error is not None):
+        if error is not None:
+            print(f"warning: rank {rank}: checkpoint {tag} failed ({type(error).__name__}: {error}); "
+                  f"newest kept: {latest(root)}", flush=True)
+        if rank == 0:
+            shutil.rmtree(os.path.join(incoming, tag), ignore_errors=True)
+        _barrier()
+        return None
+    faults.during_save(step, rank)
     final = os.path.join(root, tag)
-    if engine.global_rank == 0:
+    if rank == 0:
+        write_manifest(os.path.join(incoming, tag))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(os.path.join(incoming, tag), final)
         _write_atomic(os.path.join(root, "latest"), tag)
         for old in sorted(t for t in os.listdir(root) if t.startswith("step"))[:-keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return final
+
+
+def write_manifest(folder: str) -> None:
+    files = {}
+    for path in sorted(_files(folder)):
+        files[os.path.relpath(path, folder)] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    _write_atomic(os.path.join(folder, MANIFEST), json.dumps({"files": files}, indent=1))
+
+
+def verify(folder: str) -> None:
+    """Raise CorruptCheckpointError (one line, naming the file) unless every file matches the manifest."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        raise CorruptCheckpointError(f"checkpoint {folder} has no {MANIFEST} (incomplete or not written by ds_structopt)")
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError) as exc:
+        raise CorruptCheckpointError(f"checkpoint {folder}: unreadable {MANIFEST} ({exc})") from None
+    for rel, want in files.items():
+        file = os.path.join(folder, rel)
+        if not os.path.exists(file):
+            raise CorruptCheckpointError(f"checkpoint {folder}: {rel} is missing")
+        size = os.path.getsize(file)
+        if size != want["bytes"]:
+            raise CorruptCheckpointError(f"checkpoint {folder}: {rel} has {size} bytes, the manifest says {want['bytes']} (truncated?)")
+        if _sha256(file) != want["sha256"]:
+            raise CorruptCheckpointError(f"checkpoint {folder}: {rel} does not match its SHA-256 in the manifest (corrupted)")
 
 
 def latest(root: str) -> Optional[str]:
@@ -42,6 +107,77 @@ def latest(root: str) -> Optional[str]:
     with open(path) as f:
         tag = f.read().strip()
     return tag if os.path.isdir(os.path.join(root, tag)) else None
+
+
+def candidates(root: str) -> list[str]:
+    """Tags to resume from, best first: ``latest``, then the other published checkpoints, newest first."""
+    if not os.path.isdir(root):
+        return []
+    tags = sorted((t for t in os.listdir(root) if t.startswith("step") and os.path.isdir(os.path.join(root, t))),
+                  reverse=True)
+    first = latest(root)
+    return ([first] if first else []) + [t for t in tags if t != first]
+
+
+def resume_tag(root: str, log: Any = print) -> Optional[str]:
+    """The newest checkpoint whose files match their manifest; a damaged one is reported and skipped.
+
+    None when there is no checkpoint at all; a one-line RuntimeError when there are some but
+    none is intact (starting over would silently lose the work they hold)."""
+    tags = candidates(root)
+    problems = []
+    for tag in tags:
+        try:
+            verify(os.path.join(root, tag))
+            return tag
+        except CorruptCheckpointError as exc:
+            problems.append(str(exc))
+            log(f"warning: {exc}; trying the previous checkpoint")
+    if tags:
+        raise RuntimeError(f"no intact checkpoint in {root}: {'; '.join(problems)}")
+    return None
+
+
+def _space_problem(root: str) -> Optional[str]:
+    """Why a new checkpoint would not fit, judged by the size of the newest one (None: go ahead)."""
+    tag = latest(root)
+    if tag is None:
+        return None
+    need = sum(os.path.getsize(p) for p in _files(os.path.join(root, tag)))
+    os.makedirs(root, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < need * 1.05:
+        return f"{free / 2**20:.1f} MiB free in {root}, the last checkpoint took {need / 2**20:.1f} MiB"
+    return None
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank when it is true on any rank."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _files(folder: str) -> list[str]:
+    out = []
+    for base, _, names in os.walk(folder):
+        out.extend(os.path.join(base, n) for n in names if n != MANIFEST)
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_atomic(path: str, text: str) -> None:

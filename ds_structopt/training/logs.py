@@ -6,7 +6,8 @@ import os
 import time
 from typing import Any, Optional
 
-FIELDS = ["step", "train_loss", "lr", "tokens", "seconds", "tokens_per_s", "eval_loss", "eval_ppl"]
+FIELDS = ["step", "train_loss", "lr", "tokens", "seconds", "tokens_per_s", "eval_loss", "eval_ppl",
+          "skipped_steps", "decomp_failures", "identity_fallbacks", "rss_mb", "open_fds"]
 
 
 class TrainLog:
@@ -39,7 +40,8 @@ class TrainLog:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, FIELDS).writerow(row)
         if self._tb is not None:
-            for key in ("train_loss", "lr", "tokens_per_s", "eval_loss", "eval_ppl"):
+            for key in ("train_loss", "lr", "tokens_per_s", "eval_loss", "eval_ppl", "skipped_steps", "decomp_failures",
+                        "identity_fallbacks", "rss_mb"):
                 if row[key] != "":
                     self._tb.add_scalar(key, float(row[key]), int(row["step"]))
         done = int(row["step"]) - first_step

@@ -114,6 +114,7 @@ class DistributedStructuredOptimizer(Optimizer):
         self.elem_state: dict[str, dict[str, Any]] = {}
         self._holders: dict[int, dict[str, list[tuple[int, int, int]]]] = {}  # group -> name -> [(rank, start, numel)]
         self.comm_bytes = 0
+        self.skipped_steps = 0  # whole steps skipped for non-finite gradients (any rank)
 
     # ----- ownership ------------------------------------------------------
     @property
@@ -222,16 +223,33 @@ class DistributedStructuredOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
             if not group["params"] or not any(_has_gradient(p) for p in group["params"]):
                 # ZeRO-3 hands us one sub-group at a time (others empty); DeepSpeed's state-init
                 # call has zero gradients: nothing to do either way.
                 continue
-            gi = self._group_index.get(id(group), 0)
-            entries = self._pieces(gi, group)
+            work.append((self._group_index.get(id(group), 0), group))
+        if self._nonfinite_anywhere(work):
+            self.skipped_steps += 1  # the whole step, on every rank: no state or weight changes
+            return loss
+        for gi, group in work:
+            entries = self._pieces(gi, group)  # entries are shared by groups with one index: use at once
             self._step_elementwise(group, [e for e in entries if not e.is_matrix and e.pieces])
             self._step_matrices(gi, group, [e for e in entries if e.is_matrix])
         return loss
+
+    def _nonfinite_anywhere(self, work: list) -> bool:
+        """Whether any rank holds a non-finite gradient this step (one scalar all-reduce per step)."""
+        grads = [g for gi, group in work for e in self._pieces(gi, group) for piece in e.pieces
+                 if (g := piece.grad()) is not None]
+        bad = any(not finite for finite, _ in grad_flags(grads)) if grads else False
+        if self.world > 1:
+            device = self._device(self.param_groups[0]) if self.param_groups and self.param_groups[0]["params"] else None
+            flag = torch.tensor([1.0 if bad else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            bad = bool(flag.item())
+        return bad
 
     def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
         params, grads, states = [], [], []
@@ -425,6 +443,7 @@ class DistributedStructuredOptimizer(Optimizer):
                 out[k] += int(st.get(k, 0))
         out["state_bytes"] = self.state_bytes()
         out["owned_matrices"] = len(self.matrix_state)
+        out["skipped_steps"] = self.skipped_steps
         out["comm_bytes"] = self.comm_bytes
         return out
 

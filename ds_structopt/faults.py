@@ -1,0 +1,91 @@
+"""Deliberate faults, for proving recovery on real processes (off unless ``DS_STRUCTOPT_FAULTS`` is set).
+
+``DS_STRUCTOPT_FAULTS`` holds ``;``-separated faults, each ``kind:key=value,...`` with
+``|`` between list items, e.g. ``kill:rank=1,step=7;nan:step=3|9;decomp:call=2|5``:
+
+- ``kill:rank=R,step=S``       rank R SIGKILLs itself as optimizer step S begins;
+- ``kill_save:rank=R,step=S``  rank R SIGKILLs itself in the middle of writing checkpoint S;
+- ``nan:step=S|...[,rank=R]``  the loss of step S is NaN (all ranks, or only rank R), so are its gradients;
+- ``decomp:call=N|...``        the N-th SVD/eigh call of this process raises (1-based; ``every=K``: every K-th).
+
+Nothing here runs unless the variable is set; the training entry point calls :func:`install`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Optional
+
+ENV = "DS_STRUCTOPT_FAULTS"
+
+
+def parse(text: Optional[str]) -> dict[str, list[dict[str, list[int]]]]:
+    """``kind -> [ {key: [ints]} ]``; a malformed spec is one ValueError line naming it."""
+    faults: dict[str, list[dict[str, list[int]]]] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(";"))):
+        kind, _, args = item.partition(":")
+        if kind not in ("kill", "kill_save", "nan", "decomp"):
+            raise ValueError(f"{ENV}: unknown fault kind {kind!r} in {item!r}")
+        spec: dict[str, list[int]] = {}
+        for pair in filter(None, args.split(",")):
+            key, _, value = pair.partition("=")
+            try:
+                spec[key.strip()] = [int(v) for v in value.split("|")]
+            except ValueError:
+                raise ValueError(f"{ENV}: {key!r} needs integers, got {value!r} in {item!r}") from None
+        faults.setdefault(kind, []).append(spec)
+    return faults
+
+
+_FAULTS = parse(os.environ.get(ENV))
+
+
+def _matches(spec: dict[str, list[int]], **values: int) -> bool:
+    return all(key not in spec or value in spec[key] for key, value in values.items())
+
+
+def _die(what: str) -> None:
+    print(f"[fault injection] {what}: SIGKILL", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_step(step: int, rank: int) -> None:
+    """Called as optimizer step ``step`` (1-based) begins."""
+    for spec in _FAULTS.get("kill", ()):
+        if _matches(spec, step=step, rank=rank):
+            _die(f"rank {rank} at step {step}")
+
+
+def during_save(step: int, rank: int) -> None:
+    """Called between writing a checkpoint's files and publishing it."""
+    for spec in _FAULTS.get("kill_save", ()):
+        if _matches(spec, step=step, rank=rank):
+            _die(f"rank {rank} while saving step {step}")
+
+
+def poison_loss(step: int, rank: int) -> bool:
+    """True when the loss of ``step`` should be made NaN on this rank."""
+    return any(_matches(spec, step=step, rank=rank) for spec in _FAULTS.get("nan", ()))
+
+
+def install() -> None:
+    """Make the configured SVD/eigh calls fail (through the hooks ``optim.linalg`` keeps for this)."""
+    specs = _FAULTS.get("decomp")
+    if not specs:
+        return
+    from .optim import linalg
+
+    calls = {"n": 0}
+
+    def failing(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            n = calls["n"]
+            for spec in specs:
+                every = spec.get("every", [0])[0]
+                if n in spec.get("call", ()) or (every and n % every == 0):
+                    raise RuntimeError(f"[fault injection] decomposition call {n} failed")
+            return real(*args, **kwargs)
+        return call
+
+    linalg._svd, linalg._eigh = failing(linalg._svd), failing(linalg._eigh)
