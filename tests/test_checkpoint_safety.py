@@ -72,3 +72,38 @@ def test_our_checkpoint_loader_refuses_a_poisoned_rank_file(tmp_path):
     refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
     assert refused and "rank00000.pt" in refused[0], proc.stdout
     assert not (tmp_path / "pwned").exists()
+
+
+NONFINITE = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    import ds_structopt
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    opt = ds_structopt.distributed_optimizer(model, "AdaDiag++", lr=1e-2, update_freq=2)
+    for _ in range(3):
+        opt.zero_grad(); model(torch.randn(5, 8)).square().mean().backward(); opt.step()
+    snapshot = lambda: ({k: {n: v.clone() for n, v in st.items() if torch.is_tensor(v)} for k, st in
+                         list(opt.matrix_state.items()) + list(opt.elem_state.items())},
+                        [p.detach().clone() for p in model.parameters()])
+    before = snapshot()
+    opt.zero_grad(); model(torch.randn(5, 8)).square().mean().backward()
+    model[1].bias.grad[0] = float("nan")              # one non-finite value anywhere
+    opt.step()
+    after = snapshot()
+    same = all(torch.equal(before[0][k][n], after[0][k][n]) for k in before[0] for n in before[0][k]) and \\
+        all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+    print("SKIPPED", opt.skipped_steps, "UNCHANGED", same, "STATES", len(before[0]))
+    dist.destroy_process_group()
+""")
+
+
+def test_nonfinite_gradient_skips_the_whole_step_leaving_state_and_weights(tmp_path):
+    from dist.launch import free_port
+
+    proc = subprocess.run([sys.executable, "-c", NONFINITE, str(free_port())], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SKIPPED"))
+    skipped, unchanged, states = line.split()[1], line.split()[3], int(line.split()[5])
+    assert skipped == "1" and unchanged == "True" and states > 0, line

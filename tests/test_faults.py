@@ -57,7 +57,8 @@ def test_killed_rank_stops_the_job_and_resume_loses_nothing(baseline, tmp_path, 
     out = tmp_path / "run"
     code, log, seconds = run(out, faults=f"kill:rank={rank},step={step}")
     assert code != 0 and f"[fault injection] rank {rank} at step {step}: SIGKILL" in log
-    assert "exits with return code = -9" in log, log[-3000:]   # the launcher names the dead rank's process
+    died = [line for line in log.splitlines() if "exits with return code = -9" in line]
+    assert died and f"--local_rank={rank}" in died[0], log[-3000:]  # the launcher names the dead rank
     assert seconds < 180, seconds                                # every rank exited, nothing hung
     last_good = (out / "checkpoints" / "latest").read_text().strip()
     assert last_good == f"step{(step - 1) // 15 * 15:08d}"
