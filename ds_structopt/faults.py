@@ -4,6 +4,7 @@
 ``|`` between list items, e.g. ``kill:rank=1,step=7;nan:step=3|9;decomp:call=2|5``:
 
 - ``kill:rank=R,step=S``       rank R SIGKILLs itself as optimizer step S begins;
+- ``hang:rank=R,step=S``       rank R stops (SIGSTOP) there: alive but silent, the others must time out;
 - ``kill_save:rank=R,step=S``  rank R SIGKILLs itself in the middle of writing checkpoint S;
 - ``nan:step=S|...[,rank=R]``  the loss of step S is NaN (all ranks, or only rank R), so are its gradients;
 - ``decomp:call=N|...``        the N-th SVD/eigh call of this process raises (1-based; ``every=K``: every K-th).
@@ -24,7 +25,7 @@ def parse(text: Optional[str]) -> dict[str, list[dict[str, list[int]]]]:
     faults: dict[str, list[dict[str, list[int]]]] = {}
     for item in filter(None, (part.strip() for part in (text or "").split(";"))):
         kind, _, args = item.partition(":")
-        if kind not in ("kill", "kill_save", "nan", "decomp"):
+        if kind not in ("kill", "hang", "kill_save", "nan", "decomp"):
             raise ValueError(f"{ENV}: unknown fault kind {kind!r} in {item!r}")
         spec: dict[str, list[int]] = {}
         for pair in filter(None, args.split(",")):
@@ -54,6 +55,10 @@ def at_step(step: int, rank: int) -> None:
     for spec in _FAULTS.get("kill", ()):
         if _matches(spec, step=step, rank=rank):
             _die(f"rank {rank} at step {step}")
+    for spec in _FAULTS.get("hang", ()):
+        if _matches(spec, step=step, rank=rank):
+            print(f"[fault injection] rank {rank} hangs at step {step}: SIGSTOP", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def during_save(step: int, rank: int) -> None:

@@ -38,7 +38,15 @@ def _init_distributed(timeout_s: float, required: Optional[bool]) -> None:
 
     if required is False or dist.is_initialized() or "RANK" not in os.environ:
         return
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=float(timeout_s)), verbose=False)
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    # DeepSpeed makes its data-parallel groups with new_group(), which takes torch's module-level
+    # default (30 min), not the world group's timeout: make that default ours too.
+    from torch.distributed import distributed_c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(distributed_c10d, name, None), datetime.timedelta):
+            setattr(distributed_c10d, name, timeout)
+    deepspeed.init_distributed(timeout=timeout, verbose=False)
 
 
 def initialize(
