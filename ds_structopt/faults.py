@@ -45,27 +45,23 @@ def _matches(spec: dict[str, list[int]], **values: int) -> bool:
     return all(key not in spec or value in spec[key] for key, value in values.items())
 
 
-def _die(what: str) -> None:
-    print(f"[fault injection] {what}: SIGKILL", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+def _signal_self(kind: str, what: str, **where: int) -> None:
+    """Send this process the fault's signal when a ``kind`` fault matches ``where``."""
+    signum = signal.SIGSTOP if kind == "hang" else signal.SIGKILL
+    if any(_matches(spec, **where) for spec in _FAULTS.get(kind, ())):
+        print(f"[fault injection] {what}: {signal.Signals(signum).name}", flush=True)
+        os.kill(os.getpid(), signum)
 
 
 def at_step(step: int, rank: int) -> None:
     """Called as optimizer step ``step`` (1-based) begins."""
-    for spec in _FAULTS.get("kill", ()):
-        if _matches(spec, step=step, rank=rank):
-            _die(f"rank {rank} at step {step}")
-    for spec in _FAULTS.get("hang", ()):
-        if _matches(spec, step=step, rank=rank):
-            print(f"[fault injection] rank {rank} hangs at step {step}: SIGSTOP", flush=True)
-            os.kill(os.getpid(), signal.SIGSTOP)
+    _signal_self("kill", f"rank {rank} at step {step}", step=step, rank=rank)
+    _signal_self("hang", f"rank {rank} hangs at step {step}", step=step, rank=rank)
 
 
 def during_save(step: int, rank: int) -> None:
     """Called between writing a checkpoint's files and publishing it."""
-    for spec in _FAULTS.get("kill_save", ()):
-        if _matches(spec, step=step, rank=rank):
-            _die(f"rank {rank} while saving step {step}")
+    _signal_self("kill_save", f"rank {rank} while saving step {step}", step=step, rank=rank)
 
 
 def poison_loss(step: int, rank: int) -> bool:
