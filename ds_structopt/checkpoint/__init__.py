@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..zero.optimizer import DistributedStructuredOptimizer
 from .safe_load import UnsafeCheckpointError, safe_load  # noqa: F401 (re-exported)
+from .state_io import cpu_copy, to_device, write_text_atomic
 
 SUBDIR = "ds_structopt"
 FORMAT_VERSION = 1
@@ -40,11 +41,11 @@ def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
             masters.setdefault(e.name, []).append({"start": piece.start, "value": piece.param.detach().float().clone()})
             st = opt.elem_state.get(f"{e.name}#{piece.start}")
             if not e.is_matrix and st:
-                elements.setdefault(e.name, []).append({"start": piece.start, "state": _cpu(st)})
+                elements.setdefault(e.name, []).append({"start": piece.start, "state": cpu_copy(st)})
     return {
         "version": FORMAT_VERSION,
         "world_size": opt.world,
-        "matrix_state": {name: _cpu(st) for name, st in opt.matrix_state.items()},
+        "matrix_state": {name: cpu_copy(st) for name, st in opt.matrix_state.items()},
         "elements": elements,
         "masters": masters,
     }
@@ -58,10 +59,8 @@ def save(opt: DistributedStructuredOptimizer, directory: str) -> None:
     torch.save(local_state(opt), tmp)
     os.replace(tmp, path)
     if opt.rank == 0:
-        meta = os.path.join(directory, SUBDIR, "meta.json")
-        with open(meta + ".tmp", "w") as f:
-            json.dump({"version": FORMAT_VERSION, "world_size": opt.world, "optimizer": opt.math.NAME}, f)
-        os.replace(meta + ".tmp", meta)
+        write_text_atomic(os.path.join(directory, SUBDIR, "meta.json"),
+                          json.dumps({"version": FORMAT_VERSION, "world_size": opt.world, "optimizer": opt.math.NAME}))
 
 
 def saved_world_size(directory: str) -> Optional[int]:
@@ -99,7 +98,7 @@ def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
     for e in opt.entries_with_pieces():
         if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in matrix_state:
             device = e.pieces[0].param.device if e.pieces else torch.device("cpu")
-            opt.matrix_state[e.name] = _to(matrix_state[e.name], device)
+            opt.matrix_state[e.name] = to_device(matrix_state[e.name], device)
         full_master = _assemble(masters.get(e.name, []), lambda item: item["value"], e)
         for piece in e.pieces:
             if full_master is not None:
@@ -132,14 +131,6 @@ def _slice_state(items: list[dict[str, Any]], e, piece) -> dict[str, Any]:
         else:
             out[key] = val
     return out
-
-
-def _cpu(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-
-
-def _to(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
 def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .. import faults
+from ..checkpoint.state_io import write_text_atomic
 
 INCOMING = ".incoming"
 MANIFEST = "manifest.json"
@@ -65,7 +66,7 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(os.path.join(incoming, tag), final)
-        _write_atomic(os.path.join(root, "latest"), tag)
+        write_text_atomic(os.path.join(root, "latest"), tag)
         for old in sorted(t for t in os.listdir(root) if t.startswith("step"))[:-keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
@@ -76,7 +77,7 @@ def write_manifest(folder: str) -> None:
     files = {}
     for path in sorted(_files(folder)):
         files[os.path.relpath(path, folder)] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    _write_atomic(os.path.join(folder, MANIFEST), json.dumps({"files": files}, indent=1))
+    write_text_atomic(os.path.join(folder, MANIFEST), json.dumps({"files": files}, indent=1))
 
 
 def verify(folder: str) -> None:
@@ -178,11 +179,3 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)

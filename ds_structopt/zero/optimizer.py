@@ -258,15 +258,11 @@ class DistributedStructuredOptimizer(Optimizer):
                 g = piece.grad()
                 if g is None:
                     continue
-                st = self.elem_state.setdefault(f"{e.name}#{piece.start}", {})
-                finite, nonzero = grad_flags([g])[0]
-                if not finite:
-                    st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
-                if not (finite and nonzero):
+                if not grad_flags([g])[0][1]:  # all zero: no step (non-finite ones skipped the whole step)
                     continue
                 params.append(piece.param)
                 grads.append(g)
-                states.append(st)
+                states.append(self.elem_state.setdefault(f"{e.name}#{piece.start}", {}))
         if params:
             wd = group["adam_weight_decay"] if group["adam_weight_decay"] is not None else group["weight_decay"]
             adamw_step(params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
@@ -381,13 +377,11 @@ class DistributedStructuredOptimizer(Optimizer):
         if not mine:
             return updates
         grads = [full_grads[e.name].view(e.shape[0], -1) for e in mine]
-        flags = grad_flags(grads)
-        live = [(e, g) for e, g, (finite, nonzero) in zip(mine, grads, flags) if finite and nonzero]
-        for e, (finite, nonzero) in zip(mine, flags):
-            if not (finite and nonzero):  # skipped: step size 0 tells the holders to leave it
-                if not finite:
-                    st = self.matrix_state.setdefault(e.name, {})
-                    st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+        # non-finite gradients skipped the whole step (_nonfinite_anywhere); all-zero ones skip the matrix
+        nonzero = [flag for _, flag in grad_flags(grads)]
+        live = [(e, g) for e, g, ok in zip(mine, grads, nonzero) if ok]
+        for e, ok in zip(mine, nonzero):
+            if not ok:  # skipped: step size 0 tells the holders to leave it
                 updates[e.name] = (torch.zeros(_numel(e.shape), device=grads[0].device), 0.0)
         if live:
             states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]

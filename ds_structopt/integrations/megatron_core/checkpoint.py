@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from ...checkpoint.safe_load import safe_load
+from ...checkpoint.state_io import cpu_copy, to_device, write_text_atomic
 
 FORMAT_VERSION = 1
 
@@ -52,22 +53,18 @@ def _main_param(p: torch.Tensor) -> torch.Tensor:
     return getattr(p, "main_param", p)
 
 
-def _cpu(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-
-
 def _owned_state(optimizer: Any) -> dict[str, Any]:
     names, rank = optimizer.param_names, dist.get_rank(optimizer.dp_group)
     optimizer.structured.settle()
     items = optimizer.structured.work_items()  # builds the structured optimizer if no step ran yet
     inner = optimizer.structured.inner
-    structured = {n: _cpu(inner.state[w]) for n, w in items if w in inner.state}
+    structured = {n: cpu_copy(inner.state[w]) for n, w in items if w in inner.state}
     elementwise: dict[str, Any] = {}
     for wrapper in optimizer.chained_optimizers[1:]:
         for p in optimizer.params_by_owner[rank]:
             main = _main_param(p)
             if main in wrapper.optimizer.state:
-                elementwise[names[p]] = _cpu(wrapper.optimizer.state[main])
+                elementwise[names[p]] = cpu_copy(wrapper.optimizer.state[main])
     masters = {names[p]: _main_param(p).detach().float().cpu().clone() for p in optimizer.params_by_owner[rank]}
     return {"version": FORMAT_VERSION, "structured": structured, "elementwise": elementwise, "masters": masters}
 
@@ -96,9 +93,7 @@ def save_checkpoint(directory: str, iteration: int, model_chunks: list[torch.nn.
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(directory, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(directory, "latest.tmp"), os.path.join(directory, "latest"))
+        write_text_atomic(os.path.join(directory, "latest"), os.path.basename(final))
     dist.barrier()
     return final
 
@@ -150,14 +145,12 @@ def load_checkpoint(path: str, model_chunks: list[torch.nn.Module], optimizer: A
             p.copy_(main)
         for wrapper in optimizer.chained_optimizers[1:]:
             if name in saved["elementwise"] and any(main is q for g in wrapper.optimizer.param_groups for q in g["params"]):
-                wrapper.optimizer.state[main] = {k: (v.to(main.device) if isinstance(v, torch.Tensor) else v)
-                                                 for k, v in saved["elementwise"][name].items()}
+                wrapper.optimizer.state[main] = to_device(saved["elementwise"][name], main.device)
     items = optimizer.structured.work_items()
     inner = optimizer.structured.inner
     for name, w in items:
         if name in saved["structured"]:
-            inner.state[w] = {k: (v.to(w.device) if isinstance(v, torch.Tensor) else v)
-                              for k, v in saved["structured"][name].items()}
+            inner.state[w] = to_device(saved["structured"][name], w.device)
     if optimizer.grad_scaler is not None and common["grad_scaler"]:
         optimizer.grad_scaler.load_state_dict(common["grad_scaler"])
     return common
