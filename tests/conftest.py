@@ -1,10 +1,15 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Every rank a test starts inherits this: JIT builds (if any) go to a fresh folder, so a lock left in
+# ~/.cache/torch_extensions by a job killed mid-compile elsewhere cannot stall the suite.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="ds_structopt_test_ext_"))
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
-def launch(out, *extra, steps=60):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def launch(out, *extra, steps=60, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_extra)
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "ds_structopt.train",
            "--steps", str(steps), "--eval-every", "30", "--save-every", "15", "--log-every", "5",
            "--output-dir", str(out), *extra]
@@ -92,3 +92,22 @@ def test_readme_main_command(tmp_path):
     assert result["final"]["step"] == 300
     assert result["final"]["eval_loss"] < result["first_eval_loss"] - 2.0, result  # 5.6 -> ~2.4 measured
     assert (out / "metrics.csv").exists() and (out / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_stale_jit_lock_does_not_block_start(tmp_path, monkeypatch):
+    """A rank killed while DeepSpeed JIT-compiled its shm comm op leaves the build lock behind; every
+    later job used to wait on it forever (a CI run hung so). The entry point must not build that op."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    ext_dir = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext_dir))
+    build_dir = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    (build_dir / "lock").write_text("")  # the stale lock, exactly where torch's FileBaton looks
+    proc = launch(tmp_path / "run", steps=2, TORCH_EXTENSIONS_DIR=str(ext_dir))
+    try:
+        finished(proc, timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not list(ext_dir.rglob("*.so")), "a DeepSpeed op was JIT-compiled"

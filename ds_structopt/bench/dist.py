@@ -205,7 +205,12 @@ def launch_ranks(module: str, cfg: dict[str, Any], timeout: float = 1200) -> lis
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
             procs.append(subprocess.Popen([sys.executable, "-m", module, "--worker", json.dumps(cfg)],
                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        try:
+            outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"{module} ranks={cfg['ranks']}: no result after {timeout:.0f} s (ranks killed)")
         failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode]
         finished = all(Path(tmp, f"rank{r}.json").exists() for r in range(cfg["ranks"]))
         if failed and finished:

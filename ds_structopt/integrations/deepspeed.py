@@ -71,9 +71,11 @@ def initialize(
     import deepspeed
 
     from ..zero.optimizer import DistributedStructuredOptimizer
+    from .deepspeed_ops import skip_unused_jit_ops
     from .launch_env import adopt_slurm_env
 
     adopt_slurm_env()
+    skip_unused_jit_ops()
     _init_distributed(parsed.dist_options["collective_timeout_s"], dist_init_required)
 
     if args is not None and getattr(args, "deepspeed_config", None) is not None:

@@ -18,6 +18,11 @@ import torch
 from transformers import Trainer
 
 from .deepspeed_config import parse_config
+from .deepspeed_ops import skip_unused_jit_ops
+
+# TrainingArguments(deepspeed=...) starts DeepSpeed's comm backend before any Trainer exists, so
+# the unused shm op is marked at import (scripts import StructOptTrainer before making the args).
+skip_unused_jit_ops()
 
 
 class StructOptTrainer(Trainer):
