@@ -37,8 +37,11 @@ def zero_init(config: Any, **kwargs: Any):
     import deepspeed
 
     from .integrations.deepspeed_config import parse_config
+    from .integrations.deepspeed_ops import skip_unused_jit_ops
 
-    return deepspeed.zero.Init(config_dict_or_path=parse_config(config).ds_config, **kwargs)
+    parsed = parse_config(config)
+    skip_unused_jit_ops()  # zero.Init may be the first thing that starts DeepSpeed's comm backend
+    return deepspeed.zero.Init(config_dict_or_path=parsed.ds_config, **kwargs)
 
 
 def metrics(engine: Any) -> dict[str, float]:

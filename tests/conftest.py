@@ -9,7 +9,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # Every rank a test starts inherits this: JIT builds (if any) go to a fresh folder, so a lock left in
 # ~/.cache/torch_extensions by a job killed mid-compile elsewhere cannot stall the suite.
+_EXT_OURS = "TORCH_EXTENSIONS_DIR" not in os.environ
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="ds_structopt_test_ext_"))
+_EXT_DIR = os.environ["TORCH_EXTENSIONS_DIR"]
+_EXT_BEFORE = set(os.listdir(_EXT_DIR)) if os.path.isdir(_EXT_DIR) else set()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any test path made DeepSpeed JIT-compile an op: minutes of g++ per fresh CI
+    machine, and a killed compile leaves a lock that hangs every later DeepSpeed start."""
+    built = sorted(set(os.listdir(_EXT_DIR)) - _EXT_BEFORE) if os.path.isdir(_EXT_DIR) else []
+    if built:
+        print(f"\nerror: DeepSpeed JIT-compiled {built} into {_EXT_DIR}; a code path starts DeepSpeed's comm "
+              "backend without ds_structopt.integrations.deepspeed_ops.skip_unused_jit_ops()")
+        session.exitstatus = 1
+    elif _EXT_OURS:
+        os.rmdir(_EXT_DIR)
 
 
 @pytest.fixture(autouse=True)
