@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import DEEPSPEED, ROOT, _port, final_weights
+from dist.launch import free_port
+from test_train import DEEPSPEED, ROOT, final_weights
 
 STEPS = 45  # checkpoints at 15, 30, 45 (keep_last 2)
 
@@ -26,7 +27,7 @@ def run(out, *extra, faults="", steps=STEPS, config=None, timeout=600, launcher=
     if launcher == "torchrun":
         start = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     else:
-        start = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module"]
+        start = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module"]
     cmd = [*start, "ds_structopt.train",
            "--steps", str(steps), "--eval-every", "45", "--save-every", "15", "--log-every", "5",
            "--output-dir", str(out), *extra]

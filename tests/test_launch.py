@@ -1,12 +1,12 @@
 """Launch scripts: real launchers start the training job; missing pieces fail with one clear line."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -18,17 +18,11 @@ def _env(**extra):
     return env
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks(tmp_path):
     out = tmp_path / "tr"
     proc = subprocess.run(["bash", "launch/torchrun.sh", "--steps", "20", "--eval-every", "20", "--save-every", "20",
-                           "--output-dir", str(out)], cwd=ROOT, env=_env(MASTER_PORT=_port()),
+                           "--output-dir", str(out)], cwd=ROOT, env=_env(MASTER_PORT=str(free_port())),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())

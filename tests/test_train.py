@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -18,19 +19,11 @@ DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 def launch(out, *extra, steps=60, **env_extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_extra)
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "ds_structopt.train",
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_structopt.train",
            "--steps", str(steps), "--eval-every", "30", "--save-every", "15", "--log-every", "5",
            "--output-dir", str(out), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def _port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finished(proc, timeout=600):
