@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
-def launch(out, *extra, steps=60, **env_extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_extra)
+def launch(out, *extra, steps=60):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_structopt.train",
            "--steps", str(steps), "--eval-every", "30", "--save-every", "15", "--log-every", "5",
            "--output-dir", str(out), *extra]
@@ -93,11 +93,13 @@ def test_stale_jit_lock_does_not_block_start(tmp_path, monkeypatch):
     later job used to wait on it forever (a CI run hung so). The entry point must not build that op."""
     from torch.utils.cpp_extension import _get_build_directory
 
+    from ds_structopt.integrations.deepspeed_ops import SHM_COMM_OP
+
     ext_dir = tmp_path / "torch_extensions"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext_dir))
-    build_dir = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext_dir))  # inherited by the launched ranks
+    build_dir = Path(_get_build_directory(SHM_COMM_OP, verbose=False))
     (build_dir / "lock").write_text("")  # the stale lock, exactly where torch's FileBaton looks
-    proc = launch(tmp_path / "run", steps=2, TORCH_EXTENSIONS_DIR=str(ext_dir))
+    proc = launch(tmp_path / "run", steps=2)
     try:
         finished(proc, timeout=300)
     finally:
