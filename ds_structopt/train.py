@@ -111,11 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     def evaluate() -> float:
         engine.eval()
         rows = eval_rows.chunk(world)[rank] if len(eval_rows) >= world else eval_rows  # else: all ranks, all rows
-        total = torch.zeros(2)
+        total = torch.zeros(2, device=engine.device)  # all-reduced below: NCCL needs it on the GPU
         with torch.no_grad():
             for batch in rows.long().split(micro):
+                batch = batch.to(engine.device)  # DeepSpeed's forward does not move inputs
                 loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
-                total += torch.tensor([loss.item() * len(batch), len(batch)])
+                total[0] += loss.detach().float() * len(batch)
+                total[1] += len(batch)
         if dist.is_initialized():
             dist.all_reduce(total)
         engine.train()
@@ -133,13 +135,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         rows = data.train[sampler.next_indices()].long()
         losses = []
         for batch in rows.split(micro)[:accum]:
+            batch = batch.to(engine.device, non_blocking=True)
             loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
             if faults.poison_loss(step + 1, rank):
                 loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
         done = step + 1
+        losses = [x.item() for x in losses]  # one host sync per step, after its micro-batches
         if _skipped(engine, ours) > skipped_before and rank == 0:
             print(f"warning: step {done}: non-finite gradients on some rank, optimizer step skipped on all ranks "
                   f"(weights and optimizer state unchanged; {_skipped(engine, ours)} skipped so far)", flush=True)
@@ -152,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             row.update(step=done, train_loss=sum(losses) / len(losses), lr=engine.optimizer.param_groups[0]["lr"],
                        tokens=done * tokens_per_step, seconds=round(elapsed, 3),
                        tokens_per_s=(done - start_step) * tokens_per_step / max(elapsed, 1e-9),
-                       skipped_steps=_skipped(engine, ours), **_health(ours))
+                       skipped_steps=_skipped(engine, ours), **_health(ours, engine.device))
             log.write(row, start_step)
             last = row
         if done % args.save_every == 0 or done == args.steps:
@@ -196,16 +200,17 @@ def _skipped(engine: Any, ours: Any) -> int:
     return int(getattr(engine, "skipped_steps", 0)) + (ours.skipped_steps if ours is not None else 0)
 
 
-def _health(ours: Any) -> dict[str, Any]:
+def _health(ours: Any, device: Any) -> dict[str, Any]:
     """Decomposition-failure counters summed over ranks, and rank 0's memory and open files."""
     import torch.distributed as dist
 
     values = ours.metrics() if ours is not None else {}
-    counts = torch.tensor([float(values.get(k, 0)) for k in ("decomp_failures", "identity_fallbacks")])
+    counts = torch.tensor([float(values.get(k, 0)) for k in ("decomp_failures", "identity_fallbacks")],
+                          device=device)  # all-reduced: on the rank's GPU under NCCL
     if dist.is_initialized():
         dist.all_reduce(counts)
-    out = {"decomp_failures": int(counts[0]),
-           "identity_fallbacks": int(counts[1])}
+    failures, fallbacks = counts.tolist()
+    out = {"decomp_failures": int(failures), "identity_fallbacks": int(fallbacks)}
     try:
         with open("/proc/self/status") as f:
             rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

@@ -97,8 +97,7 @@ def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
     opt.elem_state.clear()
     for e in opt.entries_with_pieces():
         if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in matrix_state:
-            device = e.pieces[0].param.device if e.pieces else torch.device("cpu")
-            opt.matrix_state[e.name] = to_device(matrix_state[e.name], device)
+            opt.matrix_state[e.name] = to_device(matrix_state[e.name], opt.compute_device)
         full_master = _assemble(masters.get(e.name, []), lambda item: item["value"], e)
         for piece in e.pieces:
             if full_master is not None:

@@ -8,14 +8,28 @@ from typing import Any
 import torch
 
 
-def cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
-    """A detached CPU copy of one parameter's state (tensors copied, other values as they are)."""
-    return {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+def cpu_copy(state: Any) -> Any:
+    """A detached CPU copy of saved state, however deeply nested (tensors copied, other values as they are)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return state
 
 
-def to_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One parameter's saved state with its tensors moved to ``device``."""
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+def to_device(state: Any, device: torch.device) -> Any:
+    """Saved state with every tensor moved to ``device``, however deeply nested (a parked
+    refresh-ahead result is a dict holding a list of bases: left on the CPU it would meet the
+    GPU moments in the next step's math)."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: to_device(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_device(v, device) for v in state)
+    return state
 
 
 def write_text_atomic(path: str, text: str) -> None:

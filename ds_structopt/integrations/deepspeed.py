@@ -11,6 +11,8 @@ import copy
 import os
 from typing import Any, Mapping, Optional, Union
 
+import torch
+
 from ..grouping import param_groups
 from .deepspeed_config import ConfigError, StructOptConfig, parse_config
 
@@ -65,6 +67,9 @@ def initialize(
 ):
     """Drop-in for ``deepspeed.initialize`` that understands ``"type": "AdaDiag++"`` (and AdaDiag, ASGO, DASGO)."""
     parsed: StructOptConfig = parse_config(_config_source(args, config, config_params))
+    if parsed.optimizer_cls is not None and mpu is not None:
+        raise ConfigError("mpu (tensor/pipeline model parallelism) is not supported by ds_structopt's DeepSpeed "
+                          "integration: its owners span the whole world; use the Megatron-core integration")
     if parsed.optimizer_cls is not None and optimizer is not None:
         raise ConfigError("the config names optimizer type "
                           f"'{parsed.optimizer_type}' and an optimizer object was passed too; give one of them")
@@ -108,13 +113,41 @@ def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
         return ours
     from ..checkpoint import wrap_engine_checkpointing
 
+    if engine.dp_world_size != ours.world:
+        raise RuntimeError(f"ds_structopt: DeepSpeed's data-parallel world ({engine.dp_world_size} ranks) is not the "
+                           f"optimizer's ({ours.world}); model/sequence parallel layouts are not supported here")
     if engine.zero_optimization_stage() == 3:
         ours.flat_layouts = zero3_layouts(engine.optimizer)
         ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
+    bracket_zero_steps(engine.optimizer, ours)
     wrap_engine_checkpointing(engine, ours)
     _log_metrics_to_monitor(engine, ours)
     engine._ds_structopt_attached = True
     return ours
+
+
+def bracket_zero_steps(zero_opt: Any, ours: Any) -> None:
+    """Make one DeepSpeed optimizer step one step for us, however many ``step()`` calls DeepSpeed
+    splits it into (one per param group at ZeRO-1/2, per sub-group at ZeRO-3). At ZeRO-3 the
+    sub-groups' gradients wait in ``averaged_gradients`` until their turn: the first call's
+    non-finite check includes them."""
+    if zero_opt is ours or getattr(zero_opt, "_ds_structopt_bracketed", False):
+        return  # DeepSpeed calls us directly (no wrapper): one call is one step
+    ds_step = zero_opt.step
+
+    def pending() -> list[Any]:
+        waiting = getattr(zero_opt, "averaged_gradients", None) or {}
+        out = []
+        for grads in waiting.values():
+            out.extend([grads] if isinstance(grads, torch.Tensor) else [g for g in grads or () if g is not None])
+        return out
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        with ours.optimizer_step(pending):
+            return ds_step(*args, **kwargs)
+
+    zero_opt.step = step
+    zero_opt._ds_structopt_bracketed = True
 
 
 def zero3_layouts(zero_opt: Any) -> dict[int, list[tuple[Any, int, int, int]]]:

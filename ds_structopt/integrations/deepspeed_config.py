@@ -89,6 +89,7 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
     except ValueError as exc:
         raise ConfigError(f"optimizer.params: {exc}") from None
     _check_zero(cfg)
+    _check_parallelism(cfg)
     if (cfg.get("zero_optimization") or {}).get("stage", 0) == 3 and params.get("relative_step"):
         raise ConfigError("optimizer.params.relative_step=true needs whole weights and is not supported at ZeRO stage 3")
     del cfg["optimizer"]
@@ -136,6 +137,20 @@ def _check_zero(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"zero_optimization.{key}.device={device!r} is not supported with ds_structopt optimizers "
                 "(their step runs where the partitions live); remove the offload block")
+
+
+def _check_parallelism(cfg: Mapping[str, Any]) -> None:
+    """Our owners and messages span DeepSpeed's data-parallel group, which we take to be the whole
+    world; layouts that split it further (sequence parallelism, hpZ's secondary partitions, MiCS
+    shards) would send our messages to the wrong ranks, so they are refused up front."""
+    zero = cfg.get("zero_optimization", {}) or {}
+    checks = (("sequence_parallel_size", cfg.get("sequence_parallel_size"), (None, 1)),
+              ("zero_optimization.zero_hpz_partition_size", zero.get("zero_hpz_partition_size"), (None, 1)),
+              ("zero_optimization.mics_shard_size", zero.get("mics_shard_size"), (None, -1, 0)))
+    for key, value, allowed in checks:
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not supported with ds_structopt optimizers (their owners span "
+                              "the whole data-parallel world); remove it")
 
 
 def _is_torch_optimizer(name: str) -> bool:

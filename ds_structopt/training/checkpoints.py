@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .. import faults
 from ..checkpoint.state_io import write_text_atomic
+from ..comm import comm_device
 
 INCOMING = ".incoming"
 MANIFEST = "manifest.json"
@@ -42,7 +43,7 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
     rank = engine.global_rank
     incoming = os.path.join(root, INCOMING)
     problem = _space_problem(root) if rank == 0 else None
-    if _agree(problem is not None):
+    if _agree(problem is not None, engine.device):
         if rank == 0:
             print(f"warning: checkpoint {tag} skipped: {problem}; newest kept: {latest(root)}", flush=True)
         return None
@@ -51,7 +52,7 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
         engine.save_checkpoint(incoming, tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as exc:  # disk full, I/O errors: never fatal, never published
         error = exc
-    if _agree(error is not None):
+    if _agree(error is not None, engine.device):
         if error is not None:
             print(f"warning: rank {rank}: checkpoint {tag} failed ({type(error).__name__}: {error}); "
                   f"newest kept: {latest(root)}", flush=True)
@@ -152,11 +153,11 @@ def _space_problem(root: str) -> Optional[str]:
     return None
 
 
-def _agree(flag: bool) -> bool:
-    """True on every rank when it is true on any rank."""
+def _agree(flag: bool, device: Any) -> bool:
+    """True on every rank when it is true on any rank (``device``: the engine's, as NCCL needs)."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device(None, device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -32,14 +32,16 @@ Messages are ``batch_isend_irecv`` of ``isend``/``irecv`` (gloo and NCCL).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..comm import comm_device
 from ..optim.adamw import adamw_step
 from ..optim.base import COUNTERS, StructuredOptimizer, grad_flags
 from .ownership import MatrixInfo, plan_replica_owners
@@ -103,7 +105,9 @@ class DistributedStructuredOptimizer(Optimizer):
         if ownership not in ("local", "balanced"):
             raise ValueError(f"ownership must be 'local' or 'balanced', got {ownership!r}")
         self.ownership = ownership
-        self.replicas = ReplicaGroups(self.world, ownership_group_size, self.group)
+        first = next((p for g in self.math.param_groups for p in g["params"]), None)
+        self._construction_device = first.device if first is not None else torch.device("cpu")
+        self.replicas = ReplicaGroups(self.world, ownership_group_size, self.group, device=self._construction_device)
         self._owners: Optional[dict[str, list[int]]] = None
         self._my_owners: Optional[dict[str, int]] = None
         # ZeRO-3: flat partition (by id) -> [(model param, offset in flat, start in param, numel)],
@@ -115,6 +119,7 @@ class DistributedStructuredOptimizer(Optimizer):
         self._holders: dict[int, dict[str, list[tuple[int, int, int]]]] = {}  # group -> name -> [(rank, start, numel)]
         self.comm_bytes = 0
         self.skipped_steps = 0  # whole steps skipped for non-finite gradients (any rank)
+        self._bracket: Optional[dict[str, Any]] = None  # set by optimizer_step()
 
     # ----- ownership ------------------------------------------------------
     @property
@@ -217,21 +222,35 @@ class DistributedStructuredOptimizer(Optimizer):
             self._holders[key] = holders
 
     # ----- the step -------------------------------------------------------
+    @contextmanager
+    def optimizer_step(self, pending_grads: Optional[Callable[[], list[Tensor]]] = None) -> Iterator[None]:
+        """Bracket one optimizer step that the caller splits into several ``step()`` calls.
+
+        DeepSpeed calls ``step()`` once per param group (ZeRO-1/2) or per sub-group (ZeRO-3).
+        Inside the bracket the first call makes the step's one decision (skip it for a
+        non-finite gradient anywhere, or take it) for every later call, so a NaN in the last
+        sub-group cannot leave the first ones stepped, and a skip is counted once.
+        ``pending_grads`` returns the gradients the caller will hand us in later calls (they
+        are not on our partitions yet), so that first decision sees all of them.
+        """
+        self._bracket = {"decision": None, "pending": pending_grads}
+        try:
+            yield
+        finally:
+            self._bracket = None
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group in self.param_groups:
-            if not group["params"] or not any(_has_gradient(p) for p in group["params"]):
-                # ZeRO-3 hands us one sub-group at a time (others empty); DeepSpeed's state-init
-                # call has zero gradients: nothing to do either way.
-                continue
-            work.append((self._group_index.get(id(group), 0), group))
-        if self._nonfinite_anywhere(work):
-            self.skipped_steps += 1  # the whole step, on every rank: no state or weight changes
+        # Presence of a gradient is the same on every rank (ZeRO-3's empty sub-groups, unused
+        # parameters); its values are not, so nothing below skips collectives on local values.
+        work = [(self._group_index.get(id(group), 0), group) for group in self.param_groups
+                if group["params"] and any(p.grad is not None for p in group["params"])]
+        decision = self._decide(work)
+        if decision != "step":  # "skip": non-finite somewhere; "idle": all zero everywhere (state init)
             return loss
         for gi, group in work:
             entries = self._pieces(gi, group)  # entries are shared by groups with one index: use at once
@@ -239,17 +258,31 @@ class DistributedStructuredOptimizer(Optimizer):
             self._step_matrices(gi, group, [e for e in entries if e.is_matrix])
         return loss
 
-    def _nonfinite_anywhere(self, work: list) -> bool:
-        """Whether any rank holds a non-finite gradient this step (one scalar all-reduce per step)."""
+    def _decide(self, work: list) -> str:
+        """"step", "skip" (a non-finite gradient on any rank) or "idle" (every gradient on every rank
+        is zero: DeepSpeed's state-initialising call). One small all-reduce per optimizer step,
+        made by every rank of the group."""
+        bracket = self._bracket
+        if bracket is not None and bracket["decision"] is not None:
+            return bracket["decision"]
         grads = [g for gi, group in work for e in self._pieces(gi, group) for piece in e.pieces
                  if (g := piece.grad()) is not None]
-        bad = any(not finite for finite, _ in grad_flags(grads)) if grads else False
+        if bracket is not None and bracket["pending"] is not None:
+            grads += [g for g in bracket["pending"]() if g is not None and g.numel()]
+        flags = grad_flags(grads)
+        bad = any(not finite for finite, _ in flags)
+        live = any(nonzero for _, nonzero in flags)
         if self.world > 1:
-            device = self._device(self.param_groups[0]) if self.param_groups and self.param_groups[0]["params"] else None
-            flag = torch.tensor([1.0 if bad else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            bad = bool(flag.item())
-        return bad
+            near = grads[0].device if grads else None
+            both = torch.tensor([float(bad), float(live)], device=comm_device(self.group, near))
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+            bad, live = (bool(x) for x in both.tolist())
+        decision = "skip" if bad else ("step" if live else "idle")
+        if decision == "skip":
+            self.skipped_steps += 1  # the whole step, on every rank: no state or weight changes
+        if bracket is not None:
+            bracket["decision"] = decision
+        return decision
 
     def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
         params, grads, states = [], [], []
@@ -316,7 +349,8 @@ class DistributedStructuredOptimizer(Optimizer):
 
         # 2. owners compute: first what is already here, then what arrives
         by_name = {e.name: e for e in entries}
-        updates = self._owner_updates(group, by_name, local)
+        weights = self._weight_rms(group, entries, holders, device) if group.get("relative_step") else None
+        updates = self._owner_updates(group, by_name, local, weights)
         for w in works:
             w.wait()
         for src, buf in inbox:
@@ -326,7 +360,7 @@ class DistributedStructuredOptimizer(Optimizer):
                     if r == src:
                         full[e.name].narrow(0, start, n).copy_(buf.narrow(0, offset, n))
                         offset += n
-        updates.update(self._owner_updates(group, by_name, full))
+        updates.update(self._owner_updates(group, by_name, full, weights))
 
         # 3. update slices (and step sizes) back to the other holders in this replica group
         wd = group["weight_decay"]
@@ -369,15 +403,34 @@ class DistributedStructuredOptimizer(Optimizer):
                     if lr != 0.0:
                         self._apply_piece(piece, chunk, lr, wd)
 
-    def _owner_updates(self, group: dict[str, Any], by_name: dict[str, Entry],
-                       full_grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, float]]:
+    def _weight_rms(self, group: dict[str, Any], entries: list[Entry], holders: dict[str, list[tuple[int, int, int]]],
+                    device: torch.device) -> dict[str, Tensor]:
+        """Per matrix, a one-element tensor whose RMS is the whole weight's RMS (Adafactor's
+        relative step needs it; an owner holds only its pieces under ZeRO/FSDP2). Every rank
+        adds the squares of its pieces of the matrices their owner does not hold whole, in one
+        all-reduce that every rank makes (a reduction on the owner alone would hang)."""
+        owners = self.owners
+        sums = torch.zeros(len(entries), dtype=torch.float32, device=device)
+        for i, e in enumerate(entries):
+            whole = _covered(holders[e.name], owners[e.name], _numel(e.shape))
+            if (whole and owners[e.name] == self.rank) or (not whole and e.pieces):
+                pieces = e.pieces[:1] if whole and len(e.pieces) == 1 else e.pieces
+                sums[i] = sum(p.param.float().square().sum() for p in pieces)
+        shared = [i for i, e in enumerate(entries) if not _covered(holders[e.name], owners[e.name], _numel(e.shape))]
+        if shared and self.world > 1:
+            dist.all_reduce(sums, group=self.group)
+        return {e.name: (sums[i] / _numel(e.shape)).sqrt().reshape(1) for i, e in enumerate(entries)
+                if owners[e.name] == self.rank}
+
+    def _owner_updates(self, group: dict[str, Any], by_name: dict[str, Entry], full_grads: dict[str, Tensor],
+                       weight_rms: Optional[dict[str, Tensor]] = None) -> dict[str, tuple[Tensor, float]]:
         """Updates (flat) and step sizes of owned matrices from their full gradients; 0 = skipped."""
         updates: dict[str, tuple[Tensor, float]] = {}
         mine = [by_name[n] for n in full_grads]
         if not mine:
             return updates
         grads = [full_grads[e.name].view(e.shape[0], -1) for e in mine]
-        # non-finite gradients skipped the whole step (_nonfinite_anywhere); all-zero ones skip the matrix
+        # non-finite gradients skipped the whole step (_decide); all-zero ones skip the matrix
         nonzero = [flag for _, flag in grad_flags(grads)]
         live = [(e, g) for e, g, ok in zip(mine, grads, nonzero) if ok]
         for e, ok in zip(mine, nonzero):
@@ -385,7 +438,8 @@ class DistributedStructuredOptimizer(Optimizer):
                 updates[e.name] = (torch.zeros(_numel(e.shape), device=grads[0].device), 0.0)
         if live:
             states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]
-            ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=[e.lp for e, _ in live])
+            weights = [weight_rms[e.name] for e, _ in live] if weight_rms is not None else [e.lp for e, _ in live]
+            ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
             for (e, _), u, lr in zip(live, ups, sizes):
                 updates[e.name] = (u.reshape(-1), lr)
         return updates
@@ -422,6 +476,18 @@ class DistributedStructuredOptimizer(Optimizer):
         if w32 is not w:
             w.copy_(w32)
 
+    @property
+    def compute_device(self) -> torch.device:
+        """Where owned state lives and our math runs: with the parameters (or DeepSpeed's
+        partitions) we step. An owner may hold no piece of a matrix it owns (ZeRO-1/2), so
+        this is never taken from the matrix's own pieces."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        for flat in self.flat_tensors.values():  # ZeRO-3 between steps: its groups are empty
+            return flat.device
+        return self._construction_device
+
     def _device(self, group: dict[str, Any]) -> torch.device:
         return group["params"][0].device
 
@@ -456,14 +522,6 @@ def _is_dtensor(t: Tensor) -> bool:
 def _local(t: Tensor) -> Tensor:
     """This rank's storage of a tensor (the local shard of an FSDP2 DTensor, else the tensor)."""
     return t.to_local() if _is_dtensor(t) else t
-
-
-def _has_gradient(p: Tensor) -> bool:
-    """DeepSpeed's state-init call has all-zero gradients; FSDP2 shards are checked by presence only
-    (a local all-zero shard on one rank must not make it skip a step the others take)."""
-    if p.grad is None:
-        return False
-    return True if _is_dtensor(p) else bool(p.grad.any())
 
 
 def _dtensor_pieces(param: Tensor) -> list[Piece]:

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.distributed as dist
+
+from ..comm import comm_device
 
 
 class ReplicaGroups:
     """Which replica group this rank is in, and that group's process group (None = the whole group)."""
 
-    def __init__(self, world: int, group_size: Optional[int], parent: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, world: int, group_size: Optional[int], parent: Optional[dist.ProcessGroup] = None,
+                 device: Optional[torch.device] = None) -> None:
         size = world if group_size is None else group_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1 or world % size:
             raise ValueError(f"ownership_group_size must divide the data-parallel world size {world}, got {group_size!r}")
@@ -34,6 +38,10 @@ class ReplicaGroups:
                 pg = dist.new_group(members)
                 if k == self.index:
                     self.group = pg
+            # NCCL creates a group's communicator on its first use, with every member taking part;
+            # our first use is a point-to-point batch that members without messages skip (a hang),
+            # so every member makes one tiny collective on its group now.
+            dist.all_reduce(torch.zeros(1, device=comm_device(self.group, device)), group=self.group)
 
     def members(self, k: Optional[int] = None) -> range:
         """Ranks (in the parent group) of replica group ``k`` (default: this rank's)."""
