@@ -4,10 +4,14 @@ Every function takes a stack of fp32 matrices shaped (k, a, b) and works on the
 whole stack in one call. A decomposition that raises or returns non-finite
 values is retried for that matrix alone in fp64; whatever still fails comes
 back as ``None`` so the caller can keep its previous basis and count the
-failure. Nothing here knows about optimizer state or DeepSpeed.
+failure. Only decomposition failures are handled that way (see
+``is_decomposition_failure``): an out-of-memory error splits the stack in halves
+and retries them (a single matrix that still does not fit re-raises), and any
+other error propagates. Nothing here knows about optimizer state or DeepSpeed.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import torch
@@ -46,50 +50,150 @@ def _item_ok(*outs: Tensor) -> list[bool]:
     return flags.tolist()
 
 
+# torch.OutOfMemoryError appeared in torch 2.5; before, only the CUDA alias existed.
+_OOM: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+# Plain RuntimeErrors that still mean "this matrix did not decompose". torch (2.13 checked) raises
+# torch.linalg.LinAlgError for every failure it detects itself: LAPACK/cuSOLVER/MAGMA info > 0
+# ("linalg.svd: The algorithm failed to converge because the input matrix is ill-conditioned or
+# has too many repeated singular values (error code: N)", the same for eigh with "eigenvalues",
+# "... because the input matrix contained non-finite values") and cuSOLVER's
+# CUSOLVER_STATUS_INVALID_VALUE on NaN input (CUDA >= 11.5; EXECUTION_FAILED before). The
+# messages are matched too for backends/builds that raise them as plain RuntimeErrors, and
+# ds_structopt.faults injects "[fault injection] decomposition call N failed". Everything else
+# (other cuSOLVER statuses, "CUDA error: an illegal memory access", bad shapes, ...) is a bug or
+# a broken device, not a numerical failure, and must not become a silent identity basis.
+_DECOMPOSITION_FAILURE = re.compile(r"failed to converge|ill-conditioned|\[fault injection\] decomposition")
+
+
+def is_decomposition_failure(err: BaseException) -> bool:
+    """Does ``err`` mean the matrix did not decompose (retry in fp64 / keep the old basis)?"""
+    if isinstance(err, _OOM) or not isinstance(err, RuntimeError):
+        return False
+    return isinstance(err, torch.linalg.LinAlgError) or bool(_DECOMPOSITION_FAILURE.search(str(err)))
+
+
 def _robust(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> list[Optional[tuple[Tensor, ...]]]:
-    """Run ``fn`` on whole stacks; retry failing items one by one in fp64."""
+    """Run ``fn`` on whole stacks; retry failing items one by one in fp64.
+
+    Out of memory on a stack of k > 1: the two halves are run separately (recursively), so a
+    refresh that does not fit in one call still gets exact results; one matrix that does not
+    fit re-raises (an OOM is never turned into a failed decomposition).
+    """
     count, dtype = inputs[0].shape[0], inputs[0].dtype
     results: list[Optional[tuple[Tensor, ...]]] = [None] * count
+    split = False
     try:
         outs = fn(*inputs)
         ok = _item_ok(*outs)
-    except RuntimeError:
+    except _OOM:
+        if count == 1:
+            raise
+        split = True
+    except RuntimeError as err:
+        if not is_decomposition_failure(err):
+            raise
         outs, ok = None, [False] * count
+    if split:  # outside the except block: the failed attempt's tensors are released first
+        half = count // 2
+        return _robust(fn, *(x[:half] for x in inputs)) + _robust(fn, *(x[half:] for x in inputs))
     for i, good in enumerate(ok):
         if good:
             results[i] = tuple(o[i] for o in outs)
             continue
         try:
             retry = fn(*(x[i : i + 1].double() for x in inputs))
-        except RuntimeError:
+        except RuntimeError as err:
+            if not is_decomposition_failure(err):
+                raise
             continue
         if all(_item_ok(*retry)):
             results[i] = tuple(o[0].to(dtype) for o in retry)
     return results
 
 
-def svd_bases(stack: Tensor, left: bool, right: bool) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
+#: How ``svd_bases`` computes a gradient's singular bases (AdaDiag's ``decomposition`` option).
+GRAD_DECOMPOSITIONS = ("auto", "svd", "gram")
+
+
+def svd_bases(
+    stack: Tensor, left: bool, right: bool, method: str = "auto"
+) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
     """Orthogonal bases from the SVD of each gradient: P (m x m) and/or Q (n x n).
 
-    Singular vectors come sorted by decreasing singular value. Full matrices are
-    only requested when a wanted side is the larger one (its null-space
-    completion is then arbitrary, as the algorithm allows).
-    """
-    m, n = stack.shape[-2:]
-    full = (left and m > n) or (right and n > m)
+    Singular vectors come sorted by decreasing singular value; a side not asked
+    for is None and is not computed at all. Methods:
 
-    def fn(x: Tensor) -> tuple[Tensor, ...]:
-        u, _, vh = _svd(x, full_matrices=full)
-        return u, vh
+    * ``"svd"``: torch.linalg.svd of G, both sides. Full matrices are only
+      requested when a wanted side is the larger one (its null-space completion
+      is then arbitrary, as the algorithm allows).
+    * ``"gram"``: eigh of the fp64 Gram matrix of the rotated side (G G^T for P,
+      G^T G for Q): one k^2 l GEMM plus a k^3 eigh, never the other side. fp64
+      because squaring G squares its condition number: an fp32 Gram loses every
+      direction below ~3e-4 sigma_max. Two-sided: eigh of the smaller side only,
+      the other side's vectors are G^T u_i / sigma_i (completed to a square basis
+      by QR), so u_i and v_i stay paired even inside (near-)repeated singular
+      values and P^T G Q is diagonal, as ``_keep_diagonal`` assumes; two
+      independent eighs would mix a repeated pair differently on each side.
+    * ``"auto"``: ``"gram"`` when one side is rotated, ``"svd"`` when both.
+    """
+    if method not in GRAD_DECOMPOSITIONS:
+        raise ValueError(f"svd_bases: method must be one of {GRAD_DECOMPOSITIONS}, got {method!r}")
+    if method == "auto":
+        method = "svd" if left and right else "gram"
+    m, n = stack.shape[-2:]
+    if method == "gram":
+        fn = _gram_two_sided if left and right else (lambda x: (_gram_side(x, left),))
+    else:
+        full = (left and m > n) or (right and n > m)
+
+        def fn(x: Tensor) -> tuple[Tensor, ...]:
+            u, _, vh = _svd(x, full_matrices=full)
+            return u, vh.mT
 
     out: list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]] = []
     for res in _robust(fn, stack):
         if res is None:
             out.append(None)
-            continue
-        u, vh = res
-        out.append((u if left else None, vh.mT.contiguous() if right else None))
+        elif left and right:
+            out.append((res[0].contiguous(), res[1].contiguous()))
+        elif method == "gram":
+            out.append((res[0].contiguous(), None) if left else (None, res[0].contiguous()))
+        else:
+            out.append((res[0] if left else None, res[1].contiguous() if right else None))
     return out
+
+
+def _gram_side(x: Tensor, left: bool) -> Tensor:
+    """Eigenvectors of G G^T (left) or G^T G (right) by decreasing eigenvalue, Gram and eigh in fp64."""
+    g = x.double()
+    _, vecs = _eigh(g @ g.mT if left else g.mT @ g)
+    return vecs.flip(-1).to(x.dtype)
+
+
+def _gram_two_sided(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(P, Q) of G: eigh of the smaller side's fp64 Gram, the other side derived from it.
+
+    With a = G (or G^T, whichever is wide) and a a^T = U diag(s^2) U^T, the columns
+    of a^T U are s_i v_i; Householder QR (complete) of their normalized versions
+    re-orthogonalizes them (largest first, so the best-determined keep their
+    direction) and completes the null space. Zero columns (s_i = 0) just take a
+    completion vector. Column signs follow R's diagonal so column i is +v_i.
+    """
+    wide = x.shape[-2] <= x.shape[-1]
+    a = x.double() if wide else x.double().mT
+    k = a.shape[-2]
+    _, u = _eigh(a @ a.mT)
+    u = u.flip(-1)
+    w = a.mT @ u
+    sig = torch.linalg.vector_norm(w, dim=-2, keepdim=True)
+    w = torch.where(sig > 0, w / torch.where(sig > 0, sig, torch.ones_like(sig)), torch.zeros_like(w))
+    q, r = _qr(w, mode="complete")
+    sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    q = torch.cat([q[..., :k] * sign.unsqueeze(-2), q[..., k:]], dim=-1)
+    u, q = u.to(x.dtype), q.to(x.dtype)
+    return (u, q) if wide else (q, u)
 
 
 def eigen_bases(stack: Tensor) -> list[Optional[Tensor]]:
