@@ -281,8 +281,6 @@ def newton_schulz_inverse_root(
         y = torch.bmm(y, t)
         z = torch.bmm(t, z)
     root = z / scale.sqrt().view(k, 1, 1)
-    bad = ~torch.isfinite(root.flatten(1)).all(dim=1)
-    flags = bad.tolist()
-    if any(flags):
-        root[bad] = eye[bad]
-    return root, flags
+    finite = torch.isfinite(root.flatten(1)).all(dim=1)
+    root = torch.where(finite.view(k, 1, 1), root, eye)  # no mask indexing: no extra sync on a GPU
+    return root, [not ok for ok in finite.tolist()]

@@ -276,7 +276,9 @@ class DistributedStructuredOptimizer(Optimizer):
             near = grads[0].device if grads else None
             both = torch.tensor([float(bad), float(live)], device=comm_device(self.group, near))
             dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-            bad, live = (bool(x) for x in both.tolist())
+            # read back as "finite everywhere", "live somewhere" (flags are exactly 0 or 1): one host read
+            finite, live = (both == torch.tensor([0.0, 1.0], device=both.device)).tolist()
+            bad = not finite
         decision = "skip" if bad else ("step" if live else "idle")
         if decision == "skip":
             self.skipped_steps += 1  # the whole step, on every rank: no state or weight changes
