@@ -30,7 +30,7 @@ from . import linalg
 from . import validation as v
 from .base import StructuredOptimizer
 from .batching import buckets, chunks, stack
-from .refresh import refresh_due
+from .refresh import first_refresh_window, refresh_due
 
 State = MutableMapping[str, Any]
 
@@ -86,6 +86,7 @@ class ASGO(_MomentumRMSOptimizer):
         max_precond_dim=10000,
         max_decomp_failures=3,
         stagger_refresh=False,
+        first_refresh_window=None,
         refresh_from="current",
         refresh_ahead_steps=1,
         structured=True,
@@ -105,6 +106,7 @@ class ASGO(_MomentumRMSOptimizer):
         v.check_nonneg(name, "damping", group["damping"])
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
         v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
+        v.check_first_refresh_window(name, group.get("first_refresh_window"))
         v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
         v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
 
@@ -131,7 +133,7 @@ class ASGO(_MomentumRMSOptimizer):
             st[key] = 0
         st.setdefault("nonfinite_skips", 0)
 
-    def matrix_updates(
+    def _matrix_updates(
         self,
         group: dict[str, Any],
         grads: Sequence[Tensor],
@@ -164,7 +166,8 @@ class ASGO(_MomentumRMSOptimizer):
     @staticmethod
     def _due(states: Sequence[State], group: dict[str, Any], step_offset: int) -> list[State]:
         return [st for st in states if st["side"]
-                and refresh_due(st["step"] + step_offset, group["update_freq"], st.get("refresh_phase", 0))]
+                and refresh_due(st["step"] + step_offset, group["update_freq"], st.get("refresh_phase", 0),
+                                first_refresh_window(group))]
 
     def _install_ahead(self, due: list[State], group: dict[str, Any]) -> list[State]:
         """Install roots computed from the previous step's V; returns the due states that have none."""
@@ -184,7 +187,7 @@ class ASGO(_MomentumRMSOptimizer):
             return
         snapshots = [st["precond"].clone() for st in due]
         damping = group["damping"]
-        self.refresh_ahead.submit(due, lambda: inverse_roots(snapshots, damping), snapshots[0].device)
+        self.refresh_ahead.submit(due, lambda: inverse_roots(snapshots, damping), snapshots[0].device, inputs=snapshots)
 
     def _accumulate(self, grads: Sequence[Tensor], states: Sequence[State], beta2: float, cumulative: bool) -> None:
         keys = [(tuple(g.shape), st["side"]) for g, st in zip(grads, states)]
@@ -244,8 +247,12 @@ class ASGO(_MomentumRMSOptimizer):
             )
 
     def _precondition(self, states: Sequence[State], roots: Sequence[Optional[Tensor]]) -> list[Tensor]:
-        """V^{-1/2} M (left) or M V^{-1/2} (right), batched; no side -> a copy of M."""
-        keys = [(tuple(st["exp_avg"].shape), st["side"]) for st in states]
+        """V^{-1/2} M (left) or M V^{-1/2} (right), batched; no side -> a copy of M.
+
+        No root yet (``root="eigh"`` before a staggered first refresh, see first_refresh_window)
+        -> a copy of M too: the identity preconditioner, so the update is the RMS-matched momentum.
+        """
+        keys = [(tuple(st["exp_avg"].shape), st["side"] if root is not None else None) for st, root in zip(states, roots)]
         out: list[Optional[Tensor]] = [None] * len(states)
         for (shape, side), idx in buckets(keys).items():
             if side is None:
@@ -285,7 +292,7 @@ class DASGO(_MomentumRMSOptimizer):
         """fp32 elements of an m x n matrix's state: momentum and one column vector."""
         return m * n + n
 
-    def matrix_updates(
+    def _matrix_updates(
         self,
         group: dict[str, Any],
         grads: Sequence[Tensor],

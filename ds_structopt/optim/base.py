@@ -5,10 +5,12 @@ split between matrices (preconditioned by the subclass) and everything else
 (AdamW), skipping non-finite gradients, applying updates in fp32 with
 decoupled weight decay, counters, and an fp32-preserving ``load_state_dict``.
 
-Subclasses implement one method, :meth:`matrix_updates`, which maps full 2-D
+Subclasses implement one method, ``_matrix_updates``, which maps full 2-D
 fp32 gradients plus their self-contained per-matrix state dicts to 2-D fp32
 updates. It never touches parameters, so a distributed wrapper can run it on
-whichever rank owns a matrix.
+whichever rank owns a matrix; callers use the public :meth:`matrix_updates`,
+which runs it with fp32 matmuls pinned to full precision (a user's TF32 setting
+would otherwise leave 10 mantissa bits to the Gram products and rotations).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch.optim import Optimizer
 from . import validation as v
 from .adamw import adamw_step
 from .names import DEFAULT_ELEMENTWISE_PATTERNS, matches
+from .precision import full_fp32_matmul
 
 # Keys a param group may carry that are metadata, not optimizer options.
 _GROUP_METADATA = {"params", "param_names", "name", "initial_lr"}
@@ -107,7 +110,6 @@ class StructuredOptimizer(Optimizer, abc.ABC):
                 self._elementwise_by_name.add(p)
 
     # ----- what subclasses provide ---------------------------------------
-    @abc.abstractmethod
     def matrix_updates(
         self,
         group: dict[str, Any],
@@ -115,7 +117,23 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         states: Sequence[MutableMapping[str, Any]],
         weights: Optional[Sequence[Tensor]] = None,
     ) -> tuple[list[Tensor], list[float]]:
-        """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U."""
+        """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U.
+
+        Runs the family's math with full-precision fp32 matmuls whatever the user's
+        TF32 setting, restored on return (also when the math raises).
+        """
+        with full_fp32_matmul():
+            return self._matrix_updates(group, grads, states, weights)
+
+    @abc.abstractmethod
+    def _matrix_updates(
+        self,
+        group: dict[str, Any],
+        grads: Sequence[Tensor],
+        states: Sequence[MutableMapping[str, Any]],
+        weights: Optional[Sequence[Tensor]] = None,
+    ) -> tuple[list[Tensor], list[float]]:
+        """The family's math behind :meth:`matrix_updates` (called with fp32 matmuls pinned)."""
 
     @classmethod
     @abc.abstractmethod

@@ -74,3 +74,9 @@ def check_ahead_steps(name: str, value: Any, update_freq: Any) -> None:
     check_int_at_least(name, "refresh_ahead_steps", value, 1)
     if isinstance(update_freq, int) and not isinstance(update_freq, bool) and value > 1 and value >= update_freq:
         raise ValueError(f"{name}: refresh_ahead_steps must be below update_freq ({update_freq}), got {value}")
+
+
+def check_first_refresh_window(name: str, value: Any) -> None:
+    """first_refresh_window: None (the default, min(update_freq, 8)) or an integer >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}: first_refresh_window must be an integer >= 1 or None, got {value!r}")
