@@ -27,7 +27,7 @@ from . import validation as v
 from .base import StructuredOptimizer
 from .batching import buckets, chunks, stack
 from .moments import adam_directions, factored_directions
-from .refresh import decomposition_cost, refresh_due
+from .refresh import decomposition_cost, first_refresh_window, refresh_due
 
 State = MutableMapping[str, Any]
 
@@ -50,6 +50,7 @@ class AdaDiag(StructuredOptimizer):
         weight_decay=0.0,
         update_freq=200,
         basis="grad",
+        decomposition="auto",
         basis_beta=0.95,
         power_qr=False,
         moments="rotated",
@@ -61,6 +62,7 @@ class AdaDiag(StructuredOptimizer):
         relative_step=False,
         max_decomp_failures=3,
         stagger_refresh=False,
+        first_refresh_window=None,
         refresh_from="current",
         refresh_ahead_steps=1,
         structured=True,
@@ -77,6 +79,7 @@ class AdaDiag(StructuredOptimizer):
         v.check_nonneg(name, "eps", group["eps"])
         v.check_int_at_least(name, "update_freq", group["update_freq"], 1)
         v.check_choice(name, "basis", group["basis"], ("grad", "ema"))
+        v.check_choice(name, "decomposition", group["decomposition"], linalg.GRAD_DECOMPOSITIONS)
         v.check_beta(name, "basis_beta", group["basis_beta"])
         v.check_bool(name, "power_qr", group["power_qr"])
         v.check_choice(name, "moments", group["moments"], ("rotated", "reproject"))
@@ -90,6 +93,7 @@ class AdaDiag(StructuredOptimizer):
         v.check_bool(name, "relative_step", group["relative_step"])
         v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
         v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
+        v.check_first_refresh_window(name, group.get("first_refresh_window"))
         v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
         v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
         if group["relative_step"] and not group["factored"]:
@@ -136,7 +140,7 @@ class AdaDiag(StructuredOptimizer):
         return out
 
     # ----- the update -----------------------------------------------------
-    def matrix_updates(
+    def _matrix_updates(
         self,
         group: dict[str, Any],
         grads: Sequence[Tensor],
@@ -181,7 +185,8 @@ class AdaDiag(StructuredOptimizer):
         """Indices of the rotated matrices whose basis refreshes at step ``st["step"] + step_offset``."""
         return [i for i, st in enumerate(states)
                 if (st["rotate_left"] or st["rotate_right"])
-                and refresh_due(st["step"] + step_offset, group["update_freq"], st.get("refresh_phase", 0))]
+                and refresh_due(st["step"] + step_offset, group["update_freq"], st.get("refresh_phase", 0),
+                                first_refresh_window(group))]
 
     def _install_ahead(self, due: list[int], grads: Sequence[Tensor], states: Sequence[State],
                        group: dict[str, Any]) -> list[int]:
@@ -208,13 +213,15 @@ class AdaDiag(StructuredOptimizer):
         if group["basis"] == "grad":
             inputs = [grads[i].clone() for i in due]
             sides = [{"rotate_left": st["rotate_left"], "rotate_right": st["rotate_right"]} for st in targets]
-            compute = lambda: self._grad_bases(inputs, sides)  # noqa: E731
+            method = _decomposition(group)
+            compute = lambda: self._grad_bases(inputs, sides, method)  # noqa: E731
         else:
             snapshots = [{"L": None if st["L"] is None else st["L"].clone(),
                           "R": None if st["R"] is None else st["R"].clone(), "P": st["P"], "Q": st["Q"]}
                          for st in targets]
             compute = lambda: self._factor_bases(snapshots, group["power_qr"])  # noqa: E731
-        self.refresh_ahead.submit(targets, compute, grads[due[0]].device)
+        tensors = inputs if group["basis"] == "grad" else [s[k] for s in snapshots for k in ("L", "R", "P", "Q")]
+        self.refresh_ahead.submit(targets, compute, grads[due[0]].device, inputs=tensors)
 
     def _step_sizes(self, group: dict[str, Any], states: Sequence[State], weights: Optional[Sequence[Tensor]]) -> list[float]:
         lr = group["lr"]
@@ -246,7 +253,7 @@ class AdaDiag(StructuredOptimizer):
     def _refresh(self, grads: Sequence[Tensor], states: Sequence[State], group: dict[str, Any]) -> list[bool]:
         """Recompute the bases of the given matrices; failures keep the old basis. Returns successes."""
         if group["basis"] == "grad":
-            candidates = self._grad_bases(grads, states)
+            candidates = self._grad_bases(grads, states, _decomposition(group))
         else:
             candidates = self._factor_bases(states, group["power_qr"])
         for g, st, cand in zip(grads, states, candidates):
@@ -256,13 +263,15 @@ class AdaDiag(StructuredOptimizer):
                 self._install(st, cand[0], cand[1], group["moments"])
         return [cand is not None for cand in candidates]
 
-    def _grad_bases(self, grads: Sequence[Tensor], states: Sequence[State]) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
+    def _grad_bases(self, grads: Sequence[Tensor], states: Sequence[State],
+                    method: str = "auto") -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
+        """Singular bases of the gradients, only the rotated sides computed (``linalg.svd_bases``)."""
         out: list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]] = [(None, None)] * len(grads)
         keys = [(tuple(g.shape), st["rotate_left"], st["rotate_right"]) for g, st in zip(grads, states)]
         for (shape, left, right), idx in buckets(keys).items():  # callers pass rotated matrices only
             m, n = shape
             for part in chunks(idx, 4 * (m * n + m * m + n * n)):
-                for i, res in zip(part, linalg.svd_bases(stack([grads[i] for i in part]), left, right)):
+                for i, res in zip(part, linalg.svd_bases(stack([grads[i] for i in part]), left, right, method)):
                     out[i] = res
         return out
 
@@ -305,11 +314,18 @@ class AdaDiag(StructuredOptimizer):
             new_q = linalg.align_signs(new_q, old_q)
         if moments == "reproject" and "exp_avg" in st:
             # M <- (P_new^T P_old) M (Q_old^T Q_new); second moments carried over (as SOAP).
+            # No basis yet = the identity: with a staggered first refresh (first_refresh_window)
+            # the moments of the steps before it are reprojected too (at step 1 they are zero).
             m = st["exp_avg"]
+            unrotated = st["step"] > 1
             if new_p is not None and old_p is not None:
                 m = (new_p.mT @ old_p) @ m
+            elif new_p is not None and unrotated:
+                m = new_p.mT @ m
             if new_q is not None and old_q is not None:
                 m = m @ (old_q.mT @ new_q)
+            elif new_q is not None and unrotated:
+                m = m @ new_q
             st["exp_avg"] = m.contiguous()
         st["P"], st["Q"] = new_p, new_q
         st["refreshes"] += 1
@@ -340,6 +356,11 @@ class AdaDiagPP(AdaDiag):
 
     NAME = "AdaDiag++"
     TWO_SIDED = True
+
+
+def _decomposition(group: dict[str, Any]) -> str:
+    """The group's ``decomposition`` ("auto" for param groups loaded from checkpoints older than the option)."""
+    return group.get("decomposition", "auto")
 
 
 def _keep_diagonal(x: Tensor) -> Tensor:
