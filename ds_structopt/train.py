@@ -108,22 +108,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if len(eval_rows) >= world:  # equal shares: every rank runs the same number of forwards (ZeRO-3 gathers)
         eval_rows = eval_rows[: len(eval_rows) // world * world]
 
-    def evaluate() -> float:
-        engine.eval()
+    def eval_loss() -> float:
         rows = eval_rows.chunk(world)[rank] if len(eval_rows) >= world else eval_rows  # else: all ranks, all rows
-        total = torch.zeros(2, device=engine.device)  # all-reduced below: NCCL needs it on the GPU
-        with torch.no_grad():
-            for batch in rows.long().split(micro):
-                batch = batch.to(engine.device)  # DeepSpeed's forward does not move inputs
-                loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
-                total[0] += loss.detach().float() * len(batch)
-                total[1] += len(batch)
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        engine.train()
-        return (total[0] / total[1]).item()
+        return evaluate(engine, rows, micro)
 
-    first_loss = evaluate() if start_step == 0 else None
+    first_loss = eval_loss() if start_step == 0 else None
     t0, last = time.perf_counter(), {}
     ours = find_optimizer(engine)
     for step in range(start_step, args.steps):
@@ -132,24 +121,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if scheduler is None:
             for g, base in zip(engine.optimizer.param_groups, base_lrs):
                 g["lr"] = base * warmup_cosine(step, args.steps, warmup, args.min_lr_ratio)
-        rows = data.train[sampler.next_indices()].long()
-        losses = []
-        for batch in rows.split(micro)[:accum]:
-            batch = batch.to(engine.device, non_blocking=True)
-            loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
-            if faults.poison_loss(step + 1, rank):
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
+        losses = train_step(engine, data.train[sampler.next_indices()], micro, accum,
+                            poison=faults.poison_loss(step + 1, rank))
         done = step + 1
-        losses = [x.item() for x in losses]  # one host sync per step, after its micro-batches
         if _skipped(engine, ours) > skipped_before and rank == 0:
             print(f"warning: step {done}: non-finite gradients on some rank, optimizer step skipped on all ranks "
                   f"(weights and optimizer state unchanged; {_skipped(engine, ours)} skipped so far)", flush=True)
         row: dict[str, Any] = {}
         if done % args.eval_every == 0 or done == args.steps:
-            ev = evaluate()
+            ev = eval_loss()
             row.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
         if done % args.log_every == 0 or row or done == args.steps:
             elapsed = time.perf_counter() - t0
@@ -172,6 +152,41 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         # (seen under mpirun after a successful run): tear it down while everything is alive.
         dist.destroy_process_group()
     return result
+
+
+def train_step(engine: Any, rows: torch.Tensor, micro: int, accum: int, poison: bool = False) -> list[float]:
+    """One optimizer step over ``accum`` micro-batches of ``rows``; returns their losses.
+    Batches go to ``engine.device`` (DeepSpeed's forward does not move inputs); losses are
+    read back once, after the step, not once per micro-batch."""
+    losses = []
+    for batch in rows.long().split(micro)[:accum]:
+        batch = batch.to(engine.device, non_blocking=True)
+        loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
+        if poison:  # fault injection (tests): a non-finite loss on this rank
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float())
+    return torch.stack(losses).tolist()
+
+
+def evaluate(engine: Any, rows: torch.Tensor, micro: int) -> float:
+    """Mean loss over this rank's ``rows``, weighted by rows and summed over ranks. The sums
+    live on ``engine.device``: under NCCL a CPU tensor in the all-reduce would crash."""
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(2, device=engine.device)
+    with torch.no_grad():
+        for batch in rows.long().split(micro):
+            batch = batch.to(engine.device)
+            loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:].contiguous()).loss
+            total[0] += loss.detach().float() * len(batch)
+            total[1] += len(batch)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1]).item()
 
 
 def _resume_tag(root: str, rank: int) -> Optional[str]:

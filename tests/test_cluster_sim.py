@@ -108,3 +108,57 @@ def test_node_replica_groups(kind):
     assert_clean(runs)
     node_groups = {c.group for run in runs.values() for c in run["calls"] if len(c.group) == 8}
     assert node_groups, "no message went over a node's subgroup"
+
+
+class CudaEngine:
+    """Stands where DeepSpeed's engine is (its forward cannot run on fake CUDA): a loss on the
+    engine's GPU, and a record of where every input it was handed lives."""
+
+    def __init__(self, device: torch.device, rank: int) -> None:
+        self.device, self.global_rank = device, rank
+        self.input_devices: list[torch.device] = []
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        from types import SimpleNamespace
+
+        self.input_devices += [input_ids.device, labels.device]
+        return SimpleNamespace(loss=torch.zeros((), device=self.device))
+
+    def backward(self, loss) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def eval(self) -> None:
+        pass
+
+    def train(self) -> None:
+        pass
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        import os
+
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        with open(os.path.join(save_dir, tag, "model_states.pt"), "w") as f:
+            f.write("x")
+
+
+def test_entry_point_boundary_on_gpu(tmp_path):
+    """The entry point's own collectives and inputs around the engine: the training step's batches,
+    the eval sums, the health counters and the checkpoint agreement all on the rank's GPU."""
+    from ds_structopt import train
+    from ds_structopt.training import checkpoints
+
+    rows = torch.randint(0, 256, (8, 17))  # the packed data set lives on the CPU
+    with simulated_rank(0, 8) as (checker, _):
+        engine = CudaEngine(rank_device(0), 0)
+        losses = train.train_step(engine, rows, micro=2, accum=2)
+        loss = train.evaluate(engine, rows, micro=4)
+        health = train._health(None, engine.device)
+        path = checkpoints.save(engine, str(tmp_path), 10, {"step": 10}, keep_last=2)
+    assert len(losses) == 2 and isinstance(loss, float) and health["decomp_failures"] == 1  # nominal reads answer 1
+    assert path is not None and (tmp_path / "latest").read_text() == "step00000010"
+    assert engine.input_devices and all(d == rank_device(0) for d in engine.input_devices), engine.input_devices
+    assert not checker.problems, checker.problems[0]
+    assert sum(c.kind == "all_reduce" for c in checker.calls) == 4  # eval, health, two save agreements

@@ -45,3 +45,19 @@ def test_fsdp2_and_ddp_resume_from_our_checkpoint(tmp_path):
     for w in ("ddp", "fsdp2"):
         a, b = first[f"full-{w}"]["params"], resumed[f"load-{w}"]["params"]
         assert all(a[n].equal(b[n]) for n in a), w
+
+
+@pytest.mark.slow
+def test_fsdp2_relative_step_matches_single_process(tmp_path):
+    """Adafactor's relative step needs each whole weight's RMS; under FSDP2 no rank holds a whole
+    weight, so every rank contributes its shard's squares to one all-reduce (a reduction on the
+    owner alone would hang)."""
+    params = {"lr": 5e-3, "update_freq": 3, "factored": True, "factored_eps": 1e-12, "relative_step": True}
+    cases = [{"name": f"rel-{wrap}", "optimizer": "AdaDiag++", "params": params, "wrap": wrap, "steps": STEPS,
+              "global_batch": BATCH} for wrap in ("ddp", "fsdp2")]
+    results = run_ranks(2, cases, tmp_path, worker=WORKER, timeout=300)
+    ref = reference("AdaDiag++", params)
+    for c in cases:
+        got = results[c["name"]]["params"]
+        err = max(((got[n] - r).norm() / r.norm()).item() for n, r in ref.items())
+        assert err < 1e-5, (c["name"], err)

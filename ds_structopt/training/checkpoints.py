@@ -159,7 +159,7 @@ def _agree(flag: bool, device: Any) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=comm_device(None, device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return not bool((t == 0).item())  # read back as "no rank raised it"
 
 
 def _barrier() -> None:
