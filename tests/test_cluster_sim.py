@@ -18,10 +18,15 @@ scripts/gpu_check.sh.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Optional
+
 import pytest
 import torch
 
 import ds_structopt as dso
+from ds_structopt import checkpoint
 from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
 from sim.collectives import mismatches
 from sim.world import (FSDP2, Replicated, Zero3, Zero12, first_use_problems, holders_oracle, llama_param_groups,
@@ -54,26 +59,68 @@ def build(kind: str, rank: int, layers: int):
 
 
 def simulate(kind: str, optimizer: str = "AdaDiag++", layers: int = 4, steps: int = 3, ranks=RANKS,
+             options: Optional[dict] = None, resume_at: Optional[int] = None, tmp: Optional[Path] = None,
              **dist_options) -> dict[int, dict]:
-    """Run ``steps`` optimizer steps on each simulated rank; returns each rank's trace and findings."""
+    """Run ``steps`` optimizer steps on each simulated rank; returns each rank's trace and findings.
+
+    ``resume_at=k``: after step k the rank's state is written through our checkpoint code
+    (tensors as meta tensors: shapes without memory), and a new optimizer over a new layout
+    loads it from disk with ``ds_structopt.checkpoint.load`` and takes the remaining steps."""
     out = {}
+    opts = {**OPTIONS[optimizer], **(options or {})}
+    cls = dso.get_optimizer_class(optimizer.split("-")[0].replace("factored", ""))
     for rank in ranks:
         answer = {}
-        with simulated_rank(rank, WORLD, oracle=lambda obj, r: answer["fn"](obj, r)) as (checker, syncs):
-            groups, layout = build(kind, rank, layers)
-            answer["fn"] = holders_oracle(layout)
-            opt = DistributedStructuredOptimizer(
-                groups, dso.get_optimizer_class(optimizer.split("-")[0].replace("factored", "")),
-                OPTIONS[optimizer], **dist_options)
-            if hasattr(layout, "attach"):
-                layout.attach(opt)
-            for _ in range(steps):
+        with simulated_rank(rank, WORLD, oracle=lambda obj, r: answer["fn"](obj, r)) as sim:
+            def start():
+                groups, layout = build(kind, rank, layers)
+                answer["fn"] = holders_oracle(layout)
+                opt = DistributedStructuredOptimizer(groups, cls, opts, **dist_options)
+                if hasattr(layout, "attach"):
+                    layout.attach(opt)
+                return layout, opt
+
+            layout, opt = start()
+            problems = []
+            for step in range(1, steps + 1):
                 layout.fill_grads()
                 layout.step(opt)
-            out[rank] = {"calls": checker.calls, "problems": checker.problems, "syncs": syncs.count,
-                         "state": state_problems(opt, rank_device(rank)), "owned": len(opt.matrix_state),
-                         "first_use": first_use_problems(checker.calls), "skipped": opt.skipped_steps}
+                if step == resume_at:
+                    folder = save_as_meta(opt, tmp / f"rank{rank}")
+                    problems += state_problems(opt, rank_device(rank))
+                    layout, opt = start()
+                    checkpoint.load(opt, folder)
+            out[rank] = {"calls": sim.checker.calls, "problems": sim.checker.problems + sim.cuda.problems,
+                         "syncs": sim.syncs.count, "streams": len(sim.cuda.created), "cuda": sim.cuda,
+                         "state": problems + state_problems(opt, rank_device(rank)), "owned": len(opt.matrix_state),
+                         "first_use": first_use_problems(sim.checker.calls), "skipped": opt.skipped_steps,
+                         "refreshes": opt.metrics()["refreshes"]}
     return out
+
+
+def save_as_meta(opt: DistributedStructuredOptimizer, folder: Path) -> str:
+    """This rank's ``checkpoint.local_state`` on disk for every rank of the world (the others'
+    files are copies: ``load`` reads one file per saving rank), tensors as meta tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    state = checkpoint.local_state(opt)
+    with unset_fake_temporarily():
+        meta = _to_meta(state)
+        for r in range(WORLD):
+            path = checkpoint._rank_file(str(folder), r)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(meta, path)
+    return str(folder)
+
+
+def _to_meta(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
 
 
 def assert_clean(runs: dict[int, dict], messages: bool = True) -> None:
@@ -151,7 +198,7 @@ def test_entry_point_boundary_on_gpu(tmp_path):
     from ds_structopt.training import checkpoints
 
     rows = torch.randint(0, 256, (8, 17))  # the packed data set lives on the CPU
-    with simulated_rank(0, 8) as (checker, _):
+    with simulated_rank(0, 8) as sim:
         engine = CudaEngine(rank_device(0), 0)
         losses = train.train_step(engine, rows, micro=2, accum=2)
         loss = train.evaluate(engine, rows, micro=4)
@@ -160,5 +207,28 @@ def test_entry_point_boundary_on_gpu(tmp_path):
     assert len(losses) == 2 and isinstance(loss, float) and health["decomp_failures"] == 1  # nominal reads answer 1
     assert path is not None and (tmp_path / "latest").read_text() == "step00000010"
     assert engine.input_devices and all(d == rank_device(0) for d in engine.input_devices), engine.input_devices
-    assert not checker.problems, checker.problems[0]
-    assert sum(c.kind == "all_reduce" for c in checker.calls) == 4  # eval, health, two save agreements
+    assert not sim.checker.problems, sim.checker.problems[0]
+    assert sum(c.kind == "all_reduce" for c in sim.checker.calls) == 4  # eval, health, two save agreements
+
+
+@pytest.mark.parametrize("kind", ["zero2", "zero3", "fsdp2"])
+def test_refresh_ahead_and_resume_mid_run(kind, tmp_path):
+    """Staggered refreshes computed one step ahead on the side stream, a checkpoint written in
+    the middle with decompositions still pending, and a new optimizer that loads it from disk
+    and goes on: one dedicated side stream per optimizer, the worker thread on the rank's GPU,
+    tensors crossing streams recorded on the stream that uses them, restored state (nested
+    pending results too) on the rank's GPU. ``balanced`` ownership at ZeRO-2 gives owners that
+    hold no piece of what they own."""
+    options = {"stagger_refresh": True, "first_refresh_window": 2, "refresh_from": "previous", "update_freq": 3}
+    extra = {"ownership": "balanced"} if kind == "zero2" else {}
+    runs = simulate(kind, layers=2, steps=6, ranks=(0, 1, 63), options=options, resume_at=3, tmp=tmp_path, **extra)
+    assert_clean(runs)
+    for rank, run in runs.items():
+        cuda = run["cuda"]
+        if run["owned"]:
+            assert run["refreshes"] > 0
+            assert 1 <= run["streams"] <= 2, run["streams"]  # one per optimizer (one before, one after the resume)
+            assert cuda.recorded and cuda.side_streams_used(), "nothing was recorded on the side stream"
+            workers = {t for t, _ in cuda.set_device_calls} - {cuda.main_thread}
+            assert workers, "the worker thread never set its device"
+            assert all(d == rank_device(rank) for _, d in cuda.set_device_calls)

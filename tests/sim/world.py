@@ -24,6 +24,7 @@ run here; these classes stand where its ZeRO optimizer calls ours.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .collectives import CollectiveChecker, HostSyncs
+from .cuda_runtime import SerialWorker, SimCudaRuntime
 from .fake_cuda import DispatchingMethods
 
 
@@ -39,17 +41,32 @@ def rank_device(rank: int, gpus_per_node: int = 8) -> torch.device:
     return torch.device("cuda", rank % gpus_per_node)
 
 
+@dataclass
+class Rank:
+    checker: CollectiveChecker
+    syncs: HostSyncs
+    cuda: SimCudaRuntime
+
+
 @contextlib.contextmanager
 def simulated_rank(rank: int, world: int, oracle: Any = None,
-                   dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> Iterator[tuple[CollectiveChecker, HostSyncs]]:
+                   dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> Iterator[Rank]:
+    """This process as rank ``rank`` of ``world`` GPUs (see the module docstring)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     checker = CollectiveChecker(rank_device(rank), dtypes=dtypes, oracle=oracle)
     syncs = HostSyncs()
+    fake, methods = FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods()
+    cuda = SimCudaRuntime([fake, methods, syncs])
+    from unittest import mock
+
+    from ds_structopt.optim import refresh
+
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods(), syncs, checker:
-            yield checker, syncs
+        with fake, methods, syncs, checker, cuda, mock.patch.object(refresh, "ThreadPoolExecutor", SerialWorker):
+            cuda.set_device(rank_device(rank))  # what the launcher's LOCAL_RANK and the engine do
+            yield Rank(checker, syncs, cuda)
     finally:
         dist.destroy_process_group()
 
