@@ -232,3 +232,27 @@ def test_refresh_ahead_and_resume_mid_run(kind, tmp_path):
             workers = {t for t, _ in cuda.set_device_calls} - {cuda.main_thread}
             assert workers, "the worker thread never set its device"
             assert all(d == rank_device(rank) for _, d in cuda.set_device_calls)
+
+
+def test_megatron_owner_sharded_parameter_sync():
+    """Megatron's layer-wise path: after the step every rank all-gathers every owner's updated
+    parameters (bf16 and fp32 buffers, padded to one size) over the data-parallel group, on the
+    rank's GPU. Boundary: ``OwnerShardedOptimizer.sync_params`` is called on a stand-in holding
+    only what it reads (megatron's chained optimizers need megatron's CUDA runtime)."""
+    from types import SimpleNamespace
+
+    from ds_structopt.integrations.megatron_core.owner_sharded import OwnerShardedOptimizer
+
+    runs = {}
+    for rank in (0, 1, 63):
+        with simulated_rank(rank, WORLD, dtypes=(torch.bfloat16, torch.float32)) as sim:
+            params = [p for g in llama_param_groups("7b", 2, device=rank_device(rank)) for p in g["params"]]
+            for p in params[::5]:
+                p.data = p.data.float()  # some fp32 parameters (megatron keeps e.g. router weights fp32)
+            by_owner = [params[i::WORLD] for i in range(WORLD)]
+            OwnerShardedOptimizer.sync_params(SimpleNamespace(params_by_owner=by_owner, dp_group=None))
+            runs[rank] = {"calls": sim.checker.calls, "problems": sim.checker.problems}
+    for rank, run in runs.items():
+        assert not run["problems"], run["problems"][0]
+        assert [c.kind for c in run["calls"]] == ["all_gather", "all_gather"], run["calls"]
+    assert not mismatches({r: run["calls"] for r, run in runs.items()})

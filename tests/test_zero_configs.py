@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist.launch import run_ranks
 from ds_structopt.integrations.deepspeed_config import ConfigError, parse_config
@@ -181,3 +182,28 @@ def test_fp16_with_loss_scaling_trains(tmp_path):
         first, last = sum(r["losses"][:5]) / 5, sum(r["losses"][-5:]) / 5
         print(case["name"], f"{first:.3f} -> {last:.3f}")
         assert last < 0.9 * first, (case["name"], first, last)
+
+
+@pytest.mark.parametrize("key,value", [("sequence_parallel_size", 2), ("zero_hpz_partition_size", 8),
+                                       ("mics_shard_size", 8)])
+def test_layouts_that_split_the_data_parallel_world_are_refused(key, value):
+    """Our owners and messages span the whole world; sequence parallelism, hpZ and MiCS make
+    DeepSpeed's data-parallel groups smaller, so they are refused in one line naming the key."""
+    cfg = {"train_batch_size": 8, "optimizer": {"type": "AdaDiag++", "params": {"lr": 1e-3}},
+           "zero_optimization": {"stage": 3}}
+    if key == "sequence_parallel_size":
+        cfg[key] = value
+    else:
+        cfg["zero_optimization"][key] = value
+    with pytest.raises(ConfigError, match=key) as err:
+        parse_config(cfg)
+    assert "\n" not in str(err.value)
+    parse_config({**cfg, "sequence_parallel_size": 1, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1}})
+
+
+def test_model_parallel_mpu_is_refused_before_anything_starts():
+    import ds_structopt as dso
+
+    cfg = {"train_batch_size": 8, "optimizer": {"type": "AdaDiag++", "params": {}}}
+    with pytest.raises(ConfigError, match="mpu"):
+        dso.initialize(model=torch.nn.Linear(2, 2), config=cfg, mpu=object())
