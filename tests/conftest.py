@@ -34,7 +34,12 @@ def _deterministic():
 
 
 def pytest_collection_modifyitems(config, items):
-    """``soak`` tests (minutes long) run in CI (CI=true) or with DS_STRUCTOPT_SOAK=1; skipped otherwise."""
+    """Tests gated on a CUDA GPU get the ``gpu`` marker (``pytest -m gpu``: scripts/gpu_check.sh runs
+    them). ``soak`` tests (minutes long) run in CI (CI=true) or with DS_STRUCTOPT_SOAK=1; skipped otherwise."""
+    for item in items:
+        reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
+        if any("CUDA" in r or "GPU" in r for r in reasons):
+            item.add_marker(pytest.mark.gpu)
     if os.environ.get("CI") == "true" or os.environ.get("DS_STRUCTOPT_SOAK") == "1":
         return
     skip = pytest.mark.skip(reason="soak test: set DS_STRUCTOPT_SOAK=1 (CI runs it)")

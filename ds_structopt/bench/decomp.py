@@ -55,6 +55,20 @@ def gradient_like(m: int, n: int, device: torch.device, seed: int = 0) -> Tensor
 def methods(device: torch.device, m: int, n: int) -> dict[str, Callable[[Tensor], Bases]]:
     """Name -> function of one fp32 matrix returning (P or None, Q or None)."""
     out: dict[str, Callable[[Tensor], Bases]] = {}
+    # cheapest first: a run cut short by its time limit still has the production paths
+    small_left = m <= n
+    out["svd_bases one-sided decomposition=auto"] = lambda g: _production(g, small_left, not small_left, "auto")
+    for method in ("svd", "gram"):
+        out[f"svd_bases two-sided decomposition={method}"] = (
+            lambda g, method=method: _production(g, True, True, method))
+    for side in ("left", "right"):
+        for dtype in (torch.float32, torch.float64):
+            def gram_eigh(g: Tensor, side: str = side, dtype: torch.dtype = dtype) -> Bases:
+                x = g.to(dtype)
+                vecs = torch.linalg.eigh(x @ x.mT if side == "left" else x.mT @ x)[1].flip(-1)
+                return (vecs, None) if side == "left" else (None, vecs)
+
+            out[f"eigh gram {side} {str(dtype).replace('torch.', '')}"] = gram_eigh
     drivers = CUDA_DRIVERS if device.type == "cuda" else (None,)
     for full in (False, True):
         for driver in drivers:
@@ -66,19 +80,6 @@ def methods(device: torch.device, m: int, n: int) -> dict[str, Callable[[Tensor]
                 return u, vh.mT
 
             out[name] = svd
-    for side in ("left", "right"):
-        for dtype in (torch.float32, torch.float64):
-            def gram_eigh(g: Tensor, side: str = side, dtype: torch.dtype = dtype) -> Bases:
-                x = g.to(dtype)
-                vecs = torch.linalg.eigh(x @ x.mT if side == "left" else x.mT @ x)[1].flip(-1)
-                return (vecs, None) if side == "left" else (None, vecs)
-
-            out[f"eigh gram {side} {str(dtype).replace('torch.', '')}"] = gram_eigh
-    small_left = m <= n
-    out["svd_bases one-sided decomposition=auto"] = lambda g: _production(g, small_left, not small_left, "auto")
-    for method in ("svd", "gram"):
-        out[f"svd_bases two-sided decomposition={method}"] = (
-            lambda g, method=method: _production(g, True, True, method))
     return out
 
 
@@ -120,8 +121,14 @@ def quality(g: Tensor, bases: Bases) -> dict[str, float]:
 
 
 def run(device: str, sizes: Sequence[tuple[int, int]], repeats: int = 3, warmup: int = 1,
-        only: Optional[Sequence[str]] = None, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per (size, method): median seconds (or the error) and the accuracy figures."""
+        only: Optional[Sequence[str]] = None, seed: int = 0, budget: Optional[float] = None,
+        on_row: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
+    """One row per (size, method): median seconds (or the error) and the accuracy figures.
+
+    ``budget``: a method whose first run takes longer is timed by that run alone (slow full
+    SVDs of 8192x28672 would otherwise eat a GPU check's minutes). ``on_row`` sees each row
+    as soon as it is measured (the CLI prints it and rewrites the JSON: a run cut short keeps
+    what it measured)."""
     dev = torch.device(device)
     rows: list[dict[str, Any]] = []
     for m, n in sizes:
@@ -132,10 +139,17 @@ def run(device: str, sizes: Sequence[tuple[int, int]], repeats: int = 3, warmup:
             row: dict[str, Any] = {"size": f"{m}x{n}", "method": name, "device": str(dev),
                                    "seconds": None, "orth": None, "offdiag": None, "error": None}
             try:
-                for _ in range(warmup):
-                    fn(g)
                 times = []
-                for _ in range(repeats):
+                for i in range(max(warmup, 1 if budget else 0)):
+                    _sync(dev)
+                    start = time.perf_counter()
+                    out = fn(g)
+                    _sync(dev)
+                    if budget and i == 0 and time.perf_counter() - start > budget:
+                        times = [time.perf_counter() - start]
+                        row["note"] = f"one run (over the {budget:g} s budget)"
+                        break
+                for _ in range(0 if times else repeats):
                     _sync(dev)
                     start = time.perf_counter()
                     out = fn(g)
@@ -147,6 +161,8 @@ def run(device: str, sizes: Sequence[tuple[int, int]], repeats: int = 3, warmup:
             except (RuntimeError, ValueError) as err:  # unsupported driver/shape, OOM: report, go on
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -172,14 +188,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="run only methods whose name contains one of these")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/decomp.json", help="JSON output file")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: a method whose first run takes longer is reported from that run alone")
     args = p.parse_args(argv)
-    rows = run(args.device, args.sizes, args.repeats, args.warmup, args.only, args.seed)
-    print(markdown(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name(args.device)
             if args.device.startswith("cuda") else "cpu", "repeats": args.repeats, "warmup": args.warmup}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    done: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        done.append(row)
+        print(markdown([row]).splitlines()[-1], flush=True)
+        out.write_text(json.dumps({"meta": meta, "rows": done}, indent=2) + "\n")
+
+    rows = run(args.device, args.sizes, args.repeats, args.warmup, args.only, args.seed, args.budget, record)
+    print(markdown(rows))
     print(f"wrote {out}")
     return 0
 
