@@ -68,9 +68,10 @@ def test_refresh_quick(tmp_path):
     for name, r in runs.items():
         assert _finite(r["median_s"], r["max_s"], r["max_over_median"], r["final_loss"]), (name, r)
         assert len(r["step_times"]) == raw["settings"]["warmup"] + raw["settings"]["windows"] * raw["settings"]["update_freq"]
-    # every matrix refreshes at step 1; only the refreshing variants refresh again in the window
+    # unstaggered variants refresh every matrix at step 1, staggered ones spread the first bases over the
+    # first window (first_refresh_window); refresh-ahead keeps the staggered schedule exactly
     assert runs["synchronous"]["refreshes"] > runs["no refresh"]["refreshes"] > 0
-    assert runs["staggered + ahead"]["refreshes"] == runs["staggered"]["refreshes"] == runs["synchronous"]["refreshes"]
+    assert runs["staggered + ahead"]["refreshes"] == runs["staggered"]["refreshes"] > runs["no refresh"]["refreshes"]
     assert "share of refresh time hidden" in (tmp_path / "refresh.md").read_text()
     assert (tmp_path / "refresh_step_times.png").exists()
 

@@ -82,6 +82,23 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(tmp_path):
 def test_stagger_flattens_the_planned_refresh_load():
     groups = model_params("130m", "AdaDiag++", {})
     flat = make_plan(groups, "AdaDiag++", {"update_freq": 10}, 4, 2)
-    staggered = make_plan(groups, "AdaDiag++", {"update_freq": 10, "stagger_refresh": True}, 4, 2)
+    staggered = make_plan(groups, "AdaDiag++", {"update_freq": 10, "stagger_refresh": True, "first_refresh_window": 10},
+                          4, 2)  # first bases spread over the whole window too (the default window is below)
     assert flat.refresh_max / flat.refresh_mean == pytest.approx(10)
     assert staggered.refresh_max / staggered.refresh_mean < 1.5
+
+
+def test_planned_worst_step_includes_the_first_window():
+    """Staggered phases spread later refreshes over all T steps, but the first bases only over
+    first_refresh_window steps: that window holds the run's heaviest refresh step."""
+    groups = model_params("130m", "AdaDiag++", {})
+    options = {"update_freq": 200, "stagger_refresh": True}
+    default = make_plan(groups, "AdaDiag++", options, 4, 2)
+    assert default.first_window == 8
+    assert default.refresh_max == max(max(r) for r in default.first_refresh_flops_per_step)
+    whole = make_plan(groups, "AdaDiag++", {**options, "first_refresh_window": 200}, 4, 2)
+    synchronous = make_plan(groups, "AdaDiag++", {"update_freq": 200}, 4, 2)
+    assert synchronous.first_window == 1 and synchronous.refresh_max / synchronous.refresh_mean == pytest.approx(200)
+    # 8 steps share the first bases (no step below the largest single decomposition), later
+    # windows spread over 200
+    assert whole.refresh_max < default.refresh_max < synchronous.refresh_max / 3

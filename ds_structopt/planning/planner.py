@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..optim.refresh import PhasePlanner
+from ..optim.refresh import PhasePlanner, first_refresh_window
 from ..zero.ownership import MatrixInfo, plan_replica_owners
 from .model_shapes import ParamSpec
 from .zero_layout import held_counts, holdings
@@ -41,10 +41,15 @@ class Plan:
     deepspeed_bytes_per_step: int           # DeepSpeed's own collectives (model), summed over ranks
     refresh_flops_per_step: list[list[float]] = field(repr=False)  # [rank][step in window]
     rotation_flops_per_step: list[float] = field(repr=False)       # [rank]
+    first_window: int = 1                    # steps the first bases are spread over (1: all at step 1)
+    first_refresh_flops_per_step: list[list[float]] = field(default_factory=list, repr=False)  # [rank][step < W]
 
     @property
     def refresh_max(self) -> float:
-        return max(max(r) for r in self.refresh_flops_per_step)
+        """The heaviest refresh step of the run: the first window's or a later window's."""
+        later = max(max(r) for r in self.refresh_flops_per_step)
+        first = max((max(r) for r in self.first_refresh_flops_per_step if r), default=0.0)
+        return max(later, first)
 
     @property
     def refresh_mean(self) -> float:
@@ -53,6 +58,7 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("refresh_flops_per_step")
+        out.pop("first_refresh_flops_per_step")
         out.update(refresh_flops_max=self.refresh_max, refresh_flops_mean=self.refresh_mean,
                    max_state_bytes=max(self.state_bytes_per_rank), rotation_flops_max=max(self.rotation_flops_per_step))
         out.pop("rotation_flops_per_step")
@@ -104,23 +110,29 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
             for r, _, n in pieces[p.name]:
                 state[r] += FP32 * 2 * n
 
-    # refresh load over one window: step 1 + k, k = 0..T-1 (phases as the optimizer assigns them)
+    # refresh load over one window: step 1 + k, k = 0..T-1 (phases as the optimizer assigns them),
+    # and over the first window, where phase p gets its first basis at step 1 + p mod W
+    first_window = first_refresh_window(opts)
     window = [[0.0] * update_freq for _ in range(world)]
+    first = [[0.0] * first_window for _ in range(world)]
     for r in range(world):
         if stagger:
             states: list[dict[str, Any]] = [{} for _ in costs[r]]
             PhasePlanner().assign(states, costs[r], update_freq)
             for st, c in zip(states, costs[r]):
                 window[r][st["refresh_phase"]] += c
+                first[r][st["refresh_phase"] % first_window] += c
         else:
             window[r][0] = sum(costs[r])
+            first[r][0] = sum(costs[r])
 
     ours, inter = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node)
     return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
                 update_freq=update_freq, stagger=stagger, ahead_steps=ahead_steps, params=sum(p.numel for p in all_params), matrices=len(mats),
                 state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,
                 our_bytes_per_step_inter_node=inter, deepspeed_bytes_per_step=deepspeed_bytes(groups, world, stage),
-                refresh_flops_per_step=window, rotation_flops_per_step=rotation)
+                refresh_flops_per_step=window, rotation_flops_per_step=rotation, first_window=first_window,
+                first_refresh_flops_per_step=first)
 
 
 def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],
@@ -202,8 +214,9 @@ def projection(plan: Plan, tokens_per_step: int, device_flops: float, mfu: float
     """Seconds per step, first order. AdamW's step: model FLOPs 6 N tokens / (world x FLOP/s x MFU).
     Ours adds, on the slowest rank, its rotations at ``matmul_flops`` (fp32 matmuls), its refresh
     work at ``decomp_flops`` (fp32 eigh/SVD run far below peak) and its bytes over the link each
-    message uses. "mean" amortizes refreshes over the window; "worst step" is the window's
-    heaviest step (staggered: one slot; synchronous: every matrix at once). With refresh-ahead
+    message uses. "mean" amortizes refreshes over the window; "worst step" is the run's
+    heaviest step (synchronous: every matrix at once; staggered: the first window's heaviest
+    step, 1/W of all first bases, or a later window's slot, whichever is larger). With refresh-ahead
     only the part of a refresh longer than its lead (k steps) is counted (an upper bound on hiding: the
     side stream competes with the model for the device)."""
     adamw = 6.0 * plan.params * tokens_per_step / (plan.world * device_flops * mfu)
