@@ -24,7 +24,7 @@ from .safe_load import UnsafeCheckpointError, safe_load  # noqa: F401 (re-export
 from .state_io import cpu_copy, to_device, write_text_atomic
 
 SUBDIR = "ds_structopt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: param groups' hyperparameters (LR as the scheduler left it)
 
 
 def _rank_file(directory: str, rank: int) -> str:
@@ -48,7 +48,19 @@ def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
         "matrix_state": {name: cpu_copy(st) for name, st in opt.matrix_state.items()},
         "elements": elements,
         "masters": masters,
+        "hyperparams": group_hyperparams(opt),
     }
+
+
+def group_hyperparams(opt: DistributedStructuredOptimizer) -> list[dict[str, Any]]:
+    """Each param group's current values (lr, betas, ... as an LR/momentum scheduler left them).
+    DeepSpeed's own optimizer state is not loaded (it is tied to the saving world size), so
+    without these the first resumed step would run at the scheduler's initial LR."""
+    groups = opt.full_param_groups()
+    return [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMS} for g in groups]
+
+
+_NOT_HYPERPARAMS = {"params", "param_names"}
 
 
 def save(opt: DistributedStructuredOptimizer, directory: str) -> None:
@@ -80,6 +92,11 @@ def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
         raise FileNotFoundError(f"checkpoint {directory} has no {SUBDIR}/ optimizer state (written without ds_structopt?)")
     files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
     saved = [safe_load(os.path.join(folder, f)) for f in files]
+    for f, s in zip(files, saved):
+        version = s.get("version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"checkpoint {directory}: {SUBDIR}/{f} has format version {version!r}; this "
+                             f"ds_structopt reads versions 1..{FORMAT_VERSION} (written by a newer release?)")
     world = {s["world_size"] for s in saved}
     if len(world) != 1 or len(saved) != world.pop():
         raise ValueError(f"checkpoint {directory}: expected one {SUBDIR} file per saving rank, found {files}")
@@ -93,6 +110,13 @@ def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
         for name, items in s["masters"].items():
             masters.setdefault(name, []).extend(items)
 
+    hyperparams = saved[0].get("hyperparams")  # format 1 has none: the groups keep their current values
+    if hyperparams is not None:
+        groups = opt.full_param_groups()
+        if len(hyperparams) != len(groups):
+            raise ValueError(f"checkpoint {directory} has {len(hyperparams)} param groups, the optimizer has {len(groups)}")
+        for group, values in zip(groups, hyperparams):
+            group.update(values)
     opt.matrix_state.clear()
     opt.elem_state.clear()
     for e in opt.entries_with_pieces():

@@ -99,6 +99,7 @@ class DistributedStructuredOptimizer(Optimizer):
             self.entries.append([Entry(n, p, p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.math.is_matrix(p, g))
                                  for n, p in zip(names, g["params"])])
         self._group_index = {id(g): i for i, g in enumerate(self.param_groups)}
+        self._all_groups = list(self.param_groups)
         self._infos = [MatrixInfo(e.name, e.shape[0], _numel(e.shape) // e.shape[0])
                        for es in self.entries for e in es if e.is_matrix]
         self._cost_model, self._update_freq = cost_model, options.get("update_freq", 200)
@@ -477,6 +478,11 @@ class DistributedStructuredOptimizer(Optimizer):
         w32.add_(update, alpha=-lr)
         if w32 is not w:
             w.copy_(w32)
+
+    def full_param_groups(self) -> list[dict[str, Any]]:
+        """Every param group, even while DeepSpeed has narrowed ``param_groups`` to one of them
+        (ZeRO-1/2 does that during each ``step()`` call)."""
+        return self._all_groups
 
     @property
     def compute_device(self) -> torch.device:
