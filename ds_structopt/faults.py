@@ -41,6 +41,11 @@ def parse(text: Optional[str]) -> dict[str, list[dict[str, list[int]]]]:
 _FAULTS = parse(os.environ.get(ENV))
 
 
+def active() -> bool:
+    """Whether any fault is configured (the entry point warns loudly and records it)."""
+    return bool(_FAULTS)
+
+
 def _matches(spec: dict[str, list[int]], **values: int) -> bool:
     return all(key not in spec or value in spec[key] for key, value in values.items())
 

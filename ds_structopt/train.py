@@ -44,6 +44,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--output-dir", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that already holds checkpoints (they are deleted)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -82,6 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from ds_structopt.training.schedule import warmup_cosine
 
     faults.install()  # no-op unless DS_STRUCTOPT_FAULTS is set (tests)
+    if faults.active() and int(os.environ.get("RANK", 0)) == 0:
+        print(f"WARNING: fault injection is ON ({faults.ENV}={os.environ[faults.ENV]!r}): this run will be "
+              "killed, hung or poisoned on purpose; unset it for real training", flush=True)
     ds_cfg = load_config(args.deepspeed_config)
     tokenizer = load_tokenizer(args.tokenizer)
     data = pack(iter_documents(args.data), tokenizer, args.seq_len)
@@ -94,10 +99,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
 
     start_step = 0
+    if not args.resume:
+        _refuse_to_overwrite(ckpt_root, args.overwrite, rank)
     if args.resume and (tag := _resume_tag(ckpt_root, rank)) is not None:
         _, client = engine.load_checkpoint(ckpt_root, tag=tag)
         sampler.load_state_dict(client["sampler"])
         start_step = int(client["step"])
+        checkpoints.restore_rank_state(os.path.join(ckpt_root, tag), rank, engine.device)
         if rank == 0:
             print(f"resumed from {ckpt_root}/{tag} at step {start_step}", flush=True)
     log = TrainLog(args.output_dir, args.steps, enabled=rank == 0, resume=start_step > 0)
@@ -143,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done}, args.keep_last)
     png = log.plot()
     result = {"first_eval_loss": first_loss, "final": last, "loss_curve": png, "rank": rank, "world_size": world,
-              "placement": _placement()}
+              "placement": _placement(), "faults_injected": os.environ.get(faults.ENV) if faults.active() else None}
     if rank == 0:
         (Path(args.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if dist.is_initialized():
@@ -187,6 +195,27 @@ def evaluate(engine: Any, rows: torch.Tensor, micro: int) -> float:
         dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item()
+
+
+def _refuse_to_overwrite(root: str, overwrite: bool, rank: int) -> None:
+    """A run without --resume must not rotate a previous run's checkpoints away (or mix with them)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from ds_structopt.training import checkpoints
+
+    found: list[Any] = [checkpoints.candidates(root) if rank == 0 else None]  # rank 0's disk decides for all
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    existing = found[0]
+    if existing and not overwrite:
+        raise SystemExit(f"error: {root} already holds checkpoints (newest: {existing[0]}); pass --resume to "
+                         "continue that run or --overwrite to delete them and start over")
+    if existing and rank == 0:
+        shutil.rmtree(root)
+    if existing and dist.is_initialized():
+        dist.barrier()
 
 
 def _resume_tag(root: str, rank: int) -> Optional[str]:

@@ -13,6 +13,7 @@ atomically replaces ``<root>/latest``. So:
   checkpoint is reported in one line and the previous good one is used.
 
 Only the newest ``keep_last`` checkpoints are kept (removed after a new one is published).
+Each rank also saves its random generators (``rng.py``), restored by :func:`restore_rank_state`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .. import faults
+from . import rng
 from ..checkpoint.state_io import write_text_atomic
 from ..comm import comm_device
 
@@ -47,9 +49,13 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
         if rank == 0:
             print(f"warning: checkpoint {tag} skipped: {problem}; newest kept: {latest(root)}", flush=True)
         return None
+    if rank == 0:  # left by a save that was killed before it was published: never mix it into this one
+        shutil.rmtree(os.path.join(incoming, tag), ignore_errors=True)
+    _barrier()
     error: Optional[BaseException] = None
     try:
         engine.save_checkpoint(incoming, tag=tag, client_state=client_state, save_latest=False)
+        rng.save(os.path.join(incoming, tag), rank, engine.device)
     except (OSError, RuntimeError) as exc:  # disk full, I/O errors: never fatal, never published
         error = exc
     if _agree(error is not None, engine.device):
@@ -72,6 +78,11 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def restore_rank_state(folder: str, rank: int, device: Any) -> bool:
+    """What a rank keeps beside DeepSpeed's files (its random generators); False if absent."""
+    return rng.restore(folder, rank, device)
 
 
 def write_manifest(folder: str) -> None:
