@@ -13,13 +13,13 @@ WORKER = Path(__file__).parent / "dist" / "hf_worker.py"
 MATRICES = 14  # 2 layers x (q, k, v, o, gate, up, down)
 
 
-def _torchrun(stage, out):
+def _torchrun(stage, out, *mode):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(WORKER), str(stage), str(out)],
+                           "--master_port", str(port), str(WORKER), str(stage), str(out), *mode],
                           capture_output=True, text=True, timeout=600, env=env)
     # a rank aborting in gloo's C++ teardown after the run finished (both ranks printed WORKER-DONE,
     # results written) is the known torch/gloo exit race, not a training failure
@@ -39,6 +39,19 @@ def test_trainer_trains_with_our_optimizer_at_zero_2_and_3(tmp_path):
     assert runs[3]["metrics"][0]["comm_bytes"] > 0  # ZeRO-3 splits every matrix: pieces moved
     # same data, seed and math: the two stages agree (fp32 reduction order only)
     assert abs(runs[2]["losses"][-1] - runs[3]["losses"][-1]) < 3e-2, (runs[2]["losses"], runs[3]["losses"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_from_checkpoint_restores_our_state(tmp_path, stage):
+    """Trainer loads a DeepSpeed checkpoint before its first training step: our bases, moments and
+    masters must be restored by then, so steps 11-20 after resume_from_checkpoint repeat the
+    uninterrupted run's losses exactly (they restarted from zero state before)."""
+    full = _torchrun(stage, tmp_path / "full.json", "save")
+    resumed = _torchrun(stage, tmp_path / "resumed.json", "resume")
+    assert len(full["losses"]) == 20 and len(resumed["losses"]) == 10, (full["losses"], resumed["losses"])
+    assert resumed["losses"] == full["losses"][10:], (full["losses"][10:], resumed["losses"])
+    assert sum(m["refreshes"] for m in resumed["metrics"]) > 0
 
 
 BAD = """

@@ -58,9 +58,12 @@ class StructOptTrainer(Trainer):
                 ownership_group_size=dist_options["ownership_group_size"])
         return self.optimizer
 
-    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._structopt is not None and getattr(self, "deepspeed", None) is not None:
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Trainer sets ``self.deepspeed`` to the new engine just before ``resume_from_checkpoint``
+        makes it load a checkpoint: our checkpoint code must be attached by then, or our bases,
+        moments and fp32 masters would restart from zero."""
+        super().__setattr__(name, value)
+        if name == "deepspeed" and value is not None and getattr(self, "_structopt", None) is not None:
             from .deepspeed import attach_engine
 
-            attach_engine(self.deepspeed)  # ZeRO-3 layouts, our checkpoint files, metrics (once)
-        return super().training_step(*args, **kwargs)
+            attach_engine(value)  # ZeRO-3 layouts, our checkpoint files, metrics (once per engine)

@@ -479,6 +479,18 @@ class DistributedStructuredOptimizer(Optimizer):
         if w32 is not w:
             w.copy_(w32)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """DeepSpeed hands us its saved base-optimizer state when it loads its own partitions
+        (``load_optimizer_states=True`` without our checkpoint code attached). Our state is not in
+        it (it lives in the ``ds_structopt/`` files): take the groups' hyperparameters, in place;
+        torch's version would replace the group dicts and detach DeepSpeed's partitions from our
+        layout."""
+        saved = state_dict.get("param_groups", [])
+        if len(saved) != len(self._all_groups):
+            raise ValueError(f"optimizer state has {len(saved)} param groups, this optimizer {len(self._all_groups)}")
+        for group, values in zip(self._all_groups, saved):
+            group.update({k: v for k, v in values.items() if k not in ("params", "param_names")})
+
     def full_param_groups(self) -> list[dict[str, Any]]:
         """Every param group, even while DeepSpeed has narrowed ``param_groups`` to one of them
         (ZeRO-1/2 does that during each ``step()`` call)."""

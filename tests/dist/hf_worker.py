@@ -32,7 +32,9 @@ class Record(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
-def main(stage: int, out: str) -> None:
+def main(stage: int, out: str, mode: str = "train") -> None:
+    """``mode``: "train" (20 steps), "save" (20 steps, checkpoint at step 10, a loss every step),
+    "resume" (from that step-10 checkpoint to step 20, a loss every step)."""
     torch.set_num_threads(1)
     config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
               "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": stage},
@@ -41,13 +43,14 @@ def main(stage: int, out: str) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=2, max_position_embeddings=32))
-    args = TrainingArguments(output_dir=os.path.join(os.path.dirname(out), f"hf-z{stage}"), deepspeed=config,
+    run_dir = os.path.join(os.path.dirname(out), f"hf-z{stage}")
+    args = TrainingArguments(output_dir=run_dir if mode != "resume" else run_dir + "-resumed", deepspeed=config,
                              max_steps=20, per_device_train_batch_size=4, learning_rate=3e-3, warmup_steps=2,
-                             lr_scheduler_type="linear", logging_steps=5, report_to=[], use_cpu=True,
-                             save_strategy="no", seed=0)
+                             lr_scheduler_type="linear", logging_steps=5 if mode == "train" else 1, report_to=[],
+                             use_cpu=True, save_strategy="steps" if mode == "save" else "no", save_steps=10, seed=0)
     record = Record()
     trainer = StructOptTrainer(model=model, args=args, train_dataset=Patterns(), callbacks=[record])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-10") if mode == "resume" else None)
     metrics = [None] * dist.get_world_size()
     dist.all_gather_object(metrics, dso.metrics(trainer.deepspeed))
     if dist.get_rank() == 0:
@@ -61,4 +64,4 @@ def main(stage: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), sys.argv[2], *sys.argv[3:])
