@@ -147,11 +147,13 @@ def test_every_family(kind, optimizer):
     assert_clean(simulate(kind, optimizer, layers=2, ranks=(0, 1, 63)))
 
 
+@pytest.mark.parametrize("optimizer", ["AdaDiag++", "AdaDiag++factored"])
 @pytest.mark.parametrize("kind", ["zero2", "zero3"])
-def test_node_replica_groups(kind):
+def test_node_replica_groups(kind, optimizer):
     """ownership_group_size=8: each node's ranks own every matrix once; its subgroups are built by
-    a collective before the first message."""
-    runs = simulate(kind, layers=2, ranks=(0, 1, 7, 8, 63), ownership_group_size=8)
+    a collective before the first message. With relative_step the weight RMS reduction is made by
+    every rank, whichever group's owner holds a matrix whole."""
+    runs = simulate(kind, optimizer, layers=2, ranks=(0, 1, 7, 8, 63), ownership_group_size=8)
     assert_clean(runs)
     node_groups = {c.group for run in runs.values() for c in run["calls"] if len(c.group) == 8}
     assert node_groups, "no message went over a node's subgroup"
@@ -256,3 +258,28 @@ def test_megatron_owner_sharded_parameter_sync():
         assert not run["problems"], run["problems"][0]
         assert [c.kind for c in run["calls"]] == ["all_gather", "all_gather"], run["calls"]
     assert not mismatches({r: run["calls"] for r, run in runs.items()})
+
+
+def test_relative_step_with_replica_groups_where_only_one_owner_holds_the_matrix():
+    """4 ranks in 2 groups of 2, ZeRO-2 over one 4x4 matrix and a 48-element vector: group 0's
+    owner holds the matrix whole, group 1's does not. All four ranks must make the same
+    collectives (a weight-RMS reduction decided per group made only group 1 reduce: a hang)."""
+    traces = {}
+    for rank in range(4):
+        answer = {}
+        with simulated_rank(rank, 4, oracle=lambda obj, r: answer["fn"](obj, r)) as sim:
+            device = rank_device(rank)
+            w = torch.nn.Parameter(torch.zeros(4, 4, device=device), requires_grad=False)
+            v = torch.nn.Parameter(torch.zeros(48, device=device), requires_grad=False)
+            w.sim_shape, v.sim_shape = (4, 4), (48,)
+            groups = [{"params": [w, v], "param_names": ["model.layers.0.mlp.w", "model.layers.0.norm.weight"]}]
+            layout = Zero12(groups, 4, rank, device)
+            answer["fn"] = holders_oracle(layout)
+            opt = DistributedStructuredOptimizer(groups, dso.AdaDiagPP, {"lr": 1e-3, "factored": True,
+                                                                         "relative_step": True}, ownership_group_size=2)
+            layout.attach(opt)
+            layout.fill_grads()
+            layout.step(opt)
+            assert not sim.checker.problems
+            traces[rank] = sim.checker.calls
+    assert not mismatches(traces), mismatches(traces)

@@ -321,6 +321,9 @@ class DistributedStructuredOptimizer(Optimizer):
                 else:
                     wanted[e.name] = e
 
+        # before any message is posted (a collective between posting and waiting would stall them)
+        weights = self._weight_rms(group, entries, holders, device) if group.get("relative_step") else None
+
         # 1. gradient pieces to every owner that lacks them (its replica owner in every group)
         ops, sent = [], []
         for dst in range(self.world):
@@ -352,7 +355,6 @@ class DistributedStructuredOptimizer(Optimizer):
 
         # 2. owners compute: first what is already here, then what arrives
         by_name = {e.name: e for e in entries}
-        weights = self._weight_rms(group, entries, holders, device) if group.get("relative_step") else None
         updates = self._owner_updates(group, by_name, local, weights)
         for w in works:
             w.wait()
@@ -408,22 +410,29 @@ class DistributedStructuredOptimizer(Optimizer):
 
     def _weight_rms(self, group: dict[str, Any], entries: list[Entry], holders: dict[str, list[tuple[int, int, int]]],
                     device: torch.device) -> dict[str, Tensor]:
-        """Per matrix, a one-element tensor whose RMS is the whole weight's RMS (Adafactor's
-        relative step needs it; an owner holds only its pieces under ZeRO/FSDP2). Every rank
-        adds the squares of its pieces of the matrices their owner does not hold whole, in one
-        all-reduce that every rank makes (a reduction on the owner alone would hang)."""
-        owners = self.owners
-        sums = torch.zeros(len(entries), dtype=torch.float32, device=device)
-        for i, e in enumerate(entries):
-            whole = _covered(holders[e.name], owners[e.name], _numel(e.shape))
-            if (whole and owners[e.name] == self.rank) or (not whole and e.pieces):
-                pieces = e.pieces[:1] if whole and len(e.pieces) == 1 else e.pieces
-                sums[i] = sum(p.param.float().square().sum() for p in pieces)
-        shared = [i for i, e in enumerate(entries) if not _covered(holders[e.name], owners[e.name], _numel(e.shape))]
+        """Per owned matrix, a one-element tensor whose RMS is the whole weight's RMS (Adafactor's
+        relative step needs it; an owner holds only its pieces under ZeRO/FSDP2).
+
+        A matrix is "shared" when any of its owners (one per replica group) lacks it whole:
+        then every rank adds the squares of its pieces (disjoint across ranks) in one
+        all-reduce that every rank makes, since the set of shared matrices is the same on
+        every rank (a reduction on the owner alone, or per replica group, would hang).
+        Other matrices' owners compute it from their own pieces."""
+        shared = [i for i, e in enumerate(entries)
+                  if any(not _covered(holders[e.name], o, _numel(e.shape)) for o in self.replica_owners[e.name])]
+        sums = torch.zeros(len(shared), dtype=torch.float32, device=device)
+        for j, i in enumerate(shared):
+            for piece in entries[i].pieces:
+                sums[j] += piece.param.float().square().sum()
         if shared and self.world > 1:
             dist.all_reduce(sums, group=self.group)
-        return {e.name: (sums[i] / _numel(e.shape)).sqrt().reshape(1) for i, e in enumerate(entries)
-                if owners[e.name] == self.rank}
+        total = dict(zip(shared, sums))
+        out = {}
+        for i, e in enumerate(entries):
+            if self.owners[e.name] == self.rank:
+                squares = total[i] if i in total else sum(p.param.float().square().sum() for p in e.pieces)
+                out[e.name] = (squares / _numel(e.shape)).sqrt().reshape(1)
+        return out
 
     def _owner_updates(self, group: dict[str, Any], by_name: dict[str, Entry], full_grads: dict[str, Tensor],
                        weight_rms: Optional[dict[str, Tensor]] = None) -> dict[str, tuple[Tensor, float]]:
