@@ -64,9 +64,10 @@ EOF
     part "train_zero${stage}_full" 90 "$python" -m torch.distributed.run --standalone --nproc_per_node 1 \
         "${common[@]}" --output-dir "$run/full"
     # killed (fault injection) at step 13, after the step-10 checkpoint: the launcher fails, the checkpoint stays
-    part "train_zero${stage}_killed" 90 bash -c "DS_STRUCTOPT_FAULTS=kill:rank=0,step=13 \"\$0\" \"\$@\"; \
-        test -e '$run/resumed/checkpoints/latest'" "$python" -m torch.distributed.run --standalone \
-        --nproc_per_node 1 "${common[@]}" --output-dir "$run/resumed"
+    part "train_zero${stage}_killed" 90 bash -c "DS_STRUCTOPT_FAULTS=kill:rank=0,step=13 \"\$0\" \"\$@\" \
+        && { echo 'the run was not killed'; exit 1; }; \
+        test \"\$(cat '$run/resumed/checkpoints/latest')\" = step00000010" "$python" -m torch.distributed.run \
+        --standalone --nproc_per_node 1 "${common[@]}" --output-dir "$run/resumed"
     part "train_zero${stage}_resume" 90 "$python" -m torch.distributed.run --standalone --nproc_per_node 1 \
         "${common[@]}" --resume --output-dir "$run/resumed"
     part "train_zero${stage}_compare" 30 "$python" - "$run" <<'EOF'

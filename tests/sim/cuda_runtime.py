@@ -128,12 +128,24 @@ class SimCudaRuntime:
             self.problems.append(f"record_stream of a tensor on {tensor.device} on a stream of {stream.device}")
         self.recorded.append((tensor, stream))
 
+    def get_rng_state(self, device: Any = "cuda") -> torch.Tensor:
+        """A CUDA generator's state is a CPU byte tensor (Philox seed and offset)."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return torch.zeros(16, dtype=torch.uint8)
+
+    def set_rng_state(self, state: torch.Tensor, device: Any = "cuda") -> None:
+        if state.device.type != "cpu" or state.dtype != torch.uint8:
+            self.problems.append(f"set_rng_state got a {state.dtype} tensor on {state.device}")
+
     # ----- installing -------------------------------------------------------
     def __enter__(self) -> "SimCudaRuntime":
         runtime = self
         patches = {(torch.cuda, "Stream"): self._stream_class(), (torch.cuda, "Event"): SimEvent,
                    (torch.cuda, "current_stream"): self.current_stream, (torch.cuda, "stream"): self.stream,
                    (torch.cuda, "set_device"): self.set_device, (torch.cuda, "current_device"): self.current_device,
+                   (torch.cuda, "get_rng_state"): self.get_rng_state, (torch.cuda, "set_rng_state"): self.set_rng_state,
                    (torch.Tensor, "record_stream"): lambda t, s: runtime.record_stream(t, s)}
         for (owner, name), fn in patches.items():
             self._saved[(owner, name)] = getattr(owner, name)
