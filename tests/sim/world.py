@@ -171,17 +171,21 @@ class Zero12:
         return out
 
     def fill_grads(self) -> None:
-        for flat in self.flats:
-            flat.grad = torch.zeros_like(flat)
+        # DeepSpeed keeps each group's reduced gradient partition until that group's turn
+        self.averaged_gradients = {i: [torch.zeros_like(flat)] for i, flat in enumerate(self.flats)}
 
     def step(self, *_: Any) -> None:
-        """``DeepSpeedZeroOptimizer.step``'s loop: one ``step()`` per group, ``param_groups`` narrowed."""
+        """``DeepSpeedZeroOptimizer.step``'s loop: group i's gradient goes onto its flat partition
+        just before its ``step()`` call, with ``param_groups`` narrowed to that group."""
         opt = self._ours
         original = opt.param_groups
-        for i in range(len(self.flats)):
+        for i, flat in enumerate(self.flats):
+            flat.grad = torch.cat(self.averaged_gradients[i])
+            self.averaged_gradients[i] = None
             opt.param_groups = [original[i]]
             opt.step()
             opt.param_groups = original
+            flat.grad = None
 
 
 class Zero3:
