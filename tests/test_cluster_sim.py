@@ -114,13 +114,9 @@ def save_as_meta(opt: DistributedStructuredOptimizer, folder: Path) -> str:
 
 
 def _to_meta(value):
-    if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, dict):
-        return {k: _to_meta(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_meta(v) for v in value)
-    return value
+    from ds_structopt.checkpoint.state_io import map_tensors
+
+    return map_tensors(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value)
 
 
 def assert_clean(runs: dict[int, dict], messages: bool = True) -> None:

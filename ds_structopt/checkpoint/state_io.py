@@ -3,33 +3,32 @@ device, and replacing a small text file atomically (markers like ``latest``, man
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 
-def cpu_copy(state: Any) -> Any:
-    """A detached CPU copy of saved state, however deeply nested (tensors copied, other values as they are)."""
+def map_tensors(fn: Callable[[torch.Tensor], Any], state: Any) -> Any:
+    """``state`` with ``fn`` applied to every tensor, however deeply nested in dicts, lists and
+    tuples (a parked refresh-ahead result is a dict holding a list of bases)."""
     if isinstance(state, torch.Tensor):
-        return state.detach().cpu().clone()
+        return fn(state)
     if isinstance(state, dict):
-        return {k: cpu_copy(v) for k, v in state.items()}
+        return {k: map_tensors(fn, v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(cpu_copy(v) for v in state)
+        return type(state)(map_tensors(fn, v) for v in state)
     return state
+
+
+def cpu_copy(state: Any) -> Any:
+    """A detached CPU copy of saved state (tensors copied, other values as they are)."""
+    return map_tensors(lambda t: t.detach().cpu().clone(), state)
 
 
 def to_device(state: Any, device: torch.device) -> Any:
-    """Saved state with every tensor moved to ``device``, however deeply nested (a parked
-    refresh-ahead result is a dict holding a list of bases: left on the CPU it would meet the
-    GPU moments in the next step's math)."""
-    if isinstance(state, torch.Tensor):
-        return state.to(device)
-    if isinstance(state, dict):
-        return {k: to_device(v, device) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(to_device(v, device) for v in state)
-    return state
+    """Saved state with every tensor on ``device`` (nested ones too: left on the CPU they would
+    meet the GPU moments in the next step's math)."""
+    return map_tensors(lambda t: t.to(device), state)
 
 
 def write_text_atomic(path: str, text: str) -> None:
