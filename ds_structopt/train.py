@@ -98,6 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     sampler = ShardedBatchSampler(len(data.train), engine.train_batch_size(), world, rank, seed=args.seed)
     ckpt_root = os.path.join(args.output_dir, "checkpoints")
 
+    # the config's LRs, before a resume restores the groups' values as the schedule left them
+    base_lrs = [g["lr"] for g in engine.optimizer.param_groups]
     start_step = 0
     if not args.resume:
         _refuse_to_overwrite(ckpt_root, args.overwrite, rank)
@@ -109,7 +111,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if rank == 0:
             print(f"resumed from {ckpt_root}/{tag} at step {start_step}", flush=True)
     log = TrainLog(args.output_dir, args.steps, enabled=rank == 0, resume=start_step > 0)
-    base_lrs = [g["lr"] for g in engine.optimizer.param_groups]
     warmup = int(args.warmup if args.warmup >= 1 else args.warmup * args.steps) or 1
     tokens_per_step = engine.train_batch_size() * args.seq_len
     eval_rows = data.eval[: args.eval_rows] if len(data.eval) else data.train[: args.eval_rows]
