@@ -47,9 +47,7 @@ def _rank(rank: int, world: int, path: str, out: str) -> None:
     from sim.world import Zero3
     from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
+    _start(rank, world, path)
     model = build_model(0)
     groups = dso.param_groups(model)
     values = [p.detach().clone() for g in groups for p in g["params"]]
@@ -75,12 +73,9 @@ def _rank(rank: int, world: int, path: str, out: str) -> None:
             if step == ZERO_STEP and rank == 1 and i == 0:
                 parts = [torch.zeros_like(x) for x in parts]
             layout.averaged_gradients[i] = parts
-        before = [f.clone() for f in layout.fp32_partitioned_groups_flat]
-        layout.step(opt)
-        snapshots.append([b.equal(f) for b, f in zip(before, layout.fp32_partitioned_groups_flat)])
-    gathered = [None] * world
-    dist.all_gather_object(gathered, [f.clone() for f in layout.fp32_partitioned_groups_flat])
-    if rank == 0:
+        snapshots.append(_step_unchanged(layout, opt, layout.fp32_partitioned_groups_flat))
+
+    def assemble(gathered: list) -> list[torch.Tensor]:
         full = []
         for sub_id, sub in enumerate(layout.fp16_groups):
             offset = 0
@@ -89,11 +84,9 @@ def _rank(rank: int, world: int, path: str, out: str) -> None:
                 pieces = torch.cat([gathered[r][sub_id][offset:offset + size] for r in range(world)])
                 full.append(pieces[: p.ds_numel].view(p.ds_shape))
                 offset += size
-        torch.save({"params": full, "unchanged": snapshots, "skipped": opt.skipped_steps}, out)
-    else:
-        torch.save({"unchanged": snapshots, "skipped": opt.skipped_steps}, out + ".1")
-    dist.barrier()
-    dist.destroy_process_group()
+        return full
+
+    _finish(rank, world, out, layout.fp32_partitioned_groups_flat, assemble, snapshots, opt.skipped_steps)
 
 
 def _rank_zero2(rank: int, world: int, path: str, out: str) -> None:
@@ -102,9 +95,7 @@ def _rank_zero2(rank: int, world: int, path: str, out: str) -> None:
     from sim.world import Zero12
     from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
+    _start(rank, world, path)
     model = build_model(0)
     groups = dso.param_groups(model)
     for g in groups:
@@ -125,20 +116,42 @@ def _rank_zero2(rank: int, world: int, path: str, out: str) -> None:
             if step == ZERO_STEP and rank == 1 and i == 0:
                 part.zero_()
             layout.averaged_gradients[i] = [part]
-        before = [f.clone() for f in layout.flats]
-        layout.step(opt)
-        snapshots.append([b.equal(f) for b, f in zip(before, layout.flats)])
-    gathered = [None] * world
-    dist.all_gather_object(gathered, [f.clone() for f in layout.flats])
-    if rank == 0:
+        snapshots.append(_step_unchanged(layout, opt, layout.flats))
+
+    def assemble(gathered: list) -> list[torch.Tensor]:
         full = []
         for i, g in enumerate(groups):
             flat = torch.cat([gathered[r][i] for r in range(world)])
             for p, offset in zip(g["params"], layout.offsets[i]):
                 full.append(flat[offset:offset + p.numel()].view(p.shape))
-        torch.save({"params": full, "unchanged": snapshots, "skipped": opt.skipped_steps}, out)
+        return full
+
+    _finish(rank, world, out, layout.flats, assemble, snapshots, opt.skipped_steps)
+
+
+def _start(rank: int, world: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+
+
+def _step_unchanged(layout, opt, flats: list[torch.Tensor]) -> list[bool]:
+    """One optimizer step through the layout; per partition, whether it stayed bitwise unchanged."""
+    before = [f.clone() for f in flats]
+    layout.step(opt)
+    return [b.equal(f) for b, f in zip(before, flats)]
+
+
+def _finish(rank: int, world: int, out: str, flats: list[torch.Tensor], assemble, snapshots: list, skipped: int) -> None:
+    """Rank 0 writes the whole parameters (``assemble`` of every rank's partitions), every rank its
+    snapshots and skip count."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, [f.clone() for f in flats])
+    result = {"unchanged": snapshots, "skipped": skipped}
+    if rank == 0:
+        torch.save({**result, "params": assemble(gathered)}, out)
     else:
-        torch.save({"unchanged": snapshots, "skipped": opt.skipped_steps}, out + ".1")
+        torch.save(result, out + ".1")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -48,19 +48,10 @@ def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
         "matrix_state": {name: cpu_copy(st) for name, st in opt.matrix_state.items()},
         "elements": elements,
         "masters": masters,
-        "hyperparams": group_hyperparams(opt),
+        # groups' values as the scheduler left them: DeepSpeed's own optimizer state is not loaded
+        # (tied to the saving world size), so without these a resume would restart the LR schedule
+        "hyperparams": opt.hyperparams(),
     }
-
-
-def group_hyperparams(opt: DistributedStructuredOptimizer) -> list[dict[str, Any]]:
-    """Each param group's current values (lr, betas, ... as an LR/momentum scheduler left them).
-    DeepSpeed's own optimizer state is not loaded (it is tied to the saving world size), so
-    without these the first resumed step would run at the scheduler's initial LR."""
-    groups = opt.full_param_groups()
-    return [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMS} for g in groups]
-
-
-_NOT_HYPERPARAMS = {"params", "param_names"}
 
 
 def save(opt: DistributedStructuredOptimizer, directory: str) -> None:
@@ -112,11 +103,7 @@ def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
 
     hyperparams = saved[0].get("hyperparams")  # format 1 has none: the groups keep their current values
     if hyperparams is not None:
-        groups = opt.full_param_groups()
-        if len(hyperparams) != len(groups):
-            raise ValueError(f"checkpoint {directory} has {len(hyperparams)} param groups, the optimizer has {len(groups)}")
-        for group, values in zip(groups, hyperparams):
-            group.update(values)
+        opt.load_hyperparams(hyperparams)
     opt.matrix_state.clear()
     opt.elem_state.clear()
     for e in opt.entries_with_pieces():

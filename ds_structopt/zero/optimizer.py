@@ -494,16 +494,20 @@ class DistributedStructuredOptimizer(Optimizer):
         it (it lives in the ``ds_structopt/`` files): take the groups' hyperparameters, in place;
         torch's version would replace the group dicts and detach DeepSpeed's partitions from our
         layout."""
-        saved = state_dict.get("param_groups", [])
-        if len(saved) != len(self._all_groups):
-            raise ValueError(f"optimizer state has {len(saved)} param groups, this optimizer {len(self._all_groups)}")
-        for group, values in zip(self._all_groups, saved):
-            group.update({k: v for k, v in values.items() if k not in ("params", "param_names")})
+        self.load_hyperparams(state_dict.get("param_groups", []))
 
-    def full_param_groups(self) -> list[dict[str, Any]]:
-        """Every param group, even while DeepSpeed has narrowed ``param_groups`` to one of them
-        (ZeRO-1/2 does that during each ``step()`` call)."""
-        return self._all_groups
+    def hyperparams(self) -> list[dict[str, Any]]:
+        """Each param group's current values (lr, betas, ... as a scheduler left them), of every
+        group even while DeepSpeed has narrowed ``param_groups`` to one (ZeRO-1/2 step calls)."""
+        return [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMS} for g in self._all_groups]
+
+    def load_hyperparams(self, values: list[dict[str, Any]]) -> None:
+        """Set every group's hyperparameters from :meth:`hyperparams` output, in place."""
+        if len(values) != len(self._all_groups):
+            raise ValueError(f"saved optimizer state has {len(values)} param groups, this optimizer "
+                             f"{len(self._all_groups)}")
+        for group, saved in zip(self._all_groups, values):
+            group.update({k: v for k, v in saved.items() if k not in _NOT_HYPERPARAMS})
 
     @property
     def compute_device(self) -> torch.device:
@@ -541,6 +545,7 @@ class DistributedStructuredOptimizer(Optimizer):
                    for t in st.values() if isinstance(t, Tensor))
 
 
+_NOT_HYPERPARAMS = {"params", "param_names"}  # group keys that are not the optimizer's values
 _TAG_GATHER, _TAG_RETURN = 7301, 7302  # distinct tags: a rank pair may exchange both in one step
 
 
