@@ -79,11 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from ds_structopt.data.tokenizer import load_tokenizer
     from ds_structopt.integrations.deepspeed import find_optimizer
     from ds_structopt.integrations.deepspeed_config import load_config
-    from ds_structopt.training import checkpoints
+    from ds_structopt.training import checkpoints, preemption
     from ds_structopt.training.logs import TrainLog
     from ds_structopt.training.schedule import warmup_cosine
 
     faults.install()  # no-op unless DS_STRUCTOPT_FAULTS is set (tests)
+    preemption.install()  # SIGTERM/SIGUSR1/SIGUSR2 only set a flag; acted on at a step boundary (below)
     if faults.active() and int(os.environ.get("RANK", 0)) == 0:
         print(f"WARNING: fault injection is ON ({faults.ENV}={os.environ[faults.ENV]!r}): this run will be "
               "killed, hung or poisoned on purpose; unset it for real training", flush=True)
@@ -124,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     first_loss = eval_loss() if start_step == 0 else None
     t0, last = time.perf_counter(), {}
     ours = find_optimizer(engine)
+    preempted: Optional[dict[str, Any]] = None
     for step in range(start_step, args.steps):
         faults.at_step(step + 1, rank)
         skipped_before = _skipped(engine, ours)
@@ -148,11 +150,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                        skipped_steps=_skipped(engine, ours), **_health(ours, engine.device))
             log.write(row, start_step)
             last = row
+        saved = None
         if done % args.save_every == 0 or done == args.steps:
-            checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done}, args.keep_last)
+            saved = checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done},
+                                     args.keep_last)
+        # Every rank learns here whether ANY rank was signalled (one tiny all-reduce), so all stop
+        # at this same step and the collective save below is complete. After the last step the
+        # run is simply done.
+        if done < args.steps and (sig := preemption.agree(engine.device)) is not None:
+            if saved is None:
+                saved = checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done},
+                                         args.keep_last)
+            preempted = {"signal": sig, "step": done, "checkpoint": saved}
+            if rank == 0:
+                print(f"preempted by {sig} at step {done}: " + (
+                    f"checkpoint saved to {saved}; rerun with --resume" if saved is not None else
+                    f"checkpoint NOT saved (see the warning above); --resume continues from "
+                    f"{checkpoints.latest(ckpt_root)}"), flush=True)
+            break
     png = log.plot()
     result = {"first_eval_loss": first_loss, "final": last, "loss_curve": png, "rank": rank, "world_size": world,
-              "placement": _placement(), "faults_injected": os.environ.get(faults.ENV) if faults.active() else None}
+              "placement": _placement(), "faults_injected": os.environ.get(faults.ENV) if faults.active() else None,
+              "preempted": preempted}
     if rank == 0:
         (Path(args.output_dir) / "result.json").write_text(json.dumps(result, indent=2))
     if dist.is_initialized():
