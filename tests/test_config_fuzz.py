@@ -1,8 +1,12 @@
 """Config fuzzing: random edits of a DeepSpeed JSON (wrong types, missing/extra keys, out-of-range
 values, unknown optimizer types) are either accepted and really usable, or rejected with ONE line
-naming the key: never another exception type, never a traceback from deep inside, never a process group."""
+naming the key: an edited key that is really wrong (alone or with another edit), by its dotted path or its
+own name as a whole word, not just a block above it (an edit of optimizer.params.betas is not named by
+"optimizer ..."); never another exception type, never a traceback from deep inside, never a process group."""
 import copy
+import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -12,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ds_structopt
-from ds_structopt.integrations.deepspeed_config import OUR_BLOCK, ConfigError, parse_config
+from ds_structopt.integrations.deepspeed_config import DIST_DEFAULTS, OUR_BLOCK, ConfigError, parse_config
 
 BASE = {"train_batch_size": 8, "zero_optimization": {"stage": 2},
         "optimizer": {"type": "AdaDiag++", "params": {"lr": 1e-3, "update_freq": 10}},
@@ -50,8 +54,74 @@ def apply(config: dict, path: tuple, value) -> dict:
     if value is DELETE:
         node.pop(path[-1], None)
     else:
-        node[path[-1]] = value
+        node[path[-1]] = copy.deepcopy(value)  # a later edit inside it must not change the drawn value
     return config
+
+
+MISSING = object()
+
+
+def lookup(config: dict, path: tuple):
+    """The value at `path`, or MISSING (absent, or under something that is not an object)."""
+    node = config
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return MISSING
+        node = node[key]
+    return node
+
+
+def invalid(config: dict) -> bool:
+    try:
+        parse_config(config)
+    except ConfigError:
+        return True
+    return False
+
+
+def culprits(edits: list) -> list[tuple]:
+    """Paths of the edits the error may legitimately be about: those in a smallest set of edits whose
+    values AS THEY END UP in the final config (an edit later overwritten, or replaced along with its
+    block, counts as what is left of it) already make the base config invalid. A wrong value alone is
+    its own set; a pair that is only wrong together (refresh_ahead_steps vs update_freq,
+    relative_step at ZeRO-3) is one set of two."""
+    final = copy.deepcopy(BASE)
+    for path, value in edits:
+        apply(final, path, value)
+    paths = list(dict.fromkeys(path for path, _ in edits))
+    bad_sets: list[frozenset] = []
+    for size in range(1, len(paths) + 1):
+        for subset in itertools.combinations(paths, size):
+            if any(bad <= set(subset) for bad in bad_sets):
+                continue  # not minimal
+            config = copy.deepcopy(BASE)
+            for path in sorted(subset, key=len):  # a block before the keys inside it
+                value = lookup(final, path)
+                if value is not MISSING:
+                    apply(config, path, value)
+                elif isinstance(lookup(config, path[:-1]), dict):
+                    lookup(config, path[:-1]).pop(path[-1], None)
+            if invalid(config):
+                bad_sets.append(frozenset(subset))
+    return [path for path in paths if any(path in bad for bad in bad_sets)]
+
+
+# names the messages print bare (`lr must be ...`, `zero_optimization.stage must be ...`); any other key
+# (random text) must appear as its repr, the way the messages quote unknown keys
+KNOWN_NAMES = set(OPTION_NAMES) | {"optimizer", "type", "params", "zero_optimization", "stage", "offload_optimizer",
+                                   "offload_param", OUR_BLOCK, *DIST_DEFAULTS}
+
+
+def names(message: str, path: tuple) -> bool:
+    """`message` names the edited key: its full dotted path (possibly followed by a key inside it, as in
+    `optimizer.type` for a replaced `optimizer` block), or its last key: quoted as repr() quotes it, or
+    bare if it is one of our option names; either as a whole word, not part of a longer name."""
+    def whole(word: str) -> bool:
+        return re.search(r"(?<![\w.])" + re.escape(word) + r"(?!\w)", message) is not None
+    dotted = ".".join(str(k) for k in path)
+    key = path[-1]
+    return (all(k in KNOWN_NAMES for k in path) and whole(dotted)) or repr(key) in message or (
+        key in KNOWN_NAMES and whole(key))
 
 
 def usable(parsed) -> None:
@@ -77,8 +147,9 @@ def test_random_configs_are_valid_or_one_line_errors_naming_the_key(edits):
     except ConfigError as exc:
         message = str(exc)
         assert "\n" not in message, message
-        named = {str(p) for path, _ in edits for p in path}
-        assert any(name in message for name in named), (message, edits)
+        wrong = culprits(edits)
+        assert wrong, (message, edits)  # some edit (or pair) must make the config invalid on its own
+        assert any(names(message, path) for path in wrong), (message, wrong, edits)
         return
     usable(parsed)
 

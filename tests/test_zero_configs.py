@@ -55,7 +55,7 @@ def test_state_is_balanced_on_four_ranks(tmp_path):
 BAD = [
     ({"type": "AdaDiagXX", "params": {}}, {}, "optimizer.type: unknown optimizer 'AdaDiagXX'"),
     ({"type": "AdaDiag++", "params": {"updat_freq": 10}}, {}, "did you mean 'update_freq'"),
-    ({"type": "ASGO", "params": {"factored": True}}, {}, "ASGO: unknown option 'factored'"),
+    ({"type": "ASGO", "params": {"factored": True}}, {}, "unknown option 'factored' for optimizer.type 'ASGO'"),
     ({"type": "AdaDiag++", "params": {"lr": -1}}, {}, "lr must be"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 3, "offload_optimizer": {"device": "nvme"}}, "offload_optimizer.device='nvme'"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer.device='cpu'"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from ..optim.base import StructuredOptimizer
+from ..optim.validation import UnknownOptionError
 
 OUR_BLOCK = "ds_structopt"
 DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local", "ownership_group_size": None,
@@ -70,7 +71,9 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
     unknown_keys = set(block) - {"type", "params"}
     if unknown_keys:
         raise ConfigError(f"optimizer: unknown key {sorted(unknown_keys)[0]!r} (expected 'type' and 'params')")
-    opt_type = block.get("type")
+    if "type" not in block:
+        raise ConfigError(f"optimizer.type is missing: name one of {sorted(OPTIMIZERS)} (or DeepSpeed's own)")
+    opt_type = block["type"]
     if not isinstance(opt_type, str):
         raise ConfigError(f"optimizer.type must be a string naming an optimizer, got {opt_type!r}; "
                           f"ds_structopt provides {sorted(OPTIMIZERS)}")
@@ -86,12 +89,16 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
     cls = OPTIMIZERS[opt_type]
     try:
         cls.resolve_options(dict(params))
+    except UnknownOptionError as exc:  # may be a fine key for another type: name the type too
+        raise ConfigError(f"optimizer.params: unknown option {exc.option!r} for optimizer.type {opt_type!r}"
+                          f"{exc.hint}") from None
     except ValueError as exc:
         raise ConfigError(f"optimizer.params: {exc}") from None
     _check_zero(cfg)
     _check_parallelism(cfg)
     if (cfg.get("zero_optimization") or {}).get("stage", 0) == 3 and params.get("relative_step"):
-        raise ConfigError("optimizer.params.relative_step=true needs whole weights and is not supported at ZeRO stage 3")
+        raise ConfigError("optimizer.params.relative_step=true needs whole weights and is not supported with "
+                          "zero_optimization.stage=3")
     del cfg["optimizer"]
     cfg["zero_allow_untested_optimizer"] = True
     options = dict(params)
@@ -132,11 +139,11 @@ def _check_zero(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     for key in ("offload_optimizer", "offload_param"):
         off = zero.get(key)
+        where = f"zero_optimization.{key}.device" if isinstance(off, Mapping) else f"zero_optimization.{key}"
         device = off.get("device", "none") if isinstance(off, Mapping) else off
         if device not in (None, "none"):
-            raise ConfigError(
-                f"zero_optimization.{key}.device={device!r} is not supported with ds_structopt optimizers "
-                "(their step runs where the partitions live); remove the offload block")
+            raise ConfigError(f"{where}={device!r} is not supported with ds_structopt optimizers "
+                              "(their step runs where the partitions live); remove the offload block")
 
 
 def _check_parallelism(cfg: Mapping[str, Any]) -> None:

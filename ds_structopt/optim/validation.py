@@ -7,14 +7,26 @@ import re
 from typing import Any, Iterable, Mapping
 
 
+class UnknownOptionError(ValueError):
+    """An option name the optimizer does not know; ``option`` and ``hint`` let a caller that knows where
+    the options came from (a DeepSpeed config's ``optimizer.params``) say so in its own words."""
+
+    def __init__(self, owner: str, option: Any, hint: str = ""):
+        super().__init__(f"{owner}: unknown option {option!r}{hint}")
+        self.owner, self.option, self.hint = owner, option, hint
+
+    def __reduce__(self):  # picklable (it may cross a process boundary)
+        return type(self), (self.owner, self.option, self.hint)
+
+
 def reject_unknown(owner: str, given: Mapping[str, Any], known: Iterable[str]) -> None:
-    """Raise ValueError for the first option name `owner` does not know, with a suggestion."""
+    """Raise UnknownOptionError (a ValueError) for the first option name `owner` does not know, with a suggestion."""
     known = sorted(known)
     for name in given:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"{owner}: unknown option {name!r}{hint}")
+            raise UnknownOptionError(owner, name, hint)
 
 
 def check_nonneg(owner: str, name: str, value: Any) -> None:
