@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     start_step = 0
     if not args.resume:
         _refuse_to_overwrite(ckpt_root, args.overwrite, rank)
-    if args.resume and (tag := _resume_tag(ckpt_root, rank)) is not None:
+    if args.resume and (tag := _resume_tag(ckpt_root, engine)) is not None:
         _, client = engine.load_checkpoint(ckpt_root, tag=tag)
         sampler.load_state_dict(client["sampler"])
         start_step = int(client["step"])
@@ -238,24 +238,15 @@ def _refuse_to_overwrite(root: str, overwrite: bool, rank: int) -> None:
         dist.barrier()
 
 
-def _resume_tag(root: str, rank: int) -> Optional[str]:
-    """Rank 0 picks the newest intact checkpoint (files checked against its manifest) for everyone."""
-    import torch.distributed as dist
-
+def _resume_tag(root: str, engine: Any) -> Optional[str]:
+    """The newest intact checkpoint, agreed by all ranks: each checks its share of the files
+    against the manifest (``checkpoints.resume_tag``)."""
     from ds_structopt.training import checkpoints
 
-    choice: list[Any] = [None]
-    if rank == 0:
-        try:
-            choice[0] = ("ok", checkpoints.resume_tag(root))
-        except RuntimeError as exc:
-            choice[0] = ("error", str(exc))
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    status, value = choice[0]
-    if status == "error":
-        raise SystemExit(f"error: {value}")
-    return value
+    try:
+        return checkpoints.resume_tag(root, engine.global_rank, engine.world_size, engine.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _skipped(engine: Any, ours: Any) -> int:

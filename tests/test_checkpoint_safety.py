@@ -50,10 +50,12 @@ SCRIPT = textwrap.dedent("""
     opt.step()
     out = sys.argv[1]
     checkpoint.save(opt, out)
-    rank_file = os.path.join(out, "ds_structopt", "rank00000.pt")
-    torch.load(rank_file, weights_only=True)          # our own state: tensors and plain containers
+    ours = os.path.join(out, "ds_structopt", "rank00000.tensors")
+    assert open(ours, "rb").read(8) == b"DSSOTNS1"     # our own state: a JSON header and raw tensors
     checkpoint.load(opt, out)                          # and it loads back
-    torch.save({"matrix_state": Payload(out + "/pwned")}, rank_file)
+    os.remove(ours)                                    # replaced by a pickle (the older torch.save format)
+    rank_file = os.path.join(out, "ds_structopt", "rank00000.pt")
+    torch.save({"version": 2, "matrix_state": Payload(out + "/pwned")}, rank_file)
     try:
         checkpoint.load(opt, out)
     except checkpoint.UnsafeCheckpointError as exc:

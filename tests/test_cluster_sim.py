@@ -18,6 +18,7 @@ scripts/gpu_check.sh.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -100,16 +101,17 @@ def simulate(kind: str, optimizer: str = "AdaDiag++", layers: int = 4, steps: in
 
 def save_as_meta(opt: DistributedStructuredOptimizer, folder: Path) -> str:
     """This rank's ``checkpoint.local_state`` on disk for every rank of the world (the others'
-    files are copies: ``load`` reads one file per saving rank), tensors as meta tensors."""
+    files are copies: ``load`` wants one file per saving rank), tensors as meta tensors."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     state = checkpoint.local_state(opt)
     with unset_fake_temporarily():
         meta = _to_meta(state)
-        for r in range(WORLD):
-            path = checkpoint._rank_file(str(folder), r)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(meta, path)
+        os.makedirs(folder / checkpoint.SUBDIR, exist_ok=True)
+        (folder / checkpoint.SUBDIR / "meta.json").write_text(
+            json.dumps({"version": checkpoint.FORMAT_VERSION, "world_size": WORLD, "optimizer": opt.math.NAME}))
+        for r in range(WORLD):  # meta tensors have no bytes: the tensors-only torch format (read as formats 1-2)
+            torch.save(meta, folder / checkpoint.SUBDIR / f"rank{r:05d}.pt")
     return str(folder)
 
 

@@ -1,51 +1,62 @@
 """Name-keyed optimizer state next to DeepSpeed's checkpoints, loadable at any world size.
 
 DeepSpeed's ZeRO checkpoints store flat partitions tied to the world size that
-wrote them. We write, per rank, ``<dir>/<tag>/ds_structopt/rank<r>.pt`` with
-everything keyed by parameter name: the owned matrices' whole states, the
+wrote them. We write, per rank, ``<dir>/<tag>/ds_structopt/rank<r>.tensors``
+with everything keyed by parameter name: the owned matrices' whole states, the
 elementwise (AdamW) state and the fp32 master values of the pieces this rank
-holds, each with its range in the flattened parameter. Loading reads every
-rank's file and takes what the new layout needs, so 2 -> 1, 2 -> 4, 1 -> 2 all
-continue the same trajectory. Files are written to a temporary name and
-renamed, and hold only tensors and plain containers (``torch.load(...,
-weights_only=True)`` reads them).
+holds, each with its range in the flattened parameter (``tensor_file``: a JSON
+header and raw bytes, no pickle).
+
+Loading reads only what this rank needs now: its own file when the world size
+and layout are unchanged, otherwise the headers of every file (the index by
+name) and then just the element ranges of its new pieces and the states of the
+matrices it now owns. So 2 -> 1, 2 -> 4, 1 -> 2 continue the same trajectory,
+and a rank's host memory at resume is its own share, not the checkpoint.
+Files of format 1 and 2 (``torch.save`` of the same structure) still load.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..zero.optimizer import DistributedStructuredOptimizer
+from . import tensor_file
 from .safe_load import UnsafeCheckpointError, safe_load  # noqa: F401 (re-exported)
-from .state_io import cpu_copy, to_device, write_text_atomic
+from .state_io import write_text_atomic
 
 SUBDIR = "ds_structopt"
-FORMAT_VERSION = 2  # 2: param groups' hyperparameters (LR as the scheduler left it)
+# 2: param groups' hyperparameters (LR as the scheduler left it); 3: tensor files read by range,
+# each naming the matrices its rank owned (so a resume at the same layout reads one file)
+FORMAT_VERSION = 3
+_RANK_FILE = re.compile(r"^rank(\d+)\.(tensors|pt)$")
 
 
-def _rank_file(directory: str, rank: int) -> str:
-    return os.path.join(directory, SUBDIR, f"rank{rank:05d}.pt")
+def rank_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, SUBDIR, f"rank{rank:05d}.tensors")
 
 
 def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
-    """This rank's share, by name: owned matrix states, elementwise pieces, fp32 master pieces."""
+    """This rank's share, by name: owned matrix states, elementwise pieces, fp32 master pieces.
+    Tensors are the live ones (written out at once by :func:`save`, one at a time)."""
     opt.math.settle()  # decompositions running ahead land in the states they belong to
     elements: dict[str, list[dict[str, Any]]] = {}
     masters: dict[str, list[dict[str, Any]]] = {}
     for e in opt.entries_with_pieces():
         for piece in e.pieces:
-            masters.setdefault(e.name, []).append({"start": piece.start, "value": piece.param.detach().float().clone()})
+            masters.setdefault(e.name, []).append({"start": piece.start, "value": piece.param.detach().float()})
             st = opt.elem_state.get(f"{e.name}#{piece.start}")
             if not e.is_matrix and st:
-                elements.setdefault(e.name, []).append({"start": piece.start, "state": cpu_copy(st)})
+                elements.setdefault(e.name, []).append({"start": piece.start, "state": dict(st)})
     return {
         "version": FORMAT_VERSION,
         "world_size": opt.world,
-        "matrix_state": {name: cpu_copy(st) for name, st in opt.matrix_state.items()},
+        "rank": opt.rank,
+        "owned": sorted(_owned(opt)),
+        "matrix_state": dict(opt.matrix_state),
         "elements": elements,
         "masters": masters,
         # groups' values as the scheduler left them: DeepSpeed's own optimizer state is not loaded
@@ -54,150 +65,197 @@ def local_state(opt: DistributedStructuredOptimizer) -> dict[str, Any]:
     }
 
 
-def save(opt: DistributedStructuredOptimizer, directory: str) -> None:
-    """Write this rank's file atomically (temporary name, then rename); rank 0 adds meta.json."""
-    path = _rank_file(directory, opt.rank)
+def save(opt: DistributedStructuredOptimizer, directory: str) -> list[str]:
+    """Write this rank's file (fsynced, then renamed into place); rank 0 adds meta.json. Returns
+    the files this rank wrote."""
+    path = rank_file(directory, opt.rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(local_state(opt), tmp)
-    os.replace(tmp, path)
-    if opt.rank == 0:
-        write_text_atomic(os.path.join(directory, SUBDIR, "meta.json"),
-                          json.dumps({"version": FORMAT_VERSION, "world_size": opt.world, "optimizer": opt.math.NAME}))
+    tensor_file.write(path, local_state(opt))
+    if opt.rank != 0:
+        return [path]
+    meta = os.path.join(directory, SUBDIR, "meta.json")
+    write_text_atomic(meta, json.dumps({"version": FORMAT_VERSION, "world_size": opt.world, "optimizer": opt.math.NAME}))
+    return [path, meta]
 
 
-def saved_world_size(directory: str) -> Optional[int]:
-    """World size that wrote the checkpoint in ``directory`` (None if it has no ds_structopt state)."""
+def saved_meta(directory: str) -> Optional[dict[str, Any]]:
+    """meta.json of the checkpoint in ``directory`` (None if it has no ds_structopt state)."""
     meta = os.path.join(directory, SUBDIR, "meta.json")
     if not os.path.exists(meta):
         return None
     with open(meta) as f:
-        return int(json.load(f)["world_size"])
+        return json.load(f)
+
+
+def saved_world_size(directory: str) -> Optional[int]:
+    """World size that wrote the checkpoint in ``directory`` (None if it has no ds_structopt state)."""
+    meta = saved_meta(directory)
+    return None if meta is None else int(meta["world_size"])
 
 
 @torch.no_grad()
 def load(opt: DistributedStructuredOptimizer, directory: str) -> None:
-    """Restore our state (and fp32 masters) from every rank's file, whatever the world size then."""
+    """Restore our state (and fp32 masters) for this rank's current pieces and owned matrices."""
     folder = os.path.join(directory, SUBDIR)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint {directory} has no {SUBDIR}/ optimizer state (written without ds_structopt?)")
-    files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
-    saved = [safe_load(os.path.join(folder, f)) for f in files]
-    for f, s in zip(files, saved):
-        version = s.get("version")
-        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-            raise ValueError(f"checkpoint {directory}: {SUBDIR}/{f} has format version {version!r}; this "
-                             f"ds_structopt reads versions 1..{FORMAT_VERSION} (written by a newer release?)")
-    world = {s["world_size"] for s in saved}
-    if len(world) != 1 or len(saved) != world.pop():
-        raise ValueError(f"checkpoint {directory}: expected one {SUBDIR} file per saving rank, found {files}")
-    matrix_state: dict[str, dict[str, Any]] = {}
-    elements: dict[str, list[dict[str, Any]]] = {}
-    masters: dict[str, list[dict[str, Any]]] = {}
-    for s in saved:
-        matrix_state.update(s["matrix_state"])
-        for name, items in s["elements"].items():
-            elements.setdefault(name, []).extend(items)
-        for name, items in s["masters"].items():
-            masters.setdefault(name, []).extend(items)
-
-    hyperparams = saved[0].get("hyperparams")  # format 1 has none: the groups keep their current values
-    if hyperparams is not None:
-        opt.load_hyperparams(hyperparams)
-    opt.matrix_state.clear()
-    opt.elem_state.clear()
-    for e in opt.entries_with_pieces():
-        if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in matrix_state:
-            opt.matrix_state[e.name] = to_device(matrix_state[e.name], opt.compute_device)
-        full_master = _assemble(masters.get(e.name, []), lambda item: item["value"], e)
-        for piece in e.pieces:
-            if full_master is not None:
-                piece.param.copy_(full_master.narrow(0, piece.start, piece.numel))
-            if not e.is_matrix and e.name in elements:
-                opt.elem_state[f"{e.name}#{piece.start}"] = _slice_state(elements[e.name], e, piece)
+    meta = saved_meta(directory)
+    if meta is None:
+        raise FileNotFoundError(f"checkpoint {directory} has no {SUBDIR}/meta.json (written without ds_structopt?)")
+    if meta.get("optimizer", opt.math.NAME) != opt.math.NAME:
+        raise ValueError(f"checkpoint {directory} holds {meta['optimizer']} state; this run's optimizer is "
+                         f"{opt.math.NAME} (optimizer.type changed: start a new run or keep the type)")
+    files = {int(m.group(1)): os.path.join(folder, f) for f in os.listdir(folder) if (m := _RANK_FILE.match(f))}
+    world = int(meta["world_size"])
+    if sorted(files) != list(range(world)):
+        raise ValueError(f"checkpoint {directory}: expected one {SUBDIR} file per saving rank (0..{world - 1}), "
+                         f"found ranks {sorted(files)}")
+    saved = None
+    if world == opt.world:  # same layout: this rank's own file holds everything it needs
+        saved = _Saved(directory, [files[opt.rank]])
+        if not saved.serves(opt):
+            saved = None
+    if saved is None:
+        saved = _Saved(directory, [files[r] for r in sorted(files)])
+    saved.restore(opt)
 
 
-def _assemble(items: list[dict[str, Any]], value, e) -> Optional[torch.Tensor]:
-    if not items:
-        return None
-    numel = 1
-    for d in e.shape:
-        numel *= int(d)
-    full = torch.zeros(numel, dtype=torch.float32)
-    for item in items:
-        v = value(item).reshape(-1)
-        full.narrow(0, item["start"], v.numel()).copy_(v)
-    return full
+class _Saved:
+    """The saved state of some rank files, merged by name; tensors are read on demand."""
+
+    def __init__(self, directory: str, paths: list[str]) -> None:
+        self.directory = directory
+        self.matrix: dict[str, Any] = {}
+        self.elements: dict[str, list[dict[str, Any]]] = {}
+        self.masters: dict[str, list[dict[str, Any]]] = {}
+        self.owned: Optional[set[str]] = set()
+        self.hyperparams = None
+        for path in paths:
+            tree = _read(path)
+            self.matrix.update(tree["matrix_state"])
+            for name, items in tree["elements"].items():
+                self.elements.setdefault(name, []).extend(items)
+            for name, items in tree["masters"].items():
+                self.masters.setdefault(name, []).extend(items)
+            self.owned = None if "owned" not in tree or self.owned is None else self.owned | set(tree["owned"])
+            if self.hyperparams is None:
+                self.hyperparams = tree.get("hyperparams")  # format 1 has none: the groups keep their values
+
+    def serves(self, opt: DistributedStructuredOptimizer) -> bool:
+        """Whether these files hold all of this rank's pieces and exactly the matrices it owns."""
+        if self.owned is None or self.owned != _owned(opt):
+            return False
+        return all(_covered(self.masters.get(e.name, []), piece.start, piece.numel)
+                   for e in opt.entries_with_pieces() for piece in e.pieces)
+
+    def restore(self, opt: DistributedStructuredOptimizer) -> None:
+        if self.hyperparams is not None:
+            opt.load_hyperparams(self.hyperparams)
+        opt.matrix_state.clear()
+        opt.elem_state.clear()
+        device = opt.compute_device
+        for e in opt.entries_with_pieces():
+            if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in self.matrix:
+                opt.matrix_state[e.name] = _materialize(self.matrix[e.name], device)
+            for piece in e.pieces:
+                if e.name not in self.masters:
+                    raise ValueError(f"checkpoint {self.directory} has no saved values for parameter {e.name!r} "
+                                     "(was the model changed?)")
+                piece.param.copy_(self._range(self.masters[e.name], lambda item: item["value"], piece, e.name))
+                if not e.is_matrix and e.name in self.elements:
+                    opt.elem_state[f"{e.name}#{piece.start}"] = self._elem_state(self.elements[e.name], piece, e.name)
+
+    def _range(self, items: list[dict[str, Any]], value: Callable[[dict[str, Any]], Any], piece: Any,
+               name: str) -> torch.Tensor:
+        """Elements ``[piece.start, piece.start + piece.numel)`` of a flattened parameter's saved
+        pieces, reading only the overlapping ranges."""
+        start, end = piece.start, piece.start + piece.numel
+        out: Optional[torch.Tensor] = None
+        pos = start
+        for item in sorted(items, key=lambda it: it["start"]):
+            src = value(item)
+            lo, hi = max(pos, item["start"]), min(end, item["start"] + _numel(src))
+            if lo >= hi:
+                continue
+            if item["start"] > pos:
+                break  # a gap
+            part = _read_range(src, lo - item["start"], hi - lo)
+            if out is None:
+                out = torch.empty(piece.numel, dtype=part.dtype)
+            out[lo - start: hi - start] = part
+            pos = hi
+        if pos < end or out is None:
+            raise ValueError(f"checkpoint {self.directory}: saved pieces of {name!r} do not cover its elements "
+                             f"[{pos}, {end}) (files missing or from another model)")
+        return out
+
+    def _elem_state(self, items: list[dict[str, Any]], piece: Any, name: str) -> dict[str, Any]:
+        """The elementwise state of one new piece, cut out of the saved pieces of the same parameter."""
+        device = piece.param.device
+        out: dict[str, Any] = {}
+        for key, val in items[0]["state"].items():
+            if _is_tensorish(val) and len(_shape(val)) == 1:
+                out[key] = self._range(items, lambda item, k=key: item["state"][k], piece, name).to(device)
+            else:
+                out[key] = _materialize(val, device)
+        return out
 
 
-def _slice_state(items: list[dict[str, Any]], e, piece) -> dict[str, Any]:
-    """The elementwise state of one new piece, cut out of the saved pieces of the same parameter."""
-    first = items[0]["state"]
-    out: dict[str, Any] = {}
-    for key, val in first.items():
-        if isinstance(val, torch.Tensor) and val.dim() == 1:
-            full = _assemble(items, lambda item, k=key: item["state"][k], e)
-            out[key] = full.narrow(0, piece.start, piece.numel).clone().to(piece.param.device)
-        else:
-            out[key] = val
-    return out
+def _owned(opt: DistributedStructuredOptimizer) -> set[str]:
+    return {name for name, owner in opt.owners.items() if owner == opt.rank}
+
+
+def _read(path: str) -> dict[str, Any]:
+    """One rank file: a tensor file (format 3) or a tensors-only torch file (formats 1, 2), version checked."""
+    tree = tensor_file.read(path) if tensor_file.is_tensor_file(path) else safe_load(path, mmap=True)
+    version = tree.get("version") if isinstance(tree, dict) else None
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {version!r}; this ds_structopt reads versions "
+                         f"1..{FORMAT_VERSION} (written by a newer release?)")
+    return tree
+
+
+def _is_tensorish(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, tensor_file.TensorRef))
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _numel(value: Any) -> int:
+    return value.numel if isinstance(value, tensor_file.TensorRef) else value.numel()
+
+
+def _read_range(value: Any, start: int, numel: int) -> torch.Tensor:
+    if isinstance(value, tensor_file.TensorRef):
+        return value.read(start, numel)
+    return value.reshape(-1).narrow(0, start, numel)
+
+
+def _materialize(value: Any, device: torch.device) -> Any:
+    """Saved state with every tensor read and placed on ``device`` (nested ones too: left on the
+    CPU they would meet the GPU moments in the next step's math)."""
+    if isinstance(value, tensor_file.TensorRef):
+        return value.read().to(device)
+    if isinstance(value, torch.Tensor):
+        return value.to(device).clone() if value.device == torch.device(device) else value.to(device)
+    if isinstance(value, dict):
+        return {k: _materialize(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialize(v, device) for v in value)
+    return value
+
+
+def _covered(items: list[dict[str, Any]], start: int, numel: int) -> bool:
+    pos, end = start, start + numel
+    for item in sorted(items, key=lambda it: it["start"]):
+        if item["start"] > pos:
+            break
+        pos = max(pos, min(end, item["start"] + _numel(item["value"])))
+    return pos >= end
 
 
 def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) -> None:
-    """Make ``engine.save_checkpoint``/``load_checkpoint`` also save/restore our name-keyed state."""
-    ds_save, ds_load = engine.save_checkpoint, engine.load_checkpoint
+    """See :mod:`.deepspeed_engine` (imported here lazily: it needs DeepSpeed)."""
+    from .deepspeed_engine import wrap_engine_checkpointing as wrap
 
-    def save_checkpoint(save_dir: str, tag: Optional[str] = None, *args: Any, **kwargs: Any) -> Any:
-        tag = tag if tag is not None else f"global_step{engine.global_steps}"
-        result = ds_save(save_dir, tag, *args, **kwargs)
-        save(opt, os.path.join(save_dir, str(tag)))
-        if dist.is_initialized():
-            dist.barrier()
-        return result
-
-    def load_checkpoint(load_dir: str, tag: Optional[str] = None, *args: Any, load_optimizer_states: bool = True,
-                        **kwargs: Any) -> Any:
-        if engine.zero_optimization_stage() == 3:
-            resolved = tag
-            if resolved is None and os.path.exists(os.path.join(load_dir, "latest")):
-                with open(os.path.join(load_dir, "latest")) as f:
-                    resolved = f.read().strip()
-            written_by = saved_world_size(os.path.join(load_dir, str(resolved))) if resolved is not None else None
-            if written_by is not None and written_by != opt.world:
-                return _load_zero3_resharded(engine, opt, os.path.join(load_dir, str(resolved)), **kwargs)
-        # DeepSpeed's own optimizer partitions are tied to the saving world size: rebuild them
-        # from the module weights, then restore exact fp32 masters and our state by name.
-        path, client_state = ds_load(load_dir, tag, *args, load_optimizer_states=False, **kwargs)
-        if path is not None and load_optimizer_states:
-            load(opt, os.path.dirname(path) if os.path.isfile(path) else path)
-        return path, client_state
-
-    engine.save_checkpoint = save_checkpoint
-    engine.load_checkpoint = load_checkpoint
-
-
-# Keys of DeepSpeed's model-states file that are DeepSpeed's own, not the user's client_state.
-_DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
-            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
-            "ds_version"}
-
-
-@torch.no_grad()
-def _load_zero3_resharded(engine: Any, opt: DistributedStructuredOptimizer, directory: str,
-                          load_lr_scheduler_states: bool = True, **_: Any) -> tuple[str, dict[str, Any]]:
-    """ZeRO-3 at a new world size: DeepSpeed's module files are per rank and cannot be re-cut, but our
-    files hold every parameter's fp32 value by name, so weights, masters and state all come from them;
-    step counters, LR scheduler and client state come from rank 0's model-states file."""
-    states = os.path.join(directory, "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    ckpt = torch.load(states, map_location="cpu", weights_only=False)
-    load(opt, directory)
-    for e in opt.entries_with_pieces():
-        for piece in e.pieces:  # the model's own shard (bf16 or fp32) from the restored fp32 master
-            e.lp.ds_tensor.view(-1).narrow(0, 0, piece.numel).copy_(piece.param)
-    if load_lr_scheduler_states and engine.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    engine.global_steps = ckpt["global_steps"]
-    engine.global_samples = ckpt.get("global_samples", engine.global_steps * engine.train_batch_size())
-    engine.skipped_steps = ckpt["skipped_steps"]
-    return states, {k: v for k, v in ckpt.items() if k not in _DS_KEYS}
+    wrap(engine, opt)

@@ -18,10 +18,11 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds pickled objects/code, not just tensors and plain containers."""
 
 
-def safe_load(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``; refuses executable pickle payloads with one clear line."""
+def safe_load(path: Union[str, os.PathLike], map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``; refuses executable pickle payloads with one clear line.
+    ``mmap``: tensors stay in the file until read (a reader of a part pays for that part)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
                       "not a tensors-only file")

@@ -31,10 +31,15 @@ def capture(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def save(folder: str, rank: int, device: torch.device) -> None:
+def save(folder: str, rank: int, device: torch.device) -> str:
+    """Write this rank's file (flushed to disk); returns its path."""
     path = _path(folder, rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(capture(device), path)
+    with open(path, "wb") as f:
+        torch.save(capture(device), f)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def restore(folder: str, rank: int, device: torch.device) -> bool:
