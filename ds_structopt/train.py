@@ -256,21 +256,32 @@ def _skipped(engine: Any, ours: Any) -> int:
 
 
 def _health(ours: Any, device: Any) -> dict[str, Any]:
-    """Decomposition-failure counters summed over ranks, and rank 0's memory and open files."""
+    """Decomposition-failure counters summed over ranks; every rank's RSS (``rss_mb``: rank 0's,
+    ``rss_mb_max``: the largest, ``rss_mb_ranks``: all, space-separated in rank order) and rank 0's
+    open files. One all-reduce carries it all: rank r fills slot r of an RSS vector, zeros elsewhere."""
     import torch.distributed as dist
 
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     values = ours.metrics() if ours is not None else {}
-    counts = torch.tensor([float(values.get(k, 0)) for k in ("decomp_failures", "identity_fallbacks")],
-                          device=device)  # all-reduced: on the rank's GPU under NCCL
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    failures, fallbacks = counts.tolist()
-    out = {"decomp_failures": int(failures), "identity_fallbacks": int(fallbacks)}
     try:
         with open("/proc/self/status") as f:
-            rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        out.update(rss_mb=round(rss_kb / 1024, 1), open_fds=len(os.listdir("/proc/self/fd")))
+            rss_kb: Optional[int] = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     except (OSError, StopIteration):  # not Linux
+        rss_kb = None
+    slots = [float(values.get("decomp_failures", 0)), float(values.get("identity_fallbacks", 0))] + [0.0] * world
+    slots[2 + rank] = float(rss_kb if rss_kb is not None else -1)  # KiB: exact in float64
+    vector = torch.tensor(slots, dtype=torch.float64, device=device)  # all-reduced: on the rank's GPU under NCCL
+    if dist.is_initialized():
+        dist.all_reduce(vector)
+    failures, fallbacks, *rss_ranks_kb = vector.tolist()
+    out: dict[str, Any] = {"decomp_failures": int(failures), "identity_fallbacks": int(fallbacks)}
+    if rss_kb is None:
+        return out
+    ranks_mb = [round(kb / 1024, 1) for kb in rss_ranks_kb]
+    out.update(rss_mb=ranks_mb[0], rss_mb_max=max(ranks_mb), rss_mb_ranks=" ".join(f"{mb:.1f}" for mb in ranks_mb))
+    try:
+        out["open_fds"] = len(os.listdir("/proc/self/fd"))
+    except OSError:
         pass
     return out
 

@@ -6,8 +6,10 @@ import os
 import time
 from typing import Any, Optional
 
+# rss_mb: rank 0's RSS; rss_mb_max: the largest over ranks; rss_mb_ranks: every rank's, space-separated
+# in rank order (one CSV field). New columns go at the end: positions of the old ones never change.
 FIELDS = ["step", "train_loss", "lr", "tokens", "seconds", "tokens_per_s", "eval_loss", "eval_ppl",
-          "skipped_steps", "decomp_failures", "identity_fallbacks", "rss_mb", "open_fds"]
+          "skipped_steps", "decomp_failures", "identity_fallbacks", "rss_mb", "open_fds", "rss_mb_max", "rss_mb_ranks"]
 
 
 class TrainLog:
@@ -21,7 +23,16 @@ class TrainLog:
         os.makedirs(out_dir, exist_ok=True)
         if resume and os.path.exists(self.path):
             with open(self.path) as f:
-                self.rows = list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                self.rows = list(reader)
+            if reader.fieldnames != FIELDS:  # written by another version: rewrite it with today's columns
+                self.rows = [{k: r.get(k) or "" for k in FIELDS} for r in self.rows]
+                tmp = self.path + ".tmp"
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, FIELDS)
+                    writer.writeheader()
+                    writer.writerows(self.rows)
+                os.replace(tmp, self.path)
         else:
             with open(self.path, "w", newline="") as f:
                 csv.DictWriter(f, FIELDS).writeheader()
@@ -41,7 +52,7 @@ class TrainLog:
             csv.DictWriter(f, FIELDS).writerow(row)
         if self._tb is not None:
             for key in ("train_loss", "lr", "tokens_per_s", "eval_loss", "eval_ppl", "skipped_steps", "decomp_failures",
-                        "identity_fallbacks", "rss_mb"):
+                        "identity_fallbacks", "rss_mb", "rss_mb_max"):
                 if row[key] != "":
                     self._tb.add_scalar(key, float(row[key]), int(row["step"]))
         done = int(row["step"]) - first_step
