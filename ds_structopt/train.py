@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from ds_structopt.data.tokenizer import load_tokenizer
     from ds_structopt.integrations.deepspeed import find_optimizer
     from ds_structopt.integrations.deepspeed_config import load_config
-    from ds_structopt.training import checkpoints, preemption
+    from ds_structopt.training import checkpoints, preemption, run_config
     from ds_structopt.training.logs import TrainLog
     from ds_structopt.training.schedule import warmup_cosine
 
@@ -102,9 +102,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     # the config's LRs, before a resume restores the groups' values as the schedule left them
     base_lrs = [g["lr"] for g in engine.optimizer.param_groups]
     start_step = 0
+    # this run's settings, saved in every checkpoint and judged against the checkpoint's at --resume
+    model_file = Path(args.model) if args.model.endswith(".json") else CONFIG_DIR / "models" / f"{args.model}.json"
+    run = run_config.describe(args, ds_cfg, world, global_batch=engine.train_batch_size(),
+                              train_rows=len(data.train), model_config=json.loads(model_file.read_text()))
     if not args.resume:
         _refuse_to_overwrite(ckpt_root, args.overwrite, rank)
     if args.resume and (tag := _resume_tag(ckpt_root, engine)) is not None:
+        try:  # before anything is loaded: a refused change leaves the checkpoint untouched
+            run_config.check_resume(os.path.join(ckpt_root, tag), run, rank, int(tag.removeprefix("step")),
+                                    log=lambda line: print(line, flush=True))
+        except run_config.ResumeMismatch as exc:
+            raise SystemExit(f"error: {exc}") from None
         _, client = engine.load_checkpoint(ckpt_root, tag=tag)
         sampler.load_state_dict(client["sampler"])
         start_step = int(client["step"])
@@ -153,14 +162,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         saved = None
         if done % args.save_every == 0 or done == args.steps:
             saved = checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done},
-                                     args.keep_last)
+                                     args.keep_last, run=run)
         # Every rank learns here whether ANY rank was signalled (one tiny all-reduce), so all stop
         # at this same step and the collective save below is complete. After the last step the
         # run is simply done.
         if done < args.steps and (sig := preemption.agree(engine.device)) is not None:
             if saved is None:
                 saved = checkpoints.save(engine, ckpt_root, done, {"sampler": sampler.state_dict(), "step": done},
-                                         args.keep_last)
+                                         args.keep_last, run=run)
             preempted = {"signal": sig, "step": done, "checkpoint": saved}
             if rank == 0:
                 print(f"preempted by {sig} at step {done}: " + (

@@ -38,14 +38,17 @@ from ..comm import comm_device
 
 INCOMING = ".incoming"
 MANIFEST = "manifest.json"
+RUN = "run.json"  # the run's description (training.run_config), judged at --resume
 
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's files do not match its manifest (or it has none)."""
 
 
-def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_last: int) -> Optional[str]:
-    """Write checkpoint ``step`` on every rank (collective). Returns its path, or None when it was not written."""
+def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_last: int,
+         run: Optional[dict[str, Any]] = None) -> Optional[str]:
+    """Write checkpoint ``step`` on every rank (collective). Returns its path, or None when it was not written.
+    ``run``: the run's description, written by rank 0 as ``run.json`` (hashed with the rest)."""
     tag = f"step{step:08d}"
     rank = engine.global_rank
     incoming = os.path.join(root, INCOMING)
@@ -63,6 +66,9 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
     try:
         engine.save_checkpoint(incoming, tag=tag, client_state=client_state, save_latest=False)
         written = list(getattr(engine, "ds_structopt_written", [])) + [rng.save(folder, rank, engine.device)]
+        if rank == 0 and run is not None:  # inside the try: a failed write is agreed on like the others
+            written.append(os.path.join(folder, RUN))
+            write_text_atomic(written[-1], json.dumps(run, indent=1))
         mine = {os.path.relpath(p, folder): _record(p, rank) for p in written}
     except (OSError, RuntimeError) as exc:  # disk full, I/O errors: never fatal, never published
         error = exc
@@ -97,6 +103,15 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
 def restore_rank_state(folder: str, rank: int, device: Any) -> bool:
     """What a rank keeps beside DeepSpeed's files (its random generators); False if absent."""
     return rng.restore(folder, rank, device)
+
+
+def read_run(folder: str) -> Optional[dict[str, Any]]:
+    """The run description saved with the checkpoint in ``folder`` (None: written before run.json existed)."""
+    path = os.path.join(folder, RUN)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_manifest(folder: str, records: Optional[dict[str, dict[str, Any]]] = None) -> None:
