@@ -110,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         _refuse_to_overwrite(ckpt_root, args.overwrite, rank)
     if args.resume and (tag := _resume_tag(ckpt_root, engine)) is not None:
         try:  # before anything is loaded: a refused change leaves the checkpoint untouched
-            run_config.check_resume(os.path.join(ckpt_root, tag), run, rank, int(tag.removeprefix("step")),
+            at = int(tag[4:]) if tag[4:].isdigit() else None  # "step00000010"
+            run_config.check_resume(os.path.join(ckpt_root, tag), run, rank, at,
                                     log=lambda line: print(line, flush=True))
         except run_config.ResumeMismatch as exc:
             raise SystemExit(f"error: {exc}") from None
