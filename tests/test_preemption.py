@@ -10,11 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from dist.launch import free_port
+from slurm_cluster import LocalSlurm, missing
 from test_faults import assert_same_weights
 from test_train import DEEPSPEED, ROOT
 
@@ -155,9 +157,10 @@ def test_sigterm_to_the_deepspeed_launcher(baseline, tmp_path):
     resume_matches_baseline(baseline, out, step)
 
 
-def test_sigusr1_to_the_ranks(baseline, tmp_path):
+def test_sigusr1_to_the_ranks(tmp_path):
     """SIGUSR1 to both rank processes and not to the launcher, as `#SBATCH --signal=USR1@300`
-    (without B:) does for tasks started by srun: the deepspeed launcher sees both exit 0 and exits 0."""
+    (without B:) does for tasks started by srun: the deepspeed launcher sees both exit 0 and exits 0.
+    (Resuming from such a checkpoint: the SIGTERM test above and the SLURM test below.)"""
     out = tmp_path / "run"
     job = Job(out)
     job.wait_for("step 4/")
@@ -166,8 +169,7 @@ def test_sigusr1_to_the_ranks(baseline, tmp_path):
     code = job.finish()
     assert code == 0, job.log[-3000:]
     assert job.log.count("exits successfully") == 2
-    step = check_preempted(out, job.log, "SIGUSR1")
-    resume_matches_baseline(baseline, out, step)
+    check_preempted(out, job.log, "SIGUSR1")
 
 
 def test_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
@@ -181,3 +183,73 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     code = job.finish()
     assert code == 0, job.log[-3000:]
     check_preempted(out, job.log, "SIGUSR1")
+
+
+@pytest.mark.parametrize("script,sbatch_args", [
+    ("launch/slurm/torchrun.sbatch", ["-N1"]),
+    ("launch/slurm/deepspeed.sbatch", ["-N1", "--ntasks-per-node=2"]),
+], ids=["srun+torchrun", "deepspeed-slurm"])
+def test_slurm_signal_requeues_the_job_and_it_resumes(baseline, tmp_path, script, sbatch_args):
+    """The sbatch scripts on the local SLURM cluster (1 node, 2 ranks). `scancel --signal=USR1`
+    reaches every process of the job's steps and not the batch shell, as `#SBATCH --signal=USR1@300`
+    does ahead of the time limit: the ranks (srun tasks, or torchrun's workers; torchrun itself
+    ignores USR1) save and exit 0, the script requeues the job (same id), the restart adds
+    --resume and ends with the uninterrupted run's weights."""
+    if (why := missing()) is not None:
+        pytest.skip(f"local SLURM cluster unavailable: {why}")
+    cluster = LocalSlurm(tmp_path / "slurm")
+    try:
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"SLURM daemons could not start here: {exc}")
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    env = {**cluster.env, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+           "PYTHONPATH": str(ROOT), "NPROC_PER_NODE": "2"}
+    job = None
+
+    def slurm(*cmd):
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout
+
+    seen = []
+
+    def state():
+        info = cluster.job_info(job)
+        now = info.get("JobState"), info.get("Restarts")
+        if not seen or seen[-1] != now:
+            seen.append(now)
+        return now
+
+    def until(ok, what, timeout=300):
+        deadline = time.time() + timeout
+        while not ok():
+            text = log.read_text(errors="replace") if log.exists() else ""
+            assert time.time() < deadline, f"{what}: {seen}\n{text[-3000:]}\n{cluster.log_tail()}"
+            time.sleep(0.5)
+
+    try:
+        job = slurm("sbatch", "--parsable", *sbatch_args, "-o", str(log), script, *ARGS,
+                    "--output-dir", str(out)).strip().split(";")[0]
+        assert job.isdigit(), job
+        until(lambda: log.exists() and "\nstep 4/" in log.read_text(errors="replace"), "no step 4")
+        slurm("scancel", "--signal=USR1", job)
+        # A requeued job may start ~2 min later (BeginTime); once the first run is gone from the
+        # node, let it start now.
+        until(lambda: state() == ("PENDING", "1") and "idle" in slurm("sinfo", "-h", "-N", "-n", "n1", "-o", "%t"),
+              "not requeued", 120)
+        slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
+        until(lambda: state()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), "did not end", 400)
+        text = log.read_text(errors="replace")
+        assert state() == ("COMPLETED", "1") and cluster.job_info(job)["ExitCode"] == "0:0", \
+            f"{seen} {cluster.job_info(job)}\n{text[-3000:]}\n{cluster.log_tail()}"
+    finally:
+        if job is not None and state()[0] in ("PENDING", "RUNNING"):
+            slurm("scancel", job)
+        cluster.stop()
+    step = int(LINE.findall(text)[0][1])
+    tag = f"step{step:08d}"
+    assert f"dsso: preempted at {tag}; requeueing job {job}" in text, text[-3000:]
+    assert f"dsso: restart 1 of job {job}: adding --resume" in text
+    assert f"resumed from {out}/checkpoints/{tag} at step {step}" in text
+    result = json.loads((out / "result.json").read_text())
+    assert result["preempted"] is None and result["final"]["step"] == STEPS
+    assert_same_weights(baseline, out)

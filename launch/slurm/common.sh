@@ -49,4 +49,37 @@ omp_threads_for() {
 train_args_or_default() {
     TRAIN_ARGS=("$@")
     (( ${#TRAIN_ARGS[@]} )) || TRAIN_ARGS=("${default_train_args[@]}" --output-dir "runs/slurm-$SLURM_JOB_ID")
+    # A requeued job (preempted, node failure, or requeue_if_preempted below) continues its own run:
+    # without --resume the entry point would refuse (or with --overwrite delete) the checkpoints.
+    if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && [[ " ${TRAIN_ARGS[*]} " != *" --resume "* ]]; then
+        echo "dsso: restart ${SLURM_RESTART_COUNT} of job $SLURM_JOB_ID: adding --resume"
+        TRAIN_ARGS+=(--resume)
+    fi
+    OUTPUT_DIR=runs/train  # the entry point's default
+    local i
+    for (( i = 0; i < ${#TRAIN_ARGS[@]}; i++ )); do
+        case "${TRAIN_ARGS[i]}" in
+            --output-dir|--output_dir) OUTPUT_DIR="${TRAIN_ARGS[i + 1]:-$OUTPUT_DIR}" ;;
+            --output-dir=*|--output_dir=*) OUTPUT_DIR="${TRAIN_ARGS[i]#*=}" ;;
+        esac
+    done
+    LATEST_BEFORE="$(cat "$OUTPUT_DIR/checkpoints/latest" 2>/dev/null || true)"
+    STARTED="$(date +%s)"
+}
+
+# After the launcher returned 0: if the ranks stopped for a signal (#SBATCH --signal=USR1@300 ahead
+# of the time limit) they saved a checkpoint and wrote "preempted" to result.json; put the job
+# back in the queue (same job id, SLURM_RESTART_COUNT + 1) so it resumes. Only when this attempt
+# published a newer checkpoint: a job that cannot make progress is not requeued forever.
+requeue_if_preempted() {
+    local result="$OUTPUT_DIR/result.json" latest
+    [[ -f "$result" ]] && (( $(stat -c %Y "$result") >= STARTED )) || return 0
+    grep -q '"preempted": {' "$result" || return 0
+    latest="$(cat "$OUTPUT_DIR/checkpoints/latest" 2>/dev/null || true)"
+    if [[ -z "$latest" || "$latest" == "$LATEST_BEFORE" ]]; then
+        echo "dsso: preempted without a new checkpoint (newest: ${latest:-none}); not requeueing" >&2
+        return 0
+    fi
+    echo "dsso: preempted at $latest; requeueing job $SLURM_JOB_ID (it resumes from there)"
+    scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed; resubmit with --resume to continue"
 }
