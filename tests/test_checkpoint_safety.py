@@ -1,5 +1,6 @@
 """Checkpoint files are read without running code: tensors-only state loads with weights_only=True,
 and a file carrying an executable pickle payload is refused with one line (the payload never runs)."""
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,57 @@ def test_nonfinite_gradient_skips_the_whole_step_leaving_state_and_weights(tmp_p
     line = next(x for x in proc.stdout.splitlines() if x.startswith("SKIPPED"))
     skipped, unchanged, states = line.split()[1], line.split()[3], int(line.split()[5])
     assert skipped == "1" and unchanged == "True" and states > 0, line
+
+
+ENGINE = textwrap.dedent("""
+    import glob, json, os, sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from test_checkpoint_safety import Payload
+    import ds_structopt
+    from ds_structopt.checkpoint import UnsafeCheckpointError
+    from ds_structopt.checkpoint.safe_load import safe_load
+    from ds_structopt.checkpoint.tensor_file import is_tensor_file
+    out, stage = sys.argv[1], int(sys.argv[3])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    config = {"train_batch_size": 2, "zero_optimization": {"stage": stage},
+              "optimizer": {"type": "AdaDiag++", "params": {"lr": 1e-2, "update_freq": 2}}}
+    engine, *_ = ds_structopt.initialize(model=model, config=config)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(2, 8)).square().mean()); engine.step()
+    engine.save_checkpoint(out, tag="t")
+    files = sorted(os.path.relpath(p, out) for p in glob.glob(out + "/t/**", recursive=True) if os.path.isfile(p))
+    print("FILES", json.dumps(files))
+    for f in files:                                    # every file: a tensor file, JSON, or tensors-only pickle
+        path = os.path.join(out, f)
+        if not (is_tensor_file(path) or f.endswith(".json")):
+            safe_load(path)
+    states = [f for f in files if f.endswith("model_states.pt")][0]
+    engine.load_checkpoint(out, tag="t")               # loads back
+    torch.save({"module": Payload(out + "/pwned")}, os.path.join(out, states))
+    try:
+        engine.load_checkpoint(out, tag="t")
+    except UnsafeCheckpointError as exc:
+        print("REFUSED", exc)
+""")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_files_load_weights_only_and_a_payload_never_runs(tmp_path, stage):
+    """DeepSpeed's own model-states file goes through our checkpoint engine (``weights_only``): a
+    pickle payload planted in it is refused with one line and never runs. No file of the checkpoint
+    needs a full unpickler, and DeepSpeed's fp32 optimizer partitions are not written (ours hold
+    the masters and every state by name)."""
+    from dist.launch import free_port
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", ENGINE, str(tmp_path), str(Path(__file__).parent), str(stage)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("FILES"))[6:])
+    assert not [f for f in files if "optim_states" in f], files
+    assert any(f.endswith(".tensors") for f in files), files
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
+    assert refused and "model_states.pt" in refused[0] and "\n" not in refused[0], proc.stdout[-2000:]
+    assert not (tmp_path / "pwned").exists()

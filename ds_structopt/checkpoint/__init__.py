@@ -159,15 +159,21 @@ class _Saved:
                 if e.name not in self.masters:
                     raise ValueError(f"checkpoint {self.directory} has no saved values for parameter {e.name!r} "
                                      "(was the model changed?)")
-                piece.param.copy_(self._range(self.masters[e.name], lambda item: item["value"], piece, e.name))
+                self._range(self.masters[e.name], lambda item: item["value"], piece, e.name, into=piece.param)
                 if not e.is_matrix and e.name in self.elements:
                     opt.elem_state[f"{e.name}#{piece.start}"] = self._elem_state(self.elements[e.name], piece, e.name)
 
     def _range(self, items: list[dict[str, Any]], value: Callable[[dict[str, Any]], Any], piece: Any,
-               name: str) -> torch.Tensor:
+               name: str, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Elements ``[piece.start, piece.start + piece.numel)`` of a flattened parameter's saved
-        pieces, reading only the overlapping ranges."""
+        pieces, reading only the overlapping ranges (straight into ``into`` where it is a
+        contiguous CPU tensor of the saved dtype: no staging buffer)."""
         start, end = piece.start, piece.start + piece.numel
+        if piece.numel == 0:
+            return torch.empty(0)
+        if not _covered(items, start, piece.numel, value):  # checked first: nothing is overwritten then
+            raise ValueError(f"checkpoint {self.directory}: saved pieces of {name!r} do not cover its elements "
+                             f"[{start}, {end}) (files missing or from another model)")
         out: Optional[torch.Tensor] = None
         pos = start
         for item in sorted(items, key=lambda it: it["start"]):
@@ -177,14 +183,19 @@ class _Saved:
                 continue
             if item["start"] > pos:
                 break  # a gap
-            part = _read_range(src, lo - item["start"], hi - lo)
             if out is None:
-                out = torch.empty(piece.numel, dtype=part.dtype)
-            out[lo - start: hi - start] = part
+                direct = (into is not None and into.device.type == "cpu" and into.is_contiguous()
+                          and into.dtype == _dtype(src))
+                out = into.view(-1) if direct else torch.empty(piece.numel, dtype=_dtype(src))
+            target = out[lo - start: hi - start]
+            if isinstance(src, tensor_file.TensorRef):
+                src.read(lo - item["start"], hi - lo, out=target)
+            else:
+                target.copy_(src.reshape(-1).narrow(0, lo - item["start"], hi - lo))
             pos = hi
-        if pos < end or out is None:
-            raise ValueError(f"checkpoint {self.directory}: saved pieces of {name!r} do not cover its elements "
-                             f"[{pos}, {end}) (files missing or from another model)")
+        if out is not None and into is not None and out.data_ptr() != into.data_ptr():
+            into.view(-1).copy_(out)  # another device or dtype: one piece staged on the host
+        assert out is not None and pos >= end
         return out
 
     def _elem_state(self, items: list[dict[str, Any]], piece: Any, name: str) -> dict[str, Any]:
@@ -225,10 +236,8 @@ def _numel(value: Any) -> int:
     return value.numel if isinstance(value, tensor_file.TensorRef) else value.numel()
 
 
-def _read_range(value: Any, start: int, numel: int) -> torch.Tensor:
-    if isinstance(value, tensor_file.TensorRef):
-        return value.read(start, numel)
-    return value.reshape(-1).narrow(0, start, numel)
+def _dtype(value: Any) -> torch.dtype:
+    return value.dtype
 
 
 def _materialize(value: Any, device: torch.device) -> Any:
@@ -245,12 +254,14 @@ def _materialize(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _covered(items: list[dict[str, Any]], start: int, numel: int) -> bool:
+def _covered(items: list[dict[str, Any]], start: int, numel: int,
+             value: Callable[[dict[str, Any]], Any] = lambda item: item["value"]) -> bool:
+    """Whether the saved pieces ``items`` hold every element of ``[start, start + numel)``."""
     pos, end = start, start + numel
     for item in sorted(items, key=lambda it: it["start"]):
         if item["start"] > pos:
             break
-        pos = max(pos, min(end, item["start"] + _numel(item["value"])))
+        pos = max(pos, min(end, item["start"] + _numel(value(item))))
     return pos >= end
 
 

@@ -45,13 +45,19 @@ class TensorRef:
             n *= d
         return n
 
-    def read(self, start: int = 0, numel: Optional[int] = None) -> torch.Tensor:
-        """Elements ``[start, start + numel)`` of the flattened tensor (all of it, shaped, by default)."""
-        whole = numel is None
-        numel = self.numel - start if whole else numel
+    def read(self, start: int = 0, numel: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the flattened tensor (all of it, shaped, by default),
+        into ``out`` when given (a contiguous CPU tensor of this dtype and ``numel`` elements: no
+        staging copy)."""
+        whole = numel is None and out is None
+        numel = (self.numel - start if out is None else out.numel()) if numel is None else numel
         if start < 0 or numel < 0 or start + numel > self.numel:
             raise ValueError(f"{self.path}: range [{start}, {start + numel}) outside a tensor of {self.numel} elements")
-        out = torch.empty(numel, dtype=self.dtype)
+        if out is None:
+            out = torch.empty(numel, dtype=self.dtype)
+        elif out.dtype != self.dtype or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != numel:
+            raise ValueError(f"{self.path}: cannot read {numel} {self.dtype} elements into {out.dtype} {tuple(out.shape)} "
+                             f"on {out.device}")
         if numel:
             size = out.element_size()
             view = memoryview(out.view(torch.uint8).numpy()).cast("B")
