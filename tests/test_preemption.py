@@ -1,7 +1,8 @@
 """Preemption on real processes (2 CPU ranks, tiny LLaMA): real signals sent mid-run to the
-deepspeed launcher, to the ranks themselves (as SLURM's ``--signal`` does) and to one rank only.
-Every rank must stop at the same step with a complete checkpoint there, exit 0, and ``--resume``
-must end with the same weights as an uninterrupted run (bitwise)."""
+deepspeed launcher, to the ranks themselves (as SLURM's ``--signal`` does), to one rank only, and
+to the sbatch scripts' jobs on the local SLURM cluster. Every rank must stop at the same step with
+a complete checkpoint there, exit 0, and ``--resume`` (the SLURM jobs: requeued, resumed by
+themselves) must end with the same weights as an uninterrupted run (bitwise)."""
 import json
 import os
 import re
@@ -232,10 +233,13 @@ def test_slurm_signal_requeues_the_job_and_it_resumes(baseline, tmp_path, script
         assert job.isdigit(), job
         until(lambda: log.exists() and "\nstep 4/" in log.read_text(errors="replace"), "no step 4")
         slurm("scancel", "--signal=USR1", job)
-        # A requeued job may start ~2 min later (BeginTime); once the first run is gone from the
-        # node, let it start now.
+        # A requeued job may start ~2 min later (BeginTime). Let it start sooner, once the first run
+        # is gone from the node and a few seconds later: slurmd revokes the first run's credential
+        # with a 1 s timestamp, and a new one issued within that second is refused ("Job credential
+        # revoked", the job FAILED; seen once).
         until(lambda: state() == ("PENDING", "1") and "idle" in slurm("sinfo", "-h", "-N", "-n", "n1", "-o", "%t"),
               "not requeued", 120)
+        time.sleep(5)
         slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
         until(lambda: state()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), "did not end", 400)
         text = log.read_text(errors="replace")
