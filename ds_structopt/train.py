@@ -118,9 +118,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         _, client = engine.load_checkpoint(ckpt_root, tag=tag)
         sampler.load_state_dict(client["sampler"])
         start_step = int(client["step"])
-        checkpoints.restore_rank_state(os.path.join(ckpt_root, tag), rank, engine.device)
+        restored = checkpoints.restore_rank_state(os.path.join(ckpt_root, tag), rank, engine.device)
+        missing = [r for r, ok in enumerate(_gathered(restored)) if not ok]
         if rank == 0:
             print(f"resumed from {ckpt_root}/{tag} at step {start_step}", flush=True)
+            if missing:  # more ranks than saved (or an older checkpoint): dropout etc. will not replay exactly
+                print(f"warning: the checkpoint has no random generator state for rank{'s' * (len(missing) > 1)} "
+                      f"{' '.join(map(str, missing))}: their generators stay as seeded (--seed), so random draws "
+                      "(dropout, sampling) there do not continue the saved streams", flush=True)
     log = TrainLog(args.output_dir, args.steps, enabled=rank == 0, resume=start_step > 0)
     warmup = int(args.warmup if args.warmup >= 1 else args.warmup * args.steps) or 1
     tokens_per_step = engine.train_batch_size() * args.seq_len
@@ -142,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if scheduler is None:
             for g, base in zip(engine.optimizer.param_groups, base_lrs):
                 g["lr"] = base * warmup_cosine(step, args.steps, warmup, args.min_lr_ratio)
-        losses = train_step(engine, data.train[sampler.next_indices()], micro, accum,
+        loss = train_step(engine, data.train[sampler.next_indices()], micro, accum,
                             poison=faults.poison_loss(step + 1, rank))
         done = step + 1
         if _skipped(engine, ours) > skipped_before and rank == 0:
@@ -154,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             row.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))
         if done % args.log_every == 0 or row or done == args.steps:
             elapsed = time.perf_counter() - t0
-            row.update(step=done, train_loss=sum(losses) / len(losses), lr=engine.optimizer.param_groups[0]["lr"],
+            row.update(step=done, train_loss=global_loss(loss), lr=engine.optimizer.param_groups[0]["lr"],
                        tokens=done * tokens_per_step, seconds=round(elapsed, 3),
                        tokens_per_s=(done - start_step) * tokens_per_step / max(elapsed, 1e-9),
                        skipped_steps=_skipped(engine, ours), **_health(ours, engine.device))
@@ -192,10 +197,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     return result
 
 
-def train_step(engine: Any, rows: torch.Tensor, micro: int, accum: int, poison: bool = False) -> list[float]:
-    """One optimizer step over ``accum`` micro-batches of ``rows``; returns their losses.
-    Batches go to ``engine.device`` (DeepSpeed's forward does not move inputs); losses are
-    read back once, after the step, not once per micro-batch."""
+def train_step(engine: Any, rows: torch.Tensor, micro: int, accum: int, poison: bool = False) -> torch.Tensor:
+    """One optimizer step over ``accum`` micro-batches of ``rows``; returns this rank's mean loss
+    as a tensor on ``engine.device`` (no host sync: :func:`global_loss` reads it when logged).
+    Batches go to ``engine.device`` (DeepSpeed's forward does not move inputs)."""
     losses = []
     for batch in rows.long().split(micro)[:accum]:
         batch = batch.to(engine.device, non_blocking=True)
@@ -205,7 +210,19 @@ def train_step(engine: Any, rows: torch.Tensor, micro: int, accum: int, poison: 
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
-    return torch.stack(losses).tolist()
+    return torch.stack(losses).mean()
+
+
+def global_loss(local: torch.Tensor) -> float:
+    """The loss of the whole global batch: every rank's mean over the same number of rows,
+    averaged over ranks (rank 0's share alone would change with the world size)."""
+    import torch.distributed as dist
+
+    total = local.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total.item()
 
 
 def evaluate(engine: Any, rows: torch.Tensor, micro: int) -> float:
@@ -259,6 +276,17 @@ def _resume_tag(root: str, engine: Any) -> Optional[str]:
         raise SystemExit(f"error: {exc}") from None
 
 
+def _gathered(value: Any) -> list[Any]:
+    """Every rank's ``value`` in rank order (small objects; one rank: ``[value]``)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def _skipped(engine: Any, ours: Any) -> int:
     """Optimizer steps skipped for non-finite gradients: by DeepSpeed's ZeRO-1/2 overflow check (it
     then never calls our step) or by ours (every other stage); the same count on every rank."""
@@ -300,14 +328,7 @@ def _placement() -> list[str]:
     """Node of every rank (SLURM's node name where there is one), so a run can show where it ran."""
     import socket
 
-    import torch.distributed as dist
-
-    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    if not dist.is_initialized():
-        return [node]
-    nodes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return nodes
+    return _gathered(os.environ.get("SLURMD_NODENAME") or socket.gethostname())
 
 
 if __name__ == "__main__":

@@ -114,11 +114,11 @@ def test_corrupted_checkpoint_is_detected_and_the_previous_one_used(baseline, tm
     out = tmp_path / "run"
     code, log, _ = run(out, faults="kill:rank=0,step=31")  # stopped with checkpoints 15 and 30 on disk
     assert code != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step00000030"
-    victim = out / "checkpoints" / "step00000030" / "ds_structopt" / "rank00001.pt"
+    victim = out / "checkpoints" / "step00000030" / "ds_structopt" / "rank00001.tensors"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated
     code, log, _ = run(out, "--resume")
     assert code == 0, log[-3000:]
-    assert "rank00001.pt has" in log and "truncated" in log and "trying the previous checkpoint" in log
+    assert "rank00001.tensors has" in log and "truncated" in log and "trying the previous checkpoint" in log
     assert f"resumed from {out}/checkpoints/step00000015" in log
     assert_same_weights(baseline, out)
     # nothing intact at all: one line, no silent restart from scratch

@@ -27,7 +27,7 @@ def test_torchrun_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())
     assert result["final"]["step"] == 20 and result["final"]["eval_loss"] < result["first_eval_loss"]
-    assert (out / "checkpoints" / "step00000020" / "ds_structopt" / "rank00001.pt").exists()  # 2 ranks wrote
+    assert (out / "checkpoints" / "step00000020" / "ds_structopt" / "rank00001.tensors").exists()  # 2 ranks wrote
 
 
 @pytest.mark.parametrize("script,env,message", [
@@ -67,4 +67,4 @@ def test_mpirun_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())
     assert result["final"]["step"] == 20 and result["final"]["eval_loss"] < result["first_eval_loss"]
-    assert (out / "checkpoints" / "step00000020" / "ds_structopt" / "rank00001.pt").exists()
+    assert (out / "checkpoints" / "step00000020" / "ds_structopt" / "rank00001.tensors").exists()

@@ -73,7 +73,7 @@ def test_sbatch_two_nodes_four_ranks(cluster, tmp_path, script, sbatch_args, env
     assert sorted(result["placement"]) == sorted([n for n in NODES for _ in range(2)])  # 2 ranks on each node
     assert result["final"]["step"] == STEPS and result["final"]["eval_loss"] < result["first_eval_loss"]
     ckpt = out / "checkpoints" / f"step{STEPS:08d}"
-    assert sorted(p.name for p in (ckpt / "ds_structopt").glob("rank*.pt")) == [f"rank{r:05d}.pt" for r in range(4)]
+    assert sorted(p.name for p in (ckpt / "ds_structopt").glob("rank*.tensors")) == [f"rank{r:05d}.tensors" for r in range(4)]
     RESULTS[script] = result
 
 

@@ -50,7 +50,7 @@ def test_train_learns_logs_and_checkpoints(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
     assert ckpts == ["step00000045", "step00000060"]  # keep_last = 2
-    assert (out / "checkpoints" / "step00000060" / "ds_structopt" / "rank00001.pt").exists()
+    assert (out / "checkpoints" / "step00000060" / "ds_structopt" / "rank00001.tensors").exists()
     assert "tok/s" in log and "ETA" in log
 
 
