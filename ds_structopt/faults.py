@@ -6,6 +6,9 @@
 - ``kill:rank=R,step=S``       rank R SIGKILLs itself as optimizer step S begins;
 - ``hang:rank=R,step=S``       rank R stops (SIGSTOP) there: alive but silent, the others must time out;
 - ``kill_save:rank=R,step=S``  rank R SIGKILLs itself in the middle of writing checkpoint S;
+- ``fill_disk:rank=R,step=S[,leave=K]``  rank R fills the checkpoint filesystem just after the
+  free-space check of checkpoint S (as another job would), leaving K KiB (default 256), so the
+  save itself runs out of space mid-write (``<output-dir>/fault-disk-filler``; delete it to recover);
 - ``nan:step=S|...[,rank=R]``  the loss of step S is NaN (all ranks, or only rank R), so are its gradients;
 - ``decomp:call=N|...``        the N-th SVD/eigh call of this process raises (1-based; ``every=K``: every K-th).
 
@@ -25,7 +28,7 @@ def parse(text: Optional[str]) -> dict[str, list[dict[str, list[int]]]]:
     faults: dict[str, list[dict[str, list[int]]]] = {}
     for item in filter(None, (part.strip() for part in (text or "").split(";"))):
         kind, _, args = item.partition(":")
-        if kind not in ("kill", "hang", "kill_save", "nan", "decomp"):
+        if kind not in ("kill", "hang", "kill_save", "fill_disk", "nan", "decomp"):
             raise ValueError(f"{ENV}: unknown fault kind {kind!r} in {item!r}")
         spec: dict[str, list[int]] = {}
         for pair in filter(None, args.split(",")):
@@ -67,6 +70,25 @@ def at_step(step: int, rank: int) -> None:
 def during_save(step: int, rank: int) -> None:
     """Called between writing a checkpoint's files and publishing it."""
     _signal_self("kill_save", f"rank {rank} while saving step {step}", step=step, rank=rank)
+
+
+def after_space_check(step: int, rank: int, root: str) -> None:
+    """Called when checkpoint ``step`` has passed the free-space check, before anything is written."""
+    for spec in _FAULTS.get("fill_disk", ()):
+        if not _matches(spec, step=step, rank=rank):
+            continue
+        leave = spec.get("leave", [256])[0] * 1024
+        path = os.path.join(os.path.dirname(os.path.abspath(root)), "fault-disk-filler")
+        print(f"[fault injection] rank {rank} fills the disk of {root} before checkpoint {step}", flush=True)
+        with open(path, "ab", buffering=0) as f:
+            block = b"\0" * (1 << 20)
+            try:
+                while f.write(block):
+                    pass
+            except OSError:  # full: give back a little, so only the big checkpoint files fail
+                pass
+            size = f.seek(0, os.SEEK_END)
+            f.truncate(max(0, size - leave))
 
 
 def poison_loss(step: int, rank: int) -> bool:

@@ -158,6 +158,42 @@ def test_full_disk_skips_the_save_and_training_goes_on(tmp_path):
         subprocess.run(["umount", str(mount)])
 
 
+@pytest.mark.slow
+def test_disk_full_in_the_middle_of_deepspeeds_writes_keeps_the_last_checkpoint(baseline, tmp_path):
+    """A real size-limited filesystem filled by 'another job' right after checkpoint 30's free-space
+    check: DeepSpeed's own model-states write (rank 0) runs out of space mid-file while rank 1 is
+    already waiting in DeepSpeed's barrier. No hang: the failure is recorded, both ranks pass the
+    barriers, agree, abandon checkpoint 30 and train on; checkpoint 15 stays the newest and intact,
+    and once space is back a resume from it ends with the uninterrupted run's weights (bitwise)."""
+    size = sum(f.stat().st_size for f in (baseline / "checkpoints" / "step00000030").rglob("*") if f.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={4 * size + (4 << 20)}", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mount / "run"
+        code, log, _ = run(out, faults="fill_disk:rank=0,step=30", timeout=300)
+        assert code == 0, log[-3000:]
+        assert "fills the disk" in log and "checkpoint step00000030 failed" in log, log[-3000:]
+        failure = next(line for line in log.splitlines() if "checkpoint step00000030 failed" in line)
+        assert "rank 0: OSError: writing mp_rank_00_model_states.pt" in failure, failure  # DeepSpeed's own write
+        assert "No space left" in failure or "write failed" in failure, failure
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step00000015"
+        assert not (out / "checkpoints" / ".incoming" / "step00000030").exists()
+        assert not (out / "checkpoints" / "step00000030").exists()
+        from ds_structopt.training.checkpoints import verify
+
+        verify(str(out / "checkpoints" / "step00000015"))
+        assert json.loads((out / "result.json").read_text())["final"]["step"] == STEPS
+        (mount / "fault-disk-filler").unlink(missing_ok=True)
+        (out / "fault-disk-filler").unlink(missing_ok=True)
+        code, log, _ = run(out, "--resume")
+        assert code == 0 and "resumed from" in log and "step00000015" in log, log[-3000:]
+        assert_same_weights(baseline, out)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
 def config_with(tmp_path, stage, dtype):
     cfg = json.loads((ROOT / "configs" / "ds_tiny_adadiagpp_zero2.json").read_text())
     cfg["zero_optimization"] = {"stage": stage}

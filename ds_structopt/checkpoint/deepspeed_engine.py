@@ -62,7 +62,7 @@ class SafeCheckpointEngine(_engine_base()):  # type: ignore[misc]
                 os.fsync(f.fileno())
             self.written.append(path)
         except (OSError, RuntimeError) as exc:  # RuntimeError: torch's zip writer reports ENOSPC as one
-            self.error = exc
+            self.error = type(exc)(f"writing {os.path.basename(path)}: {exc}")
             try:
                 os.remove(path)
             except OSError:

@@ -58,6 +58,7 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
         if problem is not None:
             print(f"warning: rank {rank}: checkpoint {tag} skipped: {problem}; newest kept: {latest(root)}", flush=True)
         return None
+    faults.after_space_check(step, rank, root)
     if rank == 0:  # left by a save that was killed before it was published: never mix it into this one
         shutil.rmtree(folder, ignore_errors=True)
     _barrier()
