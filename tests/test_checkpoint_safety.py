@@ -135,6 +135,12 @@ ENGINE = textwrap.dedent("""
         path = os.path.join(out, f)
         if not (is_tensor_file(path) or f.endswith(".json")):
             safe_load(path)
+    from ds_structopt.checkpoint import consolidated  # fp32 weights by name, at any stage (no zero_to_fp32 files)
+    import deepspeed
+    weights = consolidated(out + "/t")
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        same = all(torch.equal(weights[n], p.detach().float()) for n, p in model.named_parameters())
+    print("CONSOLIDATED", same and set(weights) == {n for n, _ in model.named_parameters()})
     states = [f for f in files if f.endswith("model_states.pt")][0]
     engine.load_checkpoint(out, tag="t")               # loads back
     torch.save({"module": Payload(out + "/pwned")}, os.path.join(out, states))
@@ -150,7 +156,7 @@ def test_deepspeed_files_load_weights_only_and_a_payload_never_runs(tmp_path, st
     """DeepSpeed's own model-states file goes through our checkpoint engine (``weights_only``): a
     pickle payload planted in it is refused with one line and never runs. No file of the checkpoint
     needs a full unpickler, and DeepSpeed's fp32 optimizer partitions are not written (ours hold
-    the masters and every state by name)."""
+    the masters and every state by name: ``consolidated`` gives the model's fp32 weights from them)."""
     from dist.launch import free_port
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), RANK="0", LOCAL_RANK="0",
@@ -160,6 +166,7 @@ def test_deepspeed_files_load_weights_only_and_a_payload_never_runs(tmp_path, st
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("FILES"))[6:])
     assert not [f for f in files if "optim_states" in f], files
+    assert "CONSOLIDATED True" in proc.stdout, proc.stdout[-2000:]
     assert any(f.endswith(".tensors") for f in files), files
     refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
     assert refused and "model_states.pt" in refused[0] and "\n" not in refused[0], proc.stdout[-2000:]

@@ -30,8 +30,9 @@ from .state_io import write_text_atomic
 
 SUBDIR = "ds_structopt"
 # 2: param groups' hyperparameters (LR as the scheduler left it); 3: tensor files read by range,
-# each naming the matrices its rank owned (so a resume at the same layout reads one file)
-FORMAT_VERSION = 3
+# each naming the matrices its rank owned (so a resume at the same layout reads one file);
+# 4: meta.json records every parameter's shape (``consolidated``)
+FORMAT_VERSION = 4
 _RANK_FILE = re.compile(r"^rank(\d+)\.(tensors|pt)$")
 
 
@@ -74,8 +75,38 @@ def save(opt: DistributedStructuredOptimizer, directory: str) -> list[str]:
     if opt.rank != 0:
         return [path]
     meta = os.path.join(directory, SUBDIR, "meta.json")
-    write_text_atomic(meta, json.dumps({"version": FORMAT_VERSION, "world_size": opt.world, "optimizer": opt.math.NAME}))
+    shapes = {e.name: list(e.shape) for entries in opt.entries for e in entries}  # for consolidated()
+    write_text_atomic(meta, json.dumps({"version": FORMAT_VERSION, "world_size": opt.world, "optimizer": opt.math.NAME,
+                                        "shapes": shapes}))
     return [path, meta]
+
+
+def consolidated(directory: str) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 value by name, assembled from all ranks' master pieces (what
+    DeepSpeed's ``zero_to_fp32.py`` gives from its own partitions, which we do not write):
+    ``model.load_state_dict(consolidated(ckpt), strict=False)``. Needs the whole model in host
+    memory, like that script."""
+    meta = saved_meta(directory)
+    if meta is None or "shapes" not in meta:
+        raise ValueError(f"checkpoint {directory}: no {SUBDIR}/meta.json with parameter shapes "
+                         "(written by an older ds_structopt)")
+    folder = os.path.join(directory, SUBDIR)
+    saved = _Saved(directory, [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if _RANK_FILE.match(f)])
+    out = {}
+    for name, shape in meta["shapes"].items():
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        whole = _WholeParam(numel)
+        out[name] = saved._range(saved.masters.get(name, []), lambda item: item["value"], whole, name).reshape(shape)
+    return out
+
+
+class _WholeParam:
+    """A parameter's full element range, for :meth:`_Saved._range`."""
+
+    def __init__(self, numel: int) -> None:
+        self.start, self.numel = 0, numel
 
 
 def saved_meta(directory: str) -> Optional[dict[str, Any]]:
