@@ -128,18 +128,26 @@ def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
 
 def bracket_zero_steps(zero_opt: Any, ours: Any) -> None:
     """Make one DeepSpeed optimizer step one step for us, however many ``step()`` calls DeepSpeed
-    splits it into (one per param group at ZeRO-1/2, per sub-group at ZeRO-3). At ZeRO-3 the
-    sub-groups' gradients wait in ``averaged_gradients`` until their turn: the first call's
-    non-finite check includes them."""
+    splits it into (one per param group at ZeRO-1/2, per sub-group at ZeRO-3). The later groups'
+    gradients wait in ``averaged_gradients`` until their turn: the first call's decision (non-finite
+    anywhere; which elementwise parameters have a non-zero gradient) includes them, each with the
+    fp32 partition DeepSpeed will flatten it onto."""
     if zero_opt is ours or getattr(zero_opt, "_ds_structopt_bracketed", False):
         return  # DeepSpeed calls us directly (no wrapper): one call is one step
     ds_step = zero_opt.step
 
-    def pending() -> list[Any]:
+    def pending() -> list[tuple[Any, list[Any]]]:
         waiting = getattr(zero_opt, "averaged_gradients", None) or {}
+        flats = getattr(zero_opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3: one per sub-group
+        if flats is None:
+            flats = getattr(zero_opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2: one per param group
         out = []
-        for grads in waiting.values():
-            out.extend([grads] if isinstance(grads, torch.Tensor) else [g for g in grads or () if g is not None])
+        for key, grads in waiting.items():
+            if grads is None:  # already handed over (or stepped)
+                continue
+            grads = [grads] if isinstance(grads, torch.Tensor) else list(grads)
+            flat = flats[key] if flats is not None and isinstance(key, int) and 0 <= key < len(flats) else None
+            out.append((flat, grads))
         return out
 
     def step(*args: Any, **kwargs: Any) -> Any:

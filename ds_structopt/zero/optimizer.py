@@ -18,7 +18,9 @@ optimizer step, after DeepSpeed's reduction, overflow check and clipping:
    owner holds whole is computed while its other pieces are in flight;
 3. each holder gets back only its slices of the updates (and per-matrix step
    sizes; 0 = skipped) and applies W <- W (1 - lr wd) - lr U to its pieces;
-4. elementwise parameters run AdamW on this rank's pieces only.
+4. elementwise parameters run AdamW on this rank's pieces only: every piece of a parameter
+   whose whole gradient (all ranks' pieces) is not all zero, as the single-process optimizer
+   steps the whole parameter (per-parameter flags ride on the step's one all-reduce).
 
 Owners are planned once, on first use, from where DeepSpeed put the pieces
 (``ownership="local"``: the rank holding most of a matrix owns it unless that
@@ -99,6 +101,11 @@ class DistributedStructuredOptimizer(Optimizer):
             self.entries.append([Entry(n, p, p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.math.is_matrix(p, g))
                                  for n, p in zip(names, g["params"])])
         self._group_index = {id(g): i for i, g in enumerate(self.param_groups)}
+        # Every elementwise parameter's slot in _decide's flag vector (the same order on every rank),
+        # and what the last decision found: its whole gradient not all zero (None: not seen then).
+        self._elem_slot = {id(e): k for k, e in enumerate(e for es in self.entries for e in es if not e.is_matrix)}
+        self._elem_live: list[Optional[bool]] = []
+        self._entry_by_param = {id(e.lp): e for es in self.entries for e in es}
         self._all_groups = list(self.param_groups)
         self._infos = [MatrixInfo(e.name, e.shape[0], _numel(e.shape) // e.shape[0])
                        for es in self.entries for e in es if e.is_matrix]
@@ -224,15 +231,19 @@ class DistributedStructuredOptimizer(Optimizer):
 
     # ----- the step -------------------------------------------------------
     @contextmanager
-    def optimizer_step(self, pending_grads: Optional[Callable[[], list[Tensor]]] = None) -> Iterator[None]:
+    def optimizer_step(self, pending_grads: Optional[Callable[[], list[tuple[Optional[Tensor], list[Tensor]]]]] = None
+                       ) -> Iterator[None]:
         """Bracket one optimizer step that the caller splits into several ``step()`` calls.
 
         DeepSpeed calls ``step()`` once per param group (ZeRO-1/2) or per sub-group (ZeRO-3).
         Inside the bracket the first call makes the step's one decision (skip it for a
-        non-finite gradient anywhere, or take it) for every later call, so a NaN in the last
-        sub-group cannot leave the first ones stepped, and a skip is counted once.
+        non-finite gradient anywhere, or take it; and which elementwise parameters have a
+        gradient that is not all zero) for every later call, so a NaN in the last sub-group
+        cannot leave the first ones stepped, and a skip is counted once.
         ``pending_grads`` returns the gradients the caller will hand us in later calls (they
-        are not on our partitions yet), so that first decision sees all of them.
+        are not on our partitions yet), so that first decision sees all of them: per partition,
+        ``(the fp32 partition it will land on, its tensors laid end to end)``; with the partition
+        unknown (None) they count for the step's decision only.
         """
         self._bracket = {"decision": None, "pending": pending_grads}
         try:
@@ -261,40 +272,106 @@ class DistributedStructuredOptimizer(Optimizer):
 
     def _decide(self, work: list) -> str:
         """"step", "skip" (a non-finite gradient on any rank) or "idle" (every gradient on every rank
-        is zero: DeepSpeed's state-initialising call). One small all-reduce per optimizer step,
-        made by every rank of the group."""
+        is zero: DeepSpeed's state-initialising call). Also sets ``_elem_live``: per elementwise
+        parameter, whether its whole gradient (every rank's pieces) is not all zero, the
+        single-process optimizer's rule for stepping it (a piece's own gradient may be all zero
+        while the parameter's is not: the embedding rows of tokens absent from the batch).
+
+        One small all-reduce per optimizer step, made by every rank of the group, and one host
+        read: [non-finite here, non-zero here, per elementwise parameter: non-zero here], MAX."""
         bracket = self._bracket
         if bracket is not None and bracket["decision"] is not None:
             return bracket["decision"]
-        grads = [g for gi, group in work for e in self._pieces(gi, group) for piece in e.pieces
-                 if (g := piece.grad()) is not None]
+        views: list[Tensor] = []  # every gradient tensor looked at (pieces, or parts of pending ones)
+        slots: list[int] = []     # each one's elementwise parameter slot, -1 for none
+        seen: set[int] = set()    # slots of parameters all of whose pieces are looked at (alike on every rank)
+        for gi, group in work:
+            for e in self._pieces(gi, group):
+                slot = self._elem_slot.get(id(e), -1)
+                if slot >= 0:
+                    seen.add(slot)
+                for piece in e.pieces:
+                    g = piece.grad()
+                    if g is not None:
+                        views.append(g)
+                        slots.append(slot)
         if bracket is not None and bracket["pending"] is not None:
-            grads += [g for g in bracket["pending"]() if g is not None and g.numel()]
-        flags = grad_flags(grads)
-        bad = any(not finite for finite, _ in flags)
-        live = any(nonzero for _, nonzero in flags)
+            for flat, grads in bracket["pending"]():
+                layout = self._pending_layout(flat) if all(g is not None for g in grads) else None
+                if layout is not None and any(offset + numel > sum(g.numel() for g in grads)
+                                              for offset, numel, _ in layout[1]):
+                    layout = None  # the tensors do not cover the partition's pieces: not laid out as we think
+                if layout is None:  # unknown partition: its gradients count for the decision only
+                    parts = [(g, -1) for g in grads if g is not None and g.numel()]
+                else:
+                    members, ranges = layout
+                    seen.update(members)
+                    parts = _cut(grads, ranges)
+                views += [v for v, _ in parts]
+                slots += [slot for _, slot in parts]
+        n = len(self._elem_slot)
+        near = views[0].device if views else None
+        device = comm_device(self.group, near) if self.world > 1 else (near or torch.device("cpu"))
+        if views:
+            maxes = torch.stack([m.float().to(device) for m in torch._foreach_norm(views, float("inf"))])
+            nonzero = (maxes != 0).float()
+            index = torch.tensor([slot if slot >= 0 else n for slot in slots], device=device)
+            per_param = torch.zeros(n + 1, device=device).scatter_reduce_(0, index, nonzero, "amax")[:n]
+            flags = torch.cat([(~torch.isfinite(maxes)).any().float().reshape(1), nonzero.max().reshape(1), per_param])
+        else:
+            flags = torch.zeros(n + 2, device=device)
         if self.world > 1:
-            near = grads[0].device if grads else None
-            both = torch.tensor([float(bad), float(live)], device=comm_device(self.group, near))
-            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-            # read back as "finite everywhere", "live somewhere" (flags are exactly 0 or 1): one host read
-            finite, live = (both == torch.tensor([0.0, 1.0], device=both.device)).tolist()
-            bad = not finite
-        decision = "skip" if bad else ("step" if live else "idle")
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        # read back as "finite everywhere", "non-zero somewhere", each parameter "non-zero somewhere"
+        # (flags are exactly 0 or 1): one host read
+        finite, live, *per_param_live = torch.cat([flags[:1] == 0, flags[1:] != 0]).tolist()
+        self._elem_live = [bool(per_param_live[k]) if k in seen else None for k in range(n)]
+        decision = "skip" if not finite else ("step" if live else "idle")
         if decision == "skip":
             self.skipped_steps += 1  # the whole step, on every rank: no state or weight changes
         if bracket is not None:
             bracket["decision"] = decision
         return decision
 
+    def _pending_layout(self, flat: Optional[Tensor]) -> Optional[tuple[list[int], list[tuple[int, int, int]]]]:
+        """For a partition whose gradient is still pending: the slots of the elementwise parameters
+        it has pieces of (on any rank: the same on every rank) and this rank's pieces of them as
+        (offset in the partition, numel, slot); None for a partition we do not know."""
+        if flat is None:
+            return None
+        if id(flat) in self.flat_layouts:  # a ZeRO-3 sub-group
+            members = [(self._entry_by_param[id(lp)], offset, numel)
+                       for lp, offset, _, numel in self.flat_layouts[id(flat)]]
+        else:  # a ZeRO-1/2 param group's flat partition: the model's parameters map into it
+            gi = next((i for i, g in enumerate(self._all_groups)
+                       if len(g["params"]) == 1 and g["params"][0] is flat), None)
+            if gi is None or (len(self.entries[gi]) == 1 and self.entries[gi][0].shape == flat.shape):
+                return None  # not a flat partition (_pieces takes it for the parameter itself)
+            members = []
+            for e in self.entries[gi]:
+                mapping = getattr(e.lp, "_hp_mapping", None)
+                hp = mapping.hp_fragment_address if mapping is not None else None
+                members.append((e, hp.start, hp.numel) if hp is not None else (e, 0, 0))
+        slots = [(self._elem_slot[id(e)], offset, numel) for e, offset, numel in members if id(e) in self._elem_slot]
+        return [slot for slot, _, _ in slots], [(offset, numel, slot) for slot, offset, numel in slots if numel > 0]
+
     def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
+        """AdamW on this rank's pieces of the parameters whose whole gradient is not all zero
+        (``_decide``; non-finite ones skipped the whole step), every piece of such a parameter
+        stepped, whatever its own gradient: the single-process optimizer's step of the whole."""
         params, grads, states = [], [], []
         for e in entries:
+            slot = self._elem_slot.get(id(e))
+            live = self._elem_live[slot] if slot is not None and slot < len(self._elem_live) else None
+            if live is False:
+                continue
             for piece in e.pieces:
                 g = piece.grad()
                 if g is None:
                     continue
-                if not grad_flags([g])[0][1]:  # all zero: no step (non-finite ones skipped the whole step)
+                # not seen when the step was decided (a caller bracketing calls without telling us the
+                # pending gradients): only this piece's own gradient is known here
+                if live is None and not grad_flags([g])[0][1]:
                     continue
                 params.append(piece.param)
                 grads.append(g)
@@ -572,6 +649,30 @@ def _dtensor_pieces(param: Tensor) -> list[Piece]:
     chunk = -(-rows // world)
     row_size = local.numel() // local.shape[0]
     return [Piece(rank * chunk * row_size, local.numel(), local.view(-1), param, 0)]
+
+
+def _cut(tensors: list[Tensor], ranges: list[tuple[int, int, int]]) -> list[tuple[Tensor, int]]:
+    """``tensors`` laid end to end (as DeepSpeed flattens them onto a partition), cut into views at
+    the edges of ``ranges`` ((offset, numel, slot), disjoint): [(view, slot)], slot -1 outside
+    every range. No copies (a non-contiguous tensor is flattened with one)."""
+    ranges = sorted(ranges)
+    out: list[tuple[Tensor, int]] = []
+    pos, i = 0, 0
+    for t in tensors:
+        flat = t.reshape(-1)
+        end = pos + flat.numel()
+        at = pos
+        while at < end:
+            while i < len(ranges) and ranges[i][0] + ranges[i][1] <= at:
+                i += 1
+            if i < len(ranges) and ranges[i][0] <= at:
+                stop, slot = min(end, ranges[i][0] + ranges[i][1]), ranges[i][2]
+            else:
+                stop, slot = (min(end, ranges[i][0]) if i < len(ranges) else end), -1
+            out.append((flat.narrow(0, at - pos, stop - at), slot))
+            at = stop
+        pos = end
+    return out
 
 
 def _grad_or_zeros(piece: Piece, device: torch.device) -> Tensor:

@@ -68,11 +68,53 @@ def global_batches(steps: int, batch: int, seed: int = 123):
     return [(torch.randn(batch, IN_DIM, generator=gen), torch.randn(batch, OUT_DIM, generator=gen)) for _ in range(steps)]
 
 
+VOCAB, TOKENS_PER_ROW = 128, 4
+
+
+class EmbedModel(torch.nn.Module):
+    """``embed_tokens`` (elementwise by name: AdamW) feeding build_model's square layers: each row
+    is the sum of TOKENS_PER_ROW token embeddings, so the first layer's input (and every matrix's
+    gradient) stays full rank whichever tokens a batch uses."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.body = build_model(seed)
+        torch.manual_seed(seed + 1)
+        self.embed_tokens = torch.nn.Embedding(VOCAB, IN_DIM)
+        torch.nn.init.normal_(self.embed_tokens.weight, std=0.5)
+
+    def forward(self, ids):
+        return self.body(self.embed_tokens(ids).sum(1))
+
+
+def token_batches(steps: int, batch: int, seed: int = 123):
+    """Even steps draw tokens from the first half of the vocabulary only, odd steps from all of it:
+    the embedding rows VOCAB/2.. (the second half of its flattened elements: a whole piece at 2 or 4
+    ranks under ZeRO-1/2/3) get an all-zero gradient at every even step, with the parameter's
+    gradient non-zero and their moments non-zero from the odd steps."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        high = VOCAB // 2 if step % 2 == 0 else VOCAB
+        out.append((torch.randint(0, high, (batch, TOKENS_PER_ROW), generator=gen),
+                    torch.randn(batch, OUT_DIM, generator=gen)))
+    return out
+
+
+def case_model(case: dict) -> torch.nn.Module:
+    builders = {"blocks": build_blocks_model, "embed": EmbedModel}
+    return builders.get(case.get("model"), build_model)(case.get("seed", 0))
+
+
+def case_batches(case: dict, steps: int, batch: int):
+    return (token_batches if case.get("model") == "embed" else global_batches)(steps, batch)
+
+
 def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
     losses = []
     if case.get("load_dir"):
         engine.load_checkpoint(case["load_dir"])
-    batches = global_batches(case["steps"], case["global_batch"])
+    batches = case_batches(case, case["steps"], case["global_batch"])
     for step, (x, y) in enumerate(batches):
         if step < case.get("start_step", 0):
             continue
@@ -80,7 +122,7 @@ def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
             engine.save_checkpoint(case["save_dir"])
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
         for mx, my in zip(xs.split(micro), ys.split(micro)):
-            out = engine(mx.to(next(engine.module.parameters()).dtype))
+            out = engine(mx if not mx.is_floating_point() else mx.to(next(engine.module.parameters()).dtype))
             loss = ((out.float() - my) ** 2).mean()
             engine.backward(loss)
             engine.step()
@@ -97,7 +139,13 @@ def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
             params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     else:
         params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    return {"params": params, "metrics": gathered, "losses": losses, "wrapper": type(engine.optimizer).__name__}
+    result = {"params": params, "metrics": gathered, "losses": losses, "wrapper": type(engine.optimizer).__name__}
+    if case.get("elem_state"):  # every rank's AdamW state of its pieces: {"name#start": {"step", "exp_avg", ...}}
+        mine = {k: {n: (v.detach().float().cpu().clone() if torch.is_tensor(v) else v) for n, v in st.items()}
+                for k, st in inner.elem_state.items()}
+        result["elem_state"] = [None] * world
+        torch.distributed.all_gather_object(result["elem_state"], mine)
+    return result
 
 
 def main(spec_path: str) -> None:
@@ -108,15 +156,14 @@ def main(spec_path: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     results = {}
     for case in spec["cases"]:
-        builder = build_blocks_model if case.get("model") == "blocks" else build_model
         if case.get("zero_init"):  # parameters partitioned at construction (p.ds_shape, local (0,) tensors)
             with dso.zero_init({"train_batch_size": case["global_batch"], "zero_optimization": {"stage": 3},
                                 "bf16": {"enabled": bool(case.get("bf16"))},
                                 "optimizer": {"type": case["optimizer"], "params": case["params"]}}):
-                model = builder(case.get("seed", 0))
+                model = case_model(case)
             assert all(p.numel() == 0 or p.ds_tensor is not None for p in model.parameters())
         else:
-            model = builder(case.get("seed", 0))
+            model = case_model(case)
         if "config_path" in case:  # exactly as a user passes it
             file_cfg = json.load(open(case["config_path"]))
             case["global_batch"] = file_cfg["train_batch_size"]

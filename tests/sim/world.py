@@ -150,6 +150,7 @@ class Zero12:
                            offload_gradient_dict={}, use_offload=False, param_group_index=i,
                            partition_start=rank * size, partition_size=size, dp_group=dist.group.WORLD)
             self.flats.append(flat)
+        self.single_partition_of_fp32_groups = self.flats  # DeepSpeed's name for them
 
     def attach(self, opt: Any) -> None:
         """What DeepSpeed does after building the client optimizer (groups hold the flat
