@@ -198,7 +198,11 @@ def test_entry_point_boundary_on_gpu(tmp_path):
     from ds_structopt.training import checkpoints
 
     rows = torch.randint(0, 256, (8, 17))  # the packed data set lives on the CPU
-    with simulated_rank(0, 8) as sim:
+    def others(obj, r):  # the other ranks' file records (they write none here) and verdicts
+        return obj if r == 0 else ({} if isinstance(obj, dict) else None)
+
+    # float64: the health vector carries RSS in KiB exactly (NCCL reduces doubles)
+    with simulated_rank(0, 8, oracle=others, dtypes=(torch.float32, torch.float64)) as sim:
         engine = CudaEngine(rank_device(0), 0)
         losses = train.train_step(engine, rows, micro=2, accum=2)
         loss = train.evaluate(engine, rows, micro=4)
@@ -208,7 +212,7 @@ def test_entry_point_boundary_on_gpu(tmp_path):
 
         with unset_fake_temporarily():  # generator states are real bytes (loaded from disk)
             restored = checkpoints.restore_rank_state(path, 0, engine.device)  # this rank's, CUDA's too
-    assert len(losses) == 2 and isinstance(loss, float) and {"decomp_failures", "identity_fallbacks"} <= set(health)
+    assert losses.dim() == 0 and isinstance(loss, float) and {"decomp_failures", "identity_fallbacks"} <= set(health)
     assert restored and not sim.cuda.problems, sim.cuda.problems
     assert path is not None and (tmp_path / "latest").read_text() == "step00000010"
     assert engine.input_devices and all(d == rank_device(0) for d in engine.input_devices), engine.input_devices
