@@ -176,8 +176,10 @@ def test_disk_full_in_the_middle_of_deepspeeds_writes_keeps_the_last_checkpoint(
         assert code == 0, log[-3000:]
         assert "fills the disk" in log and "checkpoint step00000030 failed" in log, log[-3000:]
         failure = next(line for line in log.splitlines() if "checkpoint step00000030 failed" in line)
-        assert "rank 0: OSError: writing mp_rank_00_model_states.pt" in failure, failure  # DeepSpeed's own write
-        assert "No space left" in failure or "write failed" in failure, failure
+        assert "rank 0: " in failure and "writing mp_rank_00_model_states.pt" in failure, failure  # DeepSpeed's own
+        # ENOSPC surfaces as OSError, or from torch's zip writer as RuntimeError ("file write failed",
+        # "unexpected pos" once a short write has left it behind)
+        assert any(s in failure for s in ("No space left", "write failed", "unexpected pos")), failure
         assert (out / "checkpoints" / "latest").read_text().strip() == "step00000015"
         assert not (out / "checkpoints" / ".incoming" / "step00000030").exists()
         assert not (out / "checkpoints" / "step00000030").exists()
