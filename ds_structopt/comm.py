@@ -12,6 +12,16 @@ import torch
 import torch.distributed as dist
 
 
+def any_rank(flag: bool, near: Optional[torch.device] = None) -> bool:
+    """True on every rank when it is true on any rank of the world (one 1-float all-reduce on
+    ``comm_device(None, near)``: the engine's GPU under NCCL)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device(None, near))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return not bool((t == 0).item())  # read back as "no rank raised it"
+
+
 def comm_device(group: Optional[dist.ProcessGroup] = None, near: Optional[torch.device] = None) -> torch.device:
     """The device for tensors sent through ``group``.
 

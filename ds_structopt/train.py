@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         sampler.load_state_dict(client["sampler"])
         start_step = int(client["step"])
         restored = checkpoints.restore_rank_state(os.path.join(ckpt_root, tag), rank, engine.device)
-        missing = [r for r, ok in enumerate(_gathered(restored)) if not ok]
+        missing = [r for r, ok in enumerate(checkpoints.gather_objects(restored)) if not ok]
         if rank == 0:
             print(f"resumed from {ckpt_root}/{tag} at step {start_step}", flush=True)
             if missing:  # more ranks than saved (or an older checkpoint): dropout etc. will not replay exactly
@@ -276,17 +276,6 @@ def _resume_tag(root: str, engine: Any) -> Optional[str]:
         raise SystemExit(f"error: {exc}") from None
 
 
-def _gathered(value: Any) -> list[Any]:
-    """Every rank's ``value`` in rank order (small objects; one rank: ``[value]``)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def _skipped(engine: Any, ours: Any) -> int:
     """Optimizer steps skipped for non-finite gradients: by DeepSpeed's ZeRO-1/2 overflow check (it
     then never calls our step) or by ours (every other stage); the same count on every rank."""
@@ -328,7 +317,9 @@ def _placement() -> list[str]:
     """Node of every rank (SLURM's node name where there is one), so a run can show where it ran."""
     import socket
 
-    return _gathered(os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+    from ds_structopt.training import checkpoints
+
+    return checkpoints.gather_objects(os.environ.get("SLURMD_NODENAME") or socket.gethostname())
 
 
 if __name__ == "__main__":

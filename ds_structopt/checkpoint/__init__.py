@@ -17,6 +17,7 @@ Files of format 1 and 2 (``torch.save`` of the same structure) still load.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Optional
@@ -94,10 +95,7 @@ def consolidated(directory: str) -> dict[str, torch.Tensor]:
     saved = _Saved(directory, [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if _RANK_FILE.match(f)])
     out = {}
     for name, shape in meta["shapes"].items():
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        whole = _WholeParam(numel)
+        whole = _WholeParam(math.prod(int(d) for d in shape))
         out[name] = saved._range(saved.masters.get(name, []), lambda item: item["value"], whole, name).reshape(shape)
     return out
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..comm import comm_device
+from ..comm import any_rank
 from ..zero.optimizer import DistributedStructuredOptimizer
 from .safe_load import safe_load
 from .state_io import write_text_atomic
@@ -96,7 +96,7 @@ def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) 
                 written.extend(save(opt, folder))
             except (OSError, RuntimeError) as exc:
                 error = exc
-        if _any_rank(error is not None, engine.device):
+        if any_rank(error is not None, engine.device):
             where = f"rank {engine.global_rank}: {type(error).__name__}: {error}" if error is not None else \
                 "another rank failed"
             raise CheckpointWriteError(f"checkpoint {folder} was not written ({where})")
@@ -123,15 +123,6 @@ def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) 
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
-
-
-def _any_rank(flag: bool, device: Any) -> bool:
-    """True on every rank when it is true on any rank (on the engine's device: NCCL needs it)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=comm_device(None, device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return not bool((t == 0).item())
 
 
 def _latest_tag(load_dir: str) -> Optional[str]:

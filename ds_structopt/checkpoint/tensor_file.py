@@ -16,6 +16,7 @@ its dtype, shape and byte offset. So:
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -40,10 +41,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def read(self, start: int = 0, numel: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of the flattened tensor (all of it, shaped, by default),

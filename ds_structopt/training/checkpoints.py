@@ -34,7 +34,7 @@ import torch.distributed as dist
 from .. import faults
 from . import rng
 from ..checkpoint.state_io import write_text_atomic
-from ..comm import comm_device
+from ..comm import any_rank
 
 INCOMING = ".incoming"
 MANIFEST = "manifest.json"
@@ -54,7 +54,7 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
     incoming = os.path.join(root, INCOMING)
     folder = os.path.join(incoming, tag)
     problem = _space_problem(root)  # every rank looks at its own filesystem
-    if _agree(problem is not None, engine.device):
+    if any_rank(problem is not None, engine.device):
         if problem is not None:
             print(f"warning: rank {rank}: checkpoint {tag} skipped: {problem}; newest kept: {latest(root)}", flush=True)
         return None
@@ -73,7 +73,7 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
         mine = {os.path.relpath(p, folder): _record(p, rank) for p in written}
     except (OSError, RuntimeError) as exc:  # disk full, I/O errors: never fatal, never published
         error = exc
-    if _agree(error is not None, engine.device):
+    if any_rank(error is not None, engine.device):
         if error is not None:
             print(f"warning: rank {rank}: checkpoint {tag} failed ({type(error).__name__}: {error}); "
                   f"newest kept: {latest(root)}", flush=True)
@@ -82,7 +82,7 @@ def save(engine: Any, root: str, step: int, client_state: dict[str, Any], keep_l
         _barrier()
         return None
     faults.during_save(step, rank)
-    records = _gather(mine)
+    records = gather_objects(mine)
     final = os.path.join(root, tag)
     if rank == 0:
         files: dict[str, dict[str, Any]] = {}
@@ -185,7 +185,7 @@ def resume_tag(root: str, rank: int = 0, world: int = 1, device: Any = "cpu", lo
             mine = None
         except CorruptCheckpointError as exc:
             mine = str(exc)
-        found = [p for p in _gather(mine) if p is not None]
+        found = [p for p in gather_objects(mine) if p is not None]
         if not found:
             return tag
         problems.append(found[0])
@@ -214,16 +214,9 @@ def _space_problem(root: str) -> Optional[str]:
     return None
 
 
-def _agree(flag: bool, device: Any) -> bool:
-    """True on every rank when it is true on any rank (``device``: the engine's, as NCCL needs)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=comm_device(None, device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return not bool((t == 0).item())  # read back as "no rank raised it"
 
 
-def _gather(value: Any) -> list[Any]:
+def gather_objects(value: Any) -> list[Any]:
     """Every rank's ``value`` (small: file records, verdicts), in rank order."""
     if not dist.is_initialized():
         return [value]
