@@ -28,7 +28,6 @@ import os
 import shutil
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed as dist
 
 from .. import faults
