@@ -1,9 +1,8 @@
 """Endurance: 2 ranks, 2000 steps with a checkpoint every 100, a rank killed at step 1050 and a
-resume. Memory stays flat on EVERY rank (metrics.csv's rss_mb_ranks): after warm-up, RSS grows < 5 %
-and its least-squares slope against the step (rows every 50 steps, 300-1000 and 1300-2000) is below
-SLOPE_KIB_PER_STEP, 3x stricter than the 5 % (~37 KiB/step on ~520 MB over 700 steps); no file
-handles leak, checkpoints rotate (keep last 3) and the resumed run reaches the end. ~6-12 min: runs in
-CI, locally with DS_STRUCTOPT_SOAK=1."""
+resume. Memory stays flat on EVERY rank (metrics.csv's rss_mb_ranks, a row every 10 steps): after
+warm-up (300-1000 and 1300-2000), RSS grows < 5 % and its least-squares slope against the step is
+below SLOPE_KIB_PER_STEP; no file handles leak, checkpoints rotate (keep last 3) and the resumed run
+reaches the end. ~6-12 min: runs in CI, locally with DS_STRUCTOPT_SOAK=1."""
 import json
 
 import pytest
@@ -11,10 +10,13 @@ import pytest
 from test_faults import metrics, run
 
 STEPS, KILL_AT, WORLD = 2000, 1050, 2
-# Per rank, after warm-up. Measured on 2 CPU ranks: slopes -2.0 .. 3.8 KiB/step with a standard error
-# of 1.7-2.5 KiB/step (RSS moves +-2 MB between rows with no trend), so 12 is ~5 standard errors above
-# a flat line: a 12 KiB/step leak is 8 MB over the window. Logging more often would allow a tighter bound.
-SLOPE_KIB_PER_STEP = 12.0
+# Per rank, after warm-up. RSS on 2 CPU ranks does not drift, it steps: the allocator's high-water
+# mark rises by 1-6 MB at a few random steps and mostly stays there. For the same code the slope
+# over a window measured -4 .. 13.2 KiB/step run to run (CI: 9.5, 8.7, 13.2, 0.2; here 10.9, 2.1,
+# 5.6 on 450-step windows; Python's own heap, traced with tracemalloc, grew 9 KiB in 200 steps).
+# 20 KiB/step (14 MB over a 700-step window, 2.6 %) is 1.5x the largest of those: a steady leak
+# of that size fails, the allocator's steps do not.
+SLOPE_KIB_PER_STEP = 20.0
 
 
 def slope_kib_per_step(steps, rss_mb):
@@ -31,7 +33,7 @@ def segment(rows, first, last):
 @pytest.mark.soak
 def test_soak_2000_steps_with_checkpoints_and_a_resume(tmp_path):
     out = tmp_path / "soak"
-    common = ("--save-every", "100", "--keep-last", "3", "--log-every", "50", "--eval-every", "1000")
+    common = ("--save-every", "100", "--keep-last", "3", "--log-every", "10", "--eval-every", "1000")
     code, log, first_seconds = run(out, *common, faults=f"kill:rank=1,step={KILL_AT}", steps=STEPS, timeout=1800)
     assert code != 0 and f"at step {KILL_AT}" in log, log[-3000:]
     code, log, second_seconds = run(out, "--resume", *common, steps=STEPS, timeout=1800)
