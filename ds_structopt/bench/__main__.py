@@ -4,7 +4,9 @@ Suites: ``convergence`` (steps/time to AdamW's final loss), ``step`` (optimizer
 and whole training-step time, memory, state bytes at LLaMA shapes), ``dist``
 (1/2/4 CPU ranks at ZeRO 1/2/3: state per rank, bytes communicated, step time
 vs DeepSpeed's AdamW), ``refresh`` (step-time spikes of basis refreshes: synchronous,
-staggered, staggered + refresh-ahead, 2 and 4 ranks). Each writes ``<suite>.json``, ``<suite>.md`` and PNGs to
+staggered, staggered + refresh-ahead, 2 and 4 ranks), ``regime`` (the convergence suite at the
+papers' ratios of tokens per step, tokens and refreshes per run, several seeds, bracketed lrs,
+resumable). Each writes ``<suite>.json``, ``<suite>.md`` and PNGs to
 ``--out``; ``--quick`` is the CI smoke size (each suite under 5 minutes here).
 """
 from __future__ import annotations
@@ -13,17 +15,18 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-SUITES = ("convergence", "step", "dist", "refresh")
+SUITES = ("convergence", "regime", "step", "dist", "refresh")
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    from . import convergence, dist, refresh, step
+    from . import convergence, dist, refresh, regime, step
 
     p = argparse.ArgumentParser(prog="ds-structopt bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="suite", required=True)
-    for name, module in (("convergence", convergence), ("step", step), ("dist", dist), ("refresh", refresh)):
+    for name, module in (("convergence", convergence), ("regime", regime), ("step", step), ("dist", dist),
+                         ("refresh", refresh)):
         sp = sub.add_parser(name, help=module.__doc__.splitlines()[0])
-        sp.add_argument("--out", default=f"runs/bench/{name}", help="output folder")
+        sp.add_argument("--out", default=f"runs/bench/{name}", help="output folder (regime: a rerun skips its finished runs)")
         sp.add_argument("--quick", action="store_true", help="CI smoke size")
         sp.add_argument("--optimizers", nargs="+", default=None, help="subset (default: all of the suite's)")
         module.add_arguments(sp)
@@ -38,6 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             result = convergence.run(convergence.settings_from(args, args.quick), optimizers.names(args.optimizers),
                                      args.out, baseline=args.baseline)
+        elif args.suite == "regime":
+            from . import regime
+
+            result = regime.run_cli(args)
         elif args.suite == "step":
             from . import step
 

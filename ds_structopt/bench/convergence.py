@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -39,6 +39,9 @@ class Settings:
     elementwise_lr: float = 1e-3
     seed: int = 0
     trials: Optional[int] = None  # None: each optimizer's whole grid; k: the k grid points nearest the middle
+    micro_batch: Optional[int] = None  # rows per forward (gradient accumulation); None: the whole batch
+    device: str = "cpu"
+    bf16: bool = False  # bf16 autocast for forward/backward (fp32 weights and optimizer state)
 
 
 def load_data(s: Settings):
@@ -75,30 +78,47 @@ def state_split(opt: contenders.PairedOptimizer) -> dict[str, int]:
 ROTATION_KEYS = ("P", "Q", "GG")  # ours: bases P, Q; SOAP: eigenbases Q and the factors GG they come from
 
 
-def run_one(name: str, lr: float, s: Settings, data: Any) -> dict[str, Any]:
+def run_one(name: str, lr: float, s: Settings, data: Any, contender: Optional[contenders.Contender] = None,
+            progress: Optional[Callable[[int, float, float], None]] = None) -> dict[str, Any]:
+    """Train ``name`` (or ``contender``) at ``lr`` for ``s.steps``; eval every ``s.eval_every``
+    steps, calling ``progress(step, eval_loss, train_seconds)`` after each eval."""
     from ..data.sampler import ShardedBatchSampler
     from ..training.schedule import warmup_cosine
 
-    model = build_model(s, data.vocab_size)
-    opt = contenders.build(name, model, lr, update_freq=s.update_freq, elementwise_lr=s.elementwise_lr)
+    device = torch.device(s.device)
+    model = build_model(s, data.vocab_size).to(device)
+    opt = contenders.build(contender or name, model, lr, update_freq=s.update_freq, elementwise_lr=s.elementwise_lr)
     sampler = ShardedBatchSampler(len(data.train), s.batch, seed=s.seed)
-    eval_rows = data.eval[: s.eval_rows] if len(data.eval) else data.train[: s.eval_rows]
+    eval_rows = (data.eval[: s.eval_rows] if len(data.eval) else data.train[: s.eval_rows]).to(device)
     warmup = int(s.warmup if s.warmup >= 1 else s.warmup * s.steps) or 1
-    history = [{"step": 0, "seconds": 0.0, "eval_loss": evaluate(model, eval_rows, s.batch)}]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16)
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    with autocast:
+        history = [{"step": 0, "seconds": 0.0, "eval_loss": evaluate(model, eval_rows, s.micro_batch or s.batch)}]
     train_seconds, diverged = 0.0, False
     for step in range(s.steps):
-        t0 = time.perf_counter()
+        t0 = timed()
         scale = warmup_cosine(step, s.steps, warmup, s.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
-        loss = lm_step(model, opt, data.train[sampler.next_indices()].long())
-        train_seconds += time.perf_counter() - t0
-        if not math.isfinite(loss.item()):
+        with autocast:
+            loss = lm_step(model, opt, data.train[sampler.next_indices()].to(device).long(), micro=s.micro_batch)
+        loss_value = loss.item()
+        train_seconds += timed() - t0
+        if not math.isfinite(loss_value):
             diverged = True
             break
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
-            history.append({"step": step + 1, "seconds": train_seconds, "eval_loss": evaluate(model, eval_rows, s.batch),
-                            "train_loss": loss.item()})
+            with autocast:
+                ev = evaluate(model, eval_rows, s.micro_batch or s.batch)
+            history.append({"step": step + 1, "seconds": train_seconds, "eval_loss": ev, "train_loss": loss_value})
+            if progress is not None:
+                progress(step + 1, ev, train_seconds)
     final = history[-1]["eval_loss"] if not diverged else float("inf")
     return {"optimizer": name, "lr": lr, "final_eval_loss": final, "diverged": diverged, "history": history,
             "train_seconds": train_seconds, "state_bytes": state_split(opt),
@@ -156,7 +176,7 @@ def baseline_runs(path: str | Path, s: Settings) -> list[dict[str, Any]]:
     import json
 
     raw = json.loads(Path(path).read_text())
-    theirs = {k: v for k, v in raw["settings"].items() if k != "trials"}
+    theirs = {k: v for k, v in {**asdict(Settings()), **raw["settings"]}.items() if k != "trials"}  # older files lack newer keys
     ours = {k: v for k, v in asdict(s).items() if k != "trials"}
     ours["data"], theirs["data"] = list(ours["data"]), list(theirs["data"])
     if theirs != ours:

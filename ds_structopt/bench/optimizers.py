@@ -34,6 +34,10 @@ def _adamw(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, foreach=True)
 
 
+def _adamw_095(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+
+
 def _adafactor(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(params, lr=lr, weight_decay=0.0, foreach=True)
 
@@ -55,6 +59,13 @@ def _soap(params: list[nn.Parameter], lr: float, update_freq: int) -> torch.opti
     from pytorch_optimizer import SOAP
 
     return SOAP(params, lr=lr, betas=(0.95, 0.95), weight_decay=0.0, precondition_frequency=10)
+
+
+def _soap_same_period(params: list[nn.Parameter], lr: float, update_freq: int) -> torch.optim.Optimizer:
+    """SOAP refreshing its eigenbases every ``update_freq`` steps, as ours do (the regime suite)."""
+    from pytorch_optimizer import SOAP
+
+    return SOAP(params, lr=lr, betas=(0.95, 0.95), weight_decay=0.0, precondition_frequency=update_freq)
 
 
 def _muon(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimizer:
@@ -86,6 +97,22 @@ VARIANTS: dict[str, Contender] = {c.name: c for c in [
     Contender("AdaDiag++ staggered+ahead", (1e-3, 2e-3, 4e-3),
               _ours("AdaDiag++", stagger_refresh=True, refresh_from="previous"), ours=True),
     Contender("AdamW low", (1.25e-4, 2.5e-4, 5e-4), _adamw),
+]}
+
+
+# The paper-regime suite (bench/regime.py): both AdamW settings (the better one sets the target),
+# SOAP at our refresh period. Grids are starting points: the suite extends each one past an edge optimum.
+REGIME: dict[str, Contender] = {c.name: c for c in [
+    Contender("AdamW", (1e-3, 2e-3, 4e-3), _adamw),
+    Contender("AdamW b2=0.95", (1e-3, 2e-3, 4e-3), _adamw_095),
+    Contender("Adafactor", (1e-2, 2e-2, 4e-2), _adafactor),
+    Contender("SOAP", (2e-3, 4e-3, 8e-3), _soap_same_period),
+    Contender("Muon", (1e-2, 2e-2, 4e-2), _muon),
+    Contender("AdaDiag", (1e-3, 2e-3, 4e-3), _ours("AdaDiag"), ours=True),
+    Contender("AdaDiag++", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++"), ours=True),
+    Contender("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", factored=True), ours=True),
+    Contender("ASGO", (5e-3, 1e-2, 2e-2), _ours("ASGO"), ours=True),
+    Contender("DASGO", (5e-3, 1e-2, 2e-2), _ours("DASGO"), ours=True),
 ]}
 
 
@@ -146,10 +173,10 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[dict[str, A
     return matrices, elementwise
 
 
-def build(name: str, model: nn.Module, lr: Optional[float] = None, *, update_freq: int = 100,
+def build(name: str | Contender, model: nn.Module, lr: Optional[float] = None, *, update_freq: int = 100,
           elementwise_lr: float = 1e-3) -> PairedOptimizer:
-    """``name`` from CONTENDERS at ``lr`` (default: the middle of its grid)."""
-    c = CONTENDERS.get(name) or VARIANTS.get(name)
+    """``name`` from CONTENDERS/VARIANTS (or a Contender itself) at ``lr`` (default: the middle of its grid)."""
+    c = name if isinstance(name, Contender) else CONTENDERS.get(name) or VARIANTS.get(name)
     if c is None:
         raise ValueError(f"unknown optimizer '{name}'; choose from {sorted(CONTENDERS) + sorted(VARIANTS)}")
     matrices, elementwise = split_params(model)

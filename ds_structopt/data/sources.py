@@ -1,4 +1,4 @@
-"""Where training text comes from: local files, directories, .jsonl, parquet, or the embedded corpus.
+"""Where training text comes from: local files, directories, .jsonl, parquet, or the built-in corpora.
 
 Every source yields documents (strings) in a deterministic order, so every rank
 and every restart sees the same corpus.
@@ -12,17 +12,21 @@ from typing import Iterable, Iterator, Union
 
 TEXT_FIELD = "text"
 EMBEDDED = "embedded"
+STDLIB = "stdlib"
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 
 
 def iter_documents(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]], text_field: str = TEXT_FIELD) -> Iterator[str]:
-    """Documents from each path: "embedded", a text file, a .jsonl/.json-lines file, a .parquet file,
-    or a directory (its files, recursively, in sorted order)."""
+    """Documents from each path: "embedded", "stdlib", a text file, a .jsonl/.json-lines file, a
+    .parquet file, or a directory (its files, recursively, in sorted order)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for raw in paths:
         if str(raw) == EMBEDDED:
             yield from embedded_documents()
+            continue
+        if str(raw) == STDLIB:
+            yield from stdlib_documents()
             continue
         path = Path(raw)
         if path.is_dir():
@@ -90,3 +94,16 @@ def embedded_documents() -> Iterator[str]:
         text = "\n\n".join(d for d in docs if d)
         if text:
             yield text
+
+
+def stdlib_documents() -> Iterator[str]:
+    """The Python standard library's own source files (~11 MB for CPython 3.11, tests and IDLE
+    left out), sorted by path: a corpus large enough that a benchmark of a few million tokens
+    does not repeat an epoch, on any machine with the same Python and no download."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        if not skip.intersection(path.relative_to(root).parts):
+            yield path.read_text(encoding="utf-8", errors="replace")

@@ -1,17 +1,25 @@
 """One-process language-model steps shared by the demo and the convergence benchmark."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def lm_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rows: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
-    """Next-token loss on ``rows`` (inputs = all but the last token), backward, clip, step; returns the loss."""
-    loss = model(input_ids=rows[:, :-1], labels=rows[:, 1:].contiguous()).loss
+def lm_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rows: torch.Tensor, clip: float = 1.0,
+            micro: Optional[int] = None) -> torch.Tensor:
+    """Next-token loss on ``rows`` (inputs = all but the last token), backward, clip, step; returns the
+    batch's mean loss (detached). ``micro``: rows per forward (gradient accumulation); the gradient
+    is the whole batch's mean either way."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total = torch.zeros((), device=rows.device)
+    for part in rows.split(micro or len(rows)):
+        loss = model(input_ids=part[:, :-1], labels=part[:, 1:].contiguous()).loss * (len(part) / len(rows))
+        loss.backward()
+        total += loss.detach().float()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
-    return loss
+    return total
 
 
 @torch.no_grad()

@@ -1,0 +1,299 @@
+"""Paper-regime convergence suite: steps to AdamW's loss at the papers' ratios, several seeds.
+
+The papers' LLaMA-on-C4 setting (GaLore's: 131k tokens per step, 10-20k steps, a basis
+refresh every 200 steps) has ~0.002 tokens per step per parameter, ~20 tokens per parameter
+and ~50 refreshes per run. This suite keeps those ratios at a size the machine can run:
+tokens per step = ``tokens_per_step_per_param`` x parameters (gradient accumulation over
+``micro_batch`` rows), ``tokens_per_param`` tokens in all, ``refreshes`` basis refreshes
+(update_freq = steps / refreshes; SOAP refreshes at the same period). Each explicit
+``--steps``/``--batch``/``--update-freq`` overrides its derived value (the papers' own sizes
+on a GPU: ``--model 60m --data c4.jsonl --device cuda --bf16 --batch 512 --seq-len 256
+--steps 10000 --update-freq 200``).
+
+Protocol: each contender's lr grid is swept on the first seed and extended (x2 or /2) past an
+edge optimum until the best lr is bracketed (at most ``max_extend`` extra points per side);
+the best lr then runs on every other seed. The target is the better AdamW (beta2 0.999 or
+0.95, by mean final eval loss); for each seed a contender's steps ratio is the steps it needs
+to reach that seed's target loss over the steps the target AdamW needs. Mean and spread
+(min, max over seeds) are reported; a ratio is "beyond the spread" when every seed agrees.
+Finished runs are kept in the output JSON after each run and skipped on a rerun with the same
+settings, so a sweep can be split over several invocations or jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from . import convergence, report
+from . import optimizers as contenders
+
+SUITE = "convergence_regime"
+TARGETS = ("AdamW", "AdamW b2=0.95")
+
+
+@dataclass
+class Regime:
+    model: str = "bench2m"
+    data: tuple[str, ...] = ("stdlib",)
+    tokenizer: Optional[str] = None
+    seq_len: int = 128
+    tokens_per_step_per_param: float = 0.002
+    tokens_per_param: float = 2.2
+    refreshes: int = 40
+    micro_batch: int = 8
+    eval_points: int = 20
+    eval_rows: int = 256
+    seeds: int = 2
+    max_extend: int = 3
+    device: str = "cpu"
+    bf16: bool = False
+    steps: Optional[int] = None  # explicit values override the derived ones
+    batch: Optional[int] = None
+    update_freq: Optional[int] = None
+
+
+def derive(r: Regime, params: int) -> convergence.Settings:
+    """The training settings that give ``params`` parameters the regime's ratios."""
+    rows_per_step = r.tokens_per_step_per_param * params / r.seq_len
+    batch = r.batch or max(r.micro_batch, round(rows_per_step / r.micro_batch) * r.micro_batch)
+    steps = r.steps or math.ceil(r.tokens_per_param * params / (batch * r.seq_len))
+    update_freq = r.update_freq or max(1, steps // r.refreshes)
+    return convergence.Settings(
+        model=r.model, data=tuple(r.data), tokenizer=r.tokenizer, seq_len=r.seq_len, batch=batch, steps=steps,
+        eval_every=max(1, steps // r.eval_points), eval_rows=r.eval_rows, update_freq=update_freq,
+        micro_batch=min(r.micro_batch, batch), device=r.device, bf16=r.bf16)
+
+
+def ratios(s: convergence.Settings, params: int) -> dict[str, float]:
+    """The paper-regime ratios ``s`` gives a model of ``params`` parameters (reported with the results)."""
+    tokens_per_step = s.batch * s.seq_len
+    return {"params": params, "tokens_per_step": tokens_per_step,
+            "tokens_per_step_per_param": tokens_per_step / params,
+            "tokens_per_param": tokens_per_step * s.steps / params, "refreshes": s.steps / s.update_freq}
+
+
+def bracket(loss_at: Callable[[float], float], grid: Sequence[float], max_extend: int) -> tuple[float, bool]:
+    """Best lr of ``grid`` extended x2 / /2 while the best is at an edge (at most ``max_extend``
+    points per side); returns (best lr, whether it is bracketed by worse neighbours)."""
+    losses = {lr: loss_at(lr) for lr in grid}
+    added = {"low": 0, "high": 0}
+    while True:
+        lrs = sorted(losses)
+        best = min(lrs, key=lambda lr: (losses[lr], lr))
+        if len(lrs) > 1 and lrs[0] < best < lrs[-1]:
+            return best, True
+        side = "low" if best == lrs[0] else "high"
+        if added[side] >= max_extend:
+            return best, False
+        added[side] += 1
+        new = lrs[0] / 2 if side == "low" else lrs[-1] * 2
+        losses[new] = loss_at(new)
+
+
+class RunCache:
+    """The suite's JSON: settings + finished runs, rewritten (atomically) after every run."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self.path, self.settings, self.runs = path, settings, []
+        if path.exists():
+            raw = json.loads(path.read_text())
+            if raw.get("settings") != settings:
+                diff = sorted(k for k in set(settings) | set(raw.get("settings", {}))
+                              if settings.get(k) != raw.get("settings", {}).get(k))
+                raise ValueError(f"{path} holds runs with other settings ({', '.join(diff)}): "
+                                 "use another --out or the same settings")
+            self.runs = raw["runs"]
+
+    def find(self, name: str, lr: float, seed: int) -> Optional[dict[str, Any]]:
+        return next((r for r in self.runs if (r["optimizer"], r["lr"], r["seed"]) == (name, lr, seed)), None)
+
+    def add(self, run: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
+        self.runs.append(run)
+        self.write(extra)
+
+    def write(self, extra: Optional[dict[str, Any]] = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, **(extra or {}), "runs": self.runs}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def contender(name: str) -> contenders.Contender:
+    c = contenders.REGIME.get(name) or contenders.VARIANTS.get(name)
+    if c is None:
+        raise ValueError(f"unknown optimizer '{name}'; choose from {sorted(contenders.REGIME) + sorted(contenders.VARIANTS)}")
+    return c
+
+
+def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or take from the cache) every run of the protocol; returns the cache's runs."""
+    missing = [n for n in TARGETS if n not in names]
+    if len(missing) == len(TARGETS):
+        raise ValueError(f"the regime suite needs {' or '.join(TARGETS)} in --optimizers (it sets the target)")
+    for n in names:
+        contender(n)
+    data = convergence.load_data(convergence.Settings(model=r.model, data=tuple(r.data), tokenizer=r.tokenizer,
+                                                      seq_len=r.seq_len))
+    params = sum(p.numel() for p in convergence.build_model(convergence.Settings(model=r.model, seq_len=r.seq_len),
+                                                            data.vocab_size).parameters())
+    base = derive(r, params)
+    settings = {"regime": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()},
+                "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(base).items()}}
+    cache = RunCache(Path(out_dir) / f"{SUITE}.json", settings)
+    info = {"ratios": ratios(base, params), "train_tokens": len(data.train) * r.seq_len}
+    epochs = base.steps * base.batch / len(data.train)
+    log(f"[regime] {r.model}: {params / 1e6:.2f}M params, {base.batch} x {base.seq_len} tokens/step "
+        f"({info['ratios']['tokens_per_step_per_param']:.4f}/param), {base.steps} steps "
+        f"({info['ratios']['tokens_per_param']:.2f} tokens/param, {epochs:.2f} epochs of the data), "
+        f"refresh every {base.update_freq} ({info['ratios']['refreshes']:.0f} refreshes), {r.seeds} seeds")
+    counter = {"ran": 0, "cached": 0}
+
+    def final_loss(name: str, lr: float, seed: int) -> float:
+        found = cache.find(name, lr, seed)
+        if found is None:
+            s = replace(base, seed=seed)
+            t0 = time.perf_counter()
+
+            def progress(step: int, ev: float, seconds: float) -> None:
+                eta = (time.perf_counter() - t0) / step * (s.steps - step)
+                log(f"[regime] {name} lr {lr:g} seed {seed}: step {step}/{s.steps} eval {ev:.4f} "
+                    f"({time.perf_counter() - t0:.0f} s, ETA {eta:.0f} s)")
+
+            found = convergence.run_one(name, lr, s, data, contender=contender(name), progress=progress)
+            found["seed"] = seed
+            cache.add(found, {"info": info})
+            counter["ran"] += 1
+        else:
+            counter["cached"] += 1
+        return found["final_eval_loss"]
+
+    best_lrs = {}
+    for name in names:
+        best, bracketed = bracket(lambda lr: final_loss(name, lr, 0), contender(name).lrs, r.max_extend)
+        best_lrs[name] = {"lr": best, "bracketed": bracketed}
+        for seed in range(1, r.seeds):
+            final_loss(name, best, seed)
+        log(f"[regime] {name}: best lr {best:g}{'' if bracketed else ' (NOT bracketed: edge of the extended grid)'}")
+    log(f"[regime] {counter['ran']} runs trained, {counter['cached']} taken from {cache.path}")
+    return {"cache": cache, "info": info, "best_lrs": best_lrs, "settings": base}
+
+
+def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per contender at its best lr: final loss and steps/time ratios to the target AdamW, per seed,
+    with mean and (min, max)."""
+    at_best = {n: sorted((r for r in runs if r["optimizer"] == n and r["lr"] == b["lr"]), key=lambda r: r["seed"])
+               for n, b in best_lrs.items()}
+    targets = [n for n in TARGETS if n in at_best]
+    target = min(targets, key=lambda n: statistics.fmean(r["final_eval_loss"] for r in at_best[n]))
+    goal = {r["seed"]: r for r in at_best[target]}
+    rows = {}
+    for name, rs in at_best.items():
+        steps_r, time_r, finals = [], [], []
+        for r in rs:
+            finals.append(r["final_eval_loss"])
+            base = goal.get(r["seed"])
+            if base is None:
+                continue
+            base_steps, base_seconds = convergence.reach(base["history"], base["final_eval_loss"])
+            steps, seconds = convergence.reach(r["history"], base["final_eval_loss"])
+            steps_r.append(steps / base_steps if steps and base_steps else None)
+            time_r.append(seconds / base_seconds if seconds and base_seconds else None)
+        reached = [x for x in steps_r if x is not None]
+        all_reached = bool(steps_r) and len(reached) == len(steps_r)
+        st = rs[0]["state_bytes"]
+        rows[name] = {
+            "best_lr": best_lrs[name]["lr"], "lr_bracketed": best_lrs[name]["bracketed"], "seeds": len(rs),
+            "final_eval_loss": statistics.fmean(finals), "final_eval_loss_spread": [min(finals), max(finals)],
+            "steps_ratio": statistics.fmean(reached) if all_reached else None,
+            "steps_ratio_spread": [min(reached), max(reached)] if all_reached else None,
+            "steps_ratio_per_seed": steps_r, "reached_seeds": len(reached),
+            "time_ratio": statistics.fmean(time_r) if all_reached and None not in time_r else None,
+            "faster_than_target_on_every_seed": all_reached and max(reached) < 1.0,
+            "state_bytes_per_param": st["total"] / rs[0]["params"],
+            "matrix_state_elems_per_param_excl_rotations": st["matrices_other"] / 4 / rs[0]["matrix_params"],
+            "matrix_rotation_bytes_per_param": st["matrices_rotations"] / rs[0]["matrix_params"],
+        }
+    return {"target": target, "target_eval_loss": statistics.fmean(r["final_eval_loss"] for r in at_best[target]),
+            "best": rows}
+
+
+def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    done = sweep(r, names, out_dir, log)
+    cache, s = done["cache"], done["settings"]
+    summary = summarize(cache.runs, done["best_lrs"])
+    out = Path(out_dir)
+    curves = {}
+    for name, b in done["best_lrs"].items():
+        rs = [x for x in cache.runs if x["optimizer"] == name and x["lr"] == b["lr"] and not x["diverged"]]
+        if rs and all(len(x["history"]) == len(rs[0]["history"]) for x in rs):
+            curves[name] = ([h["step"] for h in rs[0]["history"]],
+                            [statistics.fmean(x["history"][i]["eval_loss"] for x in rs) for i in range(len(rs[0]["history"]))])
+    png = report.line_plot(out / f"{SUITE}_loss_vs_steps.png", curves, "optimizer steps", "eval loss (mean of seeds)",
+                           f"{s.model}, paper regime: eval loss vs steps (best lr each)", summary["target_eval_loss"])
+    info = done["info"]["ratios"]
+    headers = ["optimizer", "best lr", "bracketed", "final eval loss (min-max)", "steps ratio (min-max)",
+               "time ratio", "state B/param", "bases/factors B/matrix param"]
+
+    def span(v: Optional[list[float]], digits: int) -> str:
+        return "" if v is None else f" ({v[0]:.{digits}f}-{v[1]:.{digits}f})"
+
+    table = [[n, b["best_lr"], "yes" if b["lr_bracketed"] else "no",
+              f"{b['final_eval_loss']:.4f}{span(b['final_eval_loss_spread'], 4)}",
+              "not reached" + (f" on {b['seeds'] - b['reached_seeds']} seed(s)" if b["reached_seeds"] else "")
+              if b["steps_ratio"] is None else f"{b['steps_ratio']:.3f}{span(b['steps_ratio_spread'], 3)}",
+              b["time_ratio"], b["state_bytes_per_param"], b["matrix_rotation_bytes_per_param"]]
+             for n, b in summary["best"].items()]
+    md = (f"Paper-regime convergence: model `{s.model}` ({info['params'] / 1e6:.2f}M params), "
+          f"{s.batch} x {s.seq_len} tokens/step ({info['tokens_per_step_per_param']:.4f} per param), {s.steps} steps "
+          f"({info['tokens_per_param']:.2f} tokens per param), refresh every {s.update_freq} steps "
+          f"({info['refreshes']:.0f} refreshes), {done['cache'].settings['regime']['seeds']} seeds; target = "
+          f"{summary['target']}'s final eval loss per seed (mean {summary['target_eval_loss']:.4f})\n\n"
+          + report.markdown_table(headers, table))
+    cache.write({"info": done["info"], "summary": summary, "plots": [png]})
+    md_path = out / f"{SUITE}.md"
+    md_path.write_text(md + "\n")
+    return {"summary": summary, "files": {"json": str(cache.path), "markdown": str(md_path)}, "plots": [png]}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = Regime()
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--data", nargs="+", default=list(d.data))
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="rows per forward (gradient accumulation)")
+    p.add_argument("--seeds", type=int, default=d.seeds)
+    p.add_argument("--refreshes", type=int, default=d.refreshes, help="basis refreshes per run (sets update_freq)")
+    p.add_argument("--tokens-per-param", type=float, default=d.tokens_per_param)
+    p.add_argument("--max-extend", type=int, default=d.max_extend, help="lr points added per side to bracket the best")
+    p.add_argument("--steps", type=int, default=None, help="override the derived number of steps")
+    p.add_argument("--batch", type=int, default=None, help="override the derived rows per step")
+    p.add_argument("--update-freq", type=int, default=None, help="override the derived refresh period")
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+
+
+def regime_from(args: argparse.Namespace, quick: bool) -> Regime:
+    r = Regime(model=args.model, data=tuple(args.data), tokenizer=args.tokenizer, seq_len=args.seq_len,
+               micro_batch=args.micro_batch, seeds=args.seeds, refreshes=args.refreshes,
+               tokens_per_param=args.tokens_per_param, max_extend=args.max_extend, steps=args.steps,
+               batch=args.batch, update_freq=args.update_freq, device=args.device, bf16=args.bf16)
+    if quick:  # CI smoke size: the whole protocol (bracketing, seeds, cache) on the tiny model
+        r = replace(r, model="tiny", data=("embedded",), seq_len=32, micro_batch=4, eval_rows=16, max_extend=1,
+                    steps=args.steps or 12, batch=args.batch or 8, update_freq=args.update_freq or 3, eval_points=4)
+    return r
+
+
+QUICK_OPTIMIZERS = ("AdamW", "AdamW b2=0.95", "AdaDiag++")
+
+
+def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    names = args.optimizers or (list(QUICK_OPTIMIZERS) if args.quick else list(contenders.REGIME))
+    return run(regime_from(args, args.quick), names, args.out, log=lambda m: print(m, flush=True))

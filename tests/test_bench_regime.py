@@ -1,0 +1,104 @@
+"""The paper-regime convergence suite (`ds-structopt bench regime`): the ratios it derives, lr
+bracketing, seeds, the run cache a rerun resumes from, and the summary's per-seed ratios."""
+import json
+
+import pytest
+
+from ds_structopt.bench import regime
+from ds_structopt.bench.__main__ import main as bench
+
+
+def test_derived_settings_have_the_papers_ratios():
+    r = regime.Regime(seq_len=128, micro_batch=8)
+    params = 1_870_000
+    s = regime.derive(r, params)
+    got = regime.ratios(s, params)
+    assert s.batch % 8 == 0 and s.micro_batch == 8
+    assert got["tokens_per_step_per_param"] == pytest.approx(0.002, rel=0.15)
+    assert 2.0 <= got["tokens_per_param"] < 2.2 + 0.01
+    assert got["refreshes"] >= 40
+    explicit = regime.derive(regime.Regime(steps=10_000, batch=512, update_freq=200, seq_len=256), 60_000_000)
+    assert (explicit.steps, explicit.batch, explicit.update_freq) == (10_000, 512, 200)  # the paper's 60M run
+
+
+@pytest.mark.parametrize("optimum, expected_calls", [(2e-3, 3), (16e-3, 6), (0.25e-3, 6)])
+def test_bracketing_extends_past_an_edge_optimum(optimum, expected_calls):
+    calls = []
+
+    def loss_at(lr):
+        calls.append(lr)
+        return abs(lr / optimum - 1)  # V-shaped around the optimum
+
+    best, bracketed = regime.bracket(loss_at, (1e-3, 2e-3, 4e-3), max_extend=3)
+    assert best == pytest.approx(optimum) and bracketed
+    assert len(calls) == expected_calls, calls
+
+
+def test_bracketing_stops_after_max_extend_and_says_so():
+    best, bracketed = regime.bracket(lambda lr: -lr, (1e-3, 2e-3), max_extend=2)  # always better higher
+    assert best == pytest.approx(8e-3) and not bracketed
+
+
+def test_diverged_edge_counts_as_worse():
+    best, bracketed = regime.bracket(lambda lr: float("inf") if lr > 3e-3 else 1 / lr, (1e-3, 2e-3, 4e-3), 3)
+    assert best == 2e-3 and bracketed
+
+
+def _run(opt, lr, seed, finals):
+    """A synthetic run whose eval loss falls linearly from 5 to ``finals`` over 10 steps."""
+    hist = [{"step": k, "seconds": float(k), "eval_loss": 5 - (5 - finals) * k / 10} for k in range(0, 11, 2)]
+    hist[-1]["eval_loss"] = finals  # exactly, as a real run's last eval is its final loss
+    return {"optimizer": opt, "lr": lr, "seed": seed, "final_eval_loss": finals, "diverged": False,
+            "history": hist, "state_bytes": {"total": 8, "matrices_rotations": 0, "matrices_other": 4},
+            "params": 1, "matrix_params": 1}
+
+
+def test_summary_ratios_per_seed_against_the_better_adamw():
+    runs = [_run("AdamW", 1e-3, 0, 3.0), _run("AdamW", 1e-3, 1, 3.2),
+            _run("AdamW b2=0.95", 1e-3, 0, 2.9), _run("AdamW b2=0.95", 1e-3, 1, 3.1),
+            _run("X", 2e-3, 0, 1.0), _run("X", 2e-3, 1, 2.0), _run("X", 4e-3, 0, 0.5)]
+    best = {n: {"lr": lr, "bracketed": True} for n, lr in (("AdamW", 1e-3), ("AdamW b2=0.95", 1e-3), ("X", 2e-3))}
+    out = regime.summarize(runs, best)
+    assert out["target"] == "AdamW b2=0.95" and out["target_eval_loss"] == pytest.approx(3.0)
+    x = out["best"]["X"]
+    # seed 0: X reaches 2.9 at step 10*(5-2.9)/4 = 5.25 of AdamW b2=0.95's 10; seed 1: 3.1 at 10*1.9/3 = 6.33
+    assert x["steps_ratio_per_seed"] == pytest.approx([0.525, 1.9 / 3])
+    assert x["steps_ratio_spread"] == pytest.approx([0.525, 1.9 / 3])
+    assert x["steps_ratio"] == pytest.approx((0.525 + 1.9 / 3) / 2)
+    assert x["faster_than_target_on_every_seed"] and x["final_eval_loss"] == pytest.approx(1.5)
+    assert out["best"]["AdamW"]["steps_ratio"] is None  # 0.999 never reaches 0.95's loss on either seed
+
+
+def test_quick_suite_runs_the_protocol_and_a_rerun_takes_every_run_from_the_cache(tmp_path, capsys):
+    assert bench(["regime", "--quick", "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "convergence_regime.json").read_text())
+    names = set(regime.QUICK_OPTIMIZERS)
+    assert set(raw["summary"]["best"]) == names
+    for name, row in raw["summary"]["best"].items():
+        seeds = sorted(r["seed"] for r in raw["runs"] if r["optimizer"] == name and r["lr"] == row["best_lr"])
+        assert seeds == [0, 1], (name, seeds)
+        lrs = sorted(r["lr"] for r in raw["runs"] if r["optimizer"] == name and r["seed"] == 0)
+        assert len(lrs) >= 3 and row["lr_bracketed"] == (lrs[0] < row["best_lr"] < lrs[-1]), (name, lrs)
+    target = raw["summary"]["target"]
+    assert raw["summary"]["best"][target]["steps_ratio"] == pytest.approx(1.0)
+    first = capsys.readouterr().out
+    trained = len(raw["runs"])
+    assert f"{trained} runs trained, 0 taken" in first and "eval" in first  # a progress line per eval
+    assert (tmp_path / "convergence_regime_loss_vs_steps.png").stat().st_size > 5000
+
+    assert bench(["regime", "--quick", "--out", str(tmp_path)]) == 0
+    again = capsys.readouterr().out
+    assert f"0 runs trained, {trained} taken" in again
+    assert json.loads((tmp_path / "convergence_regime.json").read_text())["summary"] == raw["summary"]
+
+
+def test_cache_with_other_settings_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "convergence_regime.json").write_text(json.dumps({"settings": {"regime": {}, "train": {}}, "runs": []}))
+    assert bench(["regime", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "other settings" in err and "regime" in err and "\n" not in err
+
+
+def test_suite_needs_a_target_optimizer(tmp_path, capsys):
+    assert bench(["regime", "--quick", "--out", str(tmp_path), "--optimizers", "AdaDiag++"]) == 2
+    assert "needs AdamW or AdamW b2=0.95" in capsys.readouterr().err
