@@ -36,12 +36,14 @@ def inverse_sqrt(v: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 class RefAdaDiag:
-    """AdaDiag (one side) / AdaDiag++ (two sides), Adam or Adafactor moments, grad basis."""
+    """AdaDiag (one side) / AdaDiag++ (two sides), Adam or Adafactor moments; basis from the
+    gradient, the first moment or the EMA factors; moments kept, reprojected or reset at a refresh."""
 
     def __init__(self, w, *, lr, betas, eps, wd, update_freq, two_sided, factored=False, factored_eps=1e-30, clip=1.0,
-                 basis="grad", basis_beta=0.95, moments="rotated"):
+                 basis="grad", basis_beta=0.95, moments="rotated", nonsquare="both"):
         self.w = w.to(f64).clone()
-        self.basis, self.b3, self.moments = basis, basis_beta, moments
+        self.basis, self.b3, self.moments, self.nonsquare = basis, basis_beta, moments, nonsquare
+        self.t0 = 0  # the step before the moments last started (moments="reset")
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, wd
         self.T, self.two_sided, self.factored = update_freq, two_sided, factored
         self.eps1, self.clip = factored_eps, clip
@@ -65,19 +67,35 @@ class RefAdaDiag:
         if (t - 1) % self.T == 0:
             if self.basis == "grad":
                 left, right = svd_full(g)
+            elif self.basis == "momentum":  # the first moment this step will have, unrotated
+                p0 = self.P if self.P is not None else torch.eye(m, dtype=f64)
+                q0 = self.Q if self.Q is not None else torch.eye(n, dtype=f64)
+                left, right = svd_full(self.b1 * (p0 @ self.M @ q0.T) + (1 - self.b1) * g)
             else:  # eigenvectors of the EMA factors, by decreasing eigenvalue
                 left = torch.linalg.eigh(self.L)[1].flip(-1)
                 right = torch.linalg.eigh(self.R)[1].flip(-1)
-            use_left = self.two_sided or m <= n
-            use_right = self.two_sided or m > n
+            both = self.two_sided and (m == n or self.nonsquare == "both")
+            use_left = both or m <= n
+            use_right = both or m > n
             old_p, old_q = self.P, self.Q
             self.P = align(left, self.P) if use_left else None
             self.Q = align(right, self.Q) if use_right else None
-            if self.moments == "reproject":
-                if old_p is not None:
-                    self.M = self.P.T @ old_p @ self.M
-                if old_q is not None:
-                    self.M = self.M @ old_q.T @ self.Q
+            a = self.P.T @ old_p if old_p is not None else None  # old rotated coordinates -> new
+            b = old_q.T @ self.Q if old_q is not None else None
+            if self.moments in ("reproject", "reproject_both"):
+                if a is not None:
+                    self.M = a @ self.M
+                if b is not None:
+                    self.M = self.M @ b
+            if self.moments == "reproject_both":  # diagonal of the rotated diagonal covariance
+                if a is not None:
+                    self.V, self.r = (a * a) @ self.V, (a * a) @ self.r
+                if b is not None:
+                    self.V, self.c = self.V @ (b * b), (b * b).T @ self.c
+            if self.moments == "reset" and t > 1:
+                self.M, self.V = torch.zeros_like(self.M), torch.zeros_like(self.V)
+                self.r, self.c = torch.zeros_like(self.r), torch.zeros_like(self.c)
+                self.t0 = t - 1
         P = self.P if self.P is not None else torch.eye(m, dtype=f64)
         Q = self.Q if self.Q is not None else torch.eye(n, dtype=f64)
         gt = P.T @ g @ Q
@@ -85,6 +103,7 @@ class RefAdaDiag:
         # ~1e-16 round-off here; Adam/Adafactor normalization would magnify it, so zero it.
         gt = torch.where(gt.abs() < 1e-12 * gt.abs().max(), torch.zeros_like(gt), gt)
         self.M = self.b1 * self.M + (1 - self.b1) * gt
+        t = t - self.t0  # steps the moments have averaged (bias correction)
         mh = self.M / (1 - self.b1**t)
         if self.factored:
             sq = gt * gt + self.eps1

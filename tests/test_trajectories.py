@@ -37,7 +37,13 @@ def assert_close(got, ref):
     {"basis": "ema", "basis_beta": 0.5},
     {"factored": True},
     {"factored": True, "betas": (0.0, 0.99)},
-])
+    {"moments": "reproject_both"},
+    {"moments": "reset"},
+    {"basis": "momentum", "moments": "reproject"},
+    {"factored": True, "moments": "reproject_both"},
+    {"factored": True, "moments": "reset"},
+    {"nonsquare": "small_side"},
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "paper")
 def test_adadiag_three_steps(cls, two_sided, shape, variant):
     if variant.get("basis") == "ema" and two_sided and shape[0] != shape[1]:
         # At t=1 the larger side's EMA factor is rank-deficient: its null-space eigenvectors
@@ -53,6 +59,7 @@ def test_adadiag_three_steps(cls, two_sided, shape, variant):
         w0, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], wd=hp["weight_decay"], update_freq=2,
         two_sided=two_sided, factored=hp.get("factored", False), basis=hp.get("basis", "grad"),
         basis_beta=hp.get("basis_beta", 0.95), moments=hp.get("moments", "rotated"),
+        nonsquare=hp.get("nonsquare", "both"),
     )
     assert_close(got, [ref.step(g) for g in grads])
 

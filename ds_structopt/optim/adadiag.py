@@ -3,11 +3,17 @@ nearly diagonalizes the preconditioner (Nguyen et al., arXiv 2502.07488).
 
 Per matrix W (m x n) with gradient G:
   every ``update_freq`` steps (and at t = 1) refresh the basis P (m x m) and/or Q (n x n)
-  from the SVD of G (``basis="grad"``, the paper) or from EMA factors GG^T / G^TG
-  (``basis="ema"``); then G~ = P^T G Q, Adam (or Adafactor) moments on G~,
+  from the SVD of G (``basis="grad"``, the paper), of the first moment (``basis="momentum"``:
+  the EMA of the gradient, this step's included) or from EMA factors GG^T / G^TG
+  (``basis="ema"``, as SOAP); then G~ = P^T G Q, Adam (or Adafactor) moments on G~,
   U = P D Q^T, W <- W - lr (U + wd W).
-AdaDiag rotates only the small side; AdaDiag++ both. A side longer than
-``max_precond_dim`` is never rotated.
+At a refresh the moments are kept as they are (``moments="rotated"``, the paper's reading),
+the first moment rotated into the new basis (``"reproject"``), both rotated (``"reproject_both"``:
+the second moment as the diagonal of the rotated diagonal, (R o R) V (S o S)^T), or reset
+(``"reset"``, bias correction restarted).
+AdaDiag rotates only the small side; AdaDiag++ both (``nonsquare="small_side"``: only the small
+side of a non-square matrix, whose large side's basis beyond min(m, n) is an arbitrary
+completion). A side longer than ``max_precond_dim`` is never rotated.
 
 State per matrix (self-contained, so a distributed owner can carry it alone):
 step, P/Q (None = not rotated), exp_avg, exp_avg_sq or row_sq/col_sq,
@@ -50,6 +56,7 @@ class AdaDiag(StructuredOptimizer):
         weight_decay=0.0,
         update_freq=200,
         basis="grad",
+        nonsquare="both",
         decomposition="auto",
         basis_beta=0.95,
         power_qr=False,
@@ -78,11 +85,12 @@ class AdaDiag(StructuredOptimizer):
         v.check_betas(name, "betas", group["betas"])
         v.check_nonneg(name, "eps", group["eps"])
         v.check_int_at_least(name, "update_freq", group["update_freq"], 1)
-        v.check_choice(name, "basis", group["basis"], ("grad", "ema"))
+        v.check_choice(name, "basis", group["basis"], BASES)
+        v.check_choice(name, "nonsquare", group["nonsquare"], ("both", "small_side"))
         v.check_choice(name, "decomposition", group["decomposition"], linalg.GRAD_DECOMPOSITIONS)
         v.check_beta(name, "basis_beta", group["basis_beta"])
         v.check_bool(name, "power_qr", group["power_qr"])
-        v.check_choice(name, "moments", group["moments"], ("rotated", "reproject"))
+        v.check_choice(name, "moments", group["moments"], MOMENTS)
         v.check_bool(name, "factored", group["factored"])
         v.check_positive(name, "factored_eps", group["factored_eps"])
         v.check_positive(name, "clip_threshold", group["clip_threshold"])
@@ -96,13 +104,16 @@ class AdaDiag(StructuredOptimizer):
         v.check_first_refresh_window(name, group.get("first_refresh_window"))
         v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
         v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
+        if group["basis"] == "momentum" and (group["betas"][0] == 0 or group["refresh_from"] != "current"):
+            raise ValueError(f"{name}: basis='momentum' needs betas[0] > 0 and refresh_from='current', got "
+                             f"betas={tuple(group['betas'])}, refresh_from={group['refresh_from']!r}")
         if group["relative_step"] and not group["factored"]:
             raise ValueError(f"{name}: relative_step=True needs factored=True (it is Adafactor's step-size rule)")
 
     # ----- state ----------------------------------------------------------
     @classmethod
-    def _sides(cls, m: int, n: int, max_dim: int) -> tuple[bool, bool]:
-        if cls.TWO_SIDED:
+    def _sides(cls, m: int, n: int, max_dim: int, nonsquare: str = "both") -> tuple[bool, bool]:
+        if cls.TWO_SIDED and (m == n or nonsquare == "both"):
             return m <= max_dim, n <= max_dim
         left = m <= n
         return left and m <= max_dim, (not left) and n <= max_dim
@@ -111,7 +122,7 @@ class AdaDiag(StructuredOptimizer):
         if "step" in st:
             return
         m, n = grad.shape
-        left, right = self._sides(m, n, group["max_precond_dim"])
+        left, right = self._sides(m, n, group["max_precond_dim"], group.get("nonsquare", "both"))
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=grad.device)  # noqa: E731
         st.update(step=0, rotate_left=left, rotate_right=right, P=None, Q=None)
         if not group["factored"] or group["betas"][0] > 0:
@@ -131,7 +142,7 @@ class AdaDiag(StructuredOptimizer):
     def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
         """fp32 elements an m x n matrix's state holds after its first step (for the planner;
         tests check it against real states)."""
-        left, right = cls._sides(m, n, group["max_precond_dim"])
+        left, right = cls._sides(m, n, group["max_precond_dim"], group.get("nonsquare", "both"))
         out = m * n if (not group["factored"] or group["betas"][0] > 0) else 0
         out += (m + n) if group["factored"] else m * n
         out += (m * m if left else 0) + (n * n if right else 0)  # P, Q
@@ -254,6 +265,8 @@ class AdaDiag(StructuredOptimizer):
         """Recompute the bases of the given matrices; failures keep the old basis. Returns successes."""
         if group["basis"] == "grad":
             candidates = self._grad_bases(grads, states, _decomposition(group))
+        elif group["basis"] == "momentum":
+            candidates = self._grad_bases(_momentum(grads, states, group["betas"][0]), states, _decomposition(group))
         else:
             candidates = self._factor_bases(states, group["power_qr"])
         for g, st, cand in zip(grads, states, candidates):
@@ -312,21 +325,8 @@ class AdaDiag(StructuredOptimizer):
             new_p = linalg.align_signs(new_p, old_p)
         if new_q is not None and old_q is not None:
             new_q = linalg.align_signs(new_q, old_q)
-        if moments == "reproject" and "exp_avg" in st:
-            # M <- (P_new^T P_old) M (Q_old^T Q_new); second moments carried over (as SOAP).
-            # No basis yet = the identity: with a staggered first refresh (first_refresh_window)
-            # the moments of the steps before it are reprojected too (at step 1 they are zero).
-            m = st["exp_avg"]
-            unrotated = st["step"] > 1
-            if new_p is not None and old_p is not None:
-                m = (new_p.mT @ old_p) @ m
-            elif new_p is not None and unrotated:
-                m = new_p.mT @ m
-            if new_q is not None and old_q is not None:
-                m = m @ (old_q.mT @ new_q)
-            elif new_q is not None and unrotated:
-                m = m @ new_q
-            st["exp_avg"] = m.contiguous()
+        if moments != "rotated" and st["step"] > 1:  # at step 1 the moments are still zero
+            _carry_moments(st, new_p, new_q, moments)
         st["P"], st["Q"] = new_p, new_q
         st["refreshes"] += 1
         st["consecutive_failures"] = 0
@@ -356,6 +356,52 @@ class AdaDiagPP(AdaDiag):
 
     NAME = "AdaDiag++"
     TWO_SIDED = True
+
+
+BASES = ("grad", "momentum", "ema")
+MOMENTS = ("rotated", "reproject", "reproject_both", "reset")
+
+
+def _momentum(grads: Sequence[Tensor], states: Sequence[State], beta1: float) -> list[Tensor]:
+    """The first moment this step will have, in the parameter's own coordinates:
+    b1 P M~ Q^T + (1 - b1) G (the basis source of ``basis="momentum"``)."""
+    current = rotate([st["exp_avg"] for st in states], states, to_basis=False)
+    return [torch.lerp(m, g.float(), 1.0 - beta1) for m, g in zip(current, grads)]
+
+
+def _carry_moments(st: State, new_p: Optional[Tensor], new_q: Optional[Tensor], moments: str) -> None:
+    """Bring the moments of the old basis into the new one (``moments`` option).
+
+    With A = P_new^T P_old and B = Q_old^T Q_new, coordinates change as X~ -> A X~ B: the first
+    moment exactly; the second, as the diagonal of the rotated diagonal covariance,
+    V -> (A o A) V (B o B) (factored: rows by A o A, columns by (B o B)^T). No basis yet is the
+    identity (a staggered first refresh). "reset" zeroes both and restarts bias correction.
+    """
+    if moments == "reset":
+        for key in ("exp_avg", "exp_avg_sq", "row_sq", "col_sq"):
+            if key in st:
+                st[key].zero_()
+        st["moment_t0"] = st["step"] - 1  # this step's gradient is the first of the new moments
+        return
+    a = None if new_p is None else (new_p.mT @ st["P"] if st["P"] is not None else new_p.mT)
+    b = None if new_q is None else (st["Q"].mT @ new_q if st["Q"] is not None else new_q)
+    if "exp_avg" in st:
+        m = st["exp_avg"]
+        m = m if a is None else a @ m
+        st["exp_avg"] = (m if b is None else m @ b).contiguous()
+    if moments != "reproject_both":
+        return  # "reproject": second moments carried over as they are (as SOAP)
+    a2 = None if a is None else a.square()
+    b2 = None if b is None else b.square()
+    if "exp_avg_sq" in st:
+        v = st["exp_avg_sq"]
+        v = v if a2 is None else a2 @ v
+        st["exp_avg_sq"] = (v if b2 is None else v @ b2).contiguous()
+    else:
+        if a2 is not None:
+            st["row_sq"] = a2 @ st["row_sq"]
+        if b2 is not None:
+            st["col_sq"] = b2.mT @ st["col_sq"]
 
 
 def _decomposition(group: dict[str, Any]) -> str:

@@ -13,6 +13,12 @@ import torch
 from torch import Tensor
 
 
+def moment_step(st: MutableMapping[str, Any]) -> int:
+    """Steps the moments have averaged (for bias correction): all of them unless they were
+    reset at a basis refresh (``moments="reset"`` records the step before in ``moment_t0``)."""
+    return st["step"] - st.get("moment_t0", 0)
+
+
 def adam_directions(
     rotated: Sequence[Tensor],
     states: Sequence[MutableMapping[str, Any]],
@@ -26,7 +32,7 @@ def adam_directions(
     torch._foreach_lerp_(exp_avgs, list(rotated), 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, list(rotated), list(rotated), 1.0 - beta2)
-    steps = [st["step"] for st in states]
+    steps = [moment_step(st) for st in states]
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(denom, eps)
@@ -53,7 +59,7 @@ def factored_directions(
     beta1, beta2 = betas
     out = []
     for g, st in zip(rotated, states):
-        t = st["step"]
+        t = moment_step(st)
         if beta2_decay is None:
             b2t, correction = beta2, 1.0 - beta2**t
         else:

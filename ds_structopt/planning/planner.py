@@ -181,7 +181,7 @@ def _rotated_sides(name: str, m: int, n: int, opts: dict[str, Any]) -> tuple[boo
     """Which sides of an m x n matrix AdaDiag/AdaDiag++ rotate (the optimizer's own rule)."""
     import ds_structopt as dso
 
-    return dso.get_optimizer_class(name)._sides(m, n, opts["max_precond_dim"])
+    return dso.get_optimizer_class(name)._sides(m, n, opts["max_precond_dim"], opts.get("nonsquare", "both"))
 
 
 def step_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
