@@ -97,6 +97,16 @@ VARIANTS: dict[str, Contender] = {c.name: c for c in [
     Contender("AdaDiag++ staggered+ahead", (1e-3, 2e-3, 4e-3),
               _ours("AdaDiag++", stagger_refresh=True, refresh_from="previous"), ours=True),
     Contender("AdamW low", (1.25e-4, 2.5e-4, 5e-4), _adamw),
+    # issue 15's ablation, one change at a time from the paper's reading (AdaDiag++ defaults)
+    Contender("AdaDiag++ reproject_both", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", moments="reproject_both"), ours=True),
+    Contender("AdaDiag++ reset", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", moments="reset"), ours=True),
+    Contender("AdaDiag++ momentum basis", (1e-3, 2e-3, 4e-3),
+              _ours("AdaDiag++", basis="momentum", moments="reproject"), ours=True),
+    Contender("AdaDiag++ small_side", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", nonsquare="small_side"), ours=True),
+    Contender("AdaDiag++ b2=0.95", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", betas=(0.9, 0.95)), ours=True),
+    Contender("AdaDiag++ b2=0.99", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", betas=(0.9, 0.99)), ours=True),
+    Contender("AdaDiag++ ema+reproject", (1e-3, 2e-3, 4e-3),
+              _ours("AdaDiag++", basis="ema", moments="reproject"), ours=True),
 ]}
 
 
