@@ -91,12 +91,29 @@ def test_quick_suite_runs_the_protocol_and_a_rerun_takes_every_run_from_the_cach
     assert f"0 runs trained, {trained} taken" in again
     assert json.loads((tmp_path / "convergence_regime.json").read_text())["summary"] == raw["summary"]
 
+    # an ablation screen at AdaDiag++'s best lr: the variant runs that lr on every seed, the targets
+    # come from the cache, and the full protocol's summary and table are kept beside the screen's
+    lr = raw["summary"]["best"]["AdaDiag++"]["best_lr"]
+    args = ["regime", "--quick", "--out", str(tmp_path), "--fixed-lr", str(lr)]
+    assert bench(args + ["--seeds", "1", "--optimizers", "AdamW", "AdamW b2=0.95", "AdaDiag++", "AdaDiag++ reset"]) == 0
+    assert "1 runs trained" in capsys.readouterr().out  # AdaDiag++ reset on seed 0 (a 1-seed screen); the rest cached
+    assert bench(args + ["--optimizers", "AdamW", "AdamW b2=0.95", "AdaDiag++", "AdaDiag++ reset"]) == 0
+    assert "1 runs trained" in capsys.readouterr().out  # seed 1 added; seed 0 from the cache
+    screened = json.loads((tmp_path / "convergence_regime.json").read_text())
+    assert screened["summary"] == raw["summary"]
+    ablation = screened["ablation_summary"]["best"]
+    assert ablation["AdaDiag++ reset"]["best_lr"] == lr and ablation["AdaDiag++ reset"]["lr_bracketed"] is None
+    assert ablation["AdaDiag++ reset"]["seeds"] == 2
+    assert ablation["AdamW"] == raw["summary"]["best"]["AdamW"]  # targets keep their bracketed protocol
+    assert "| AdaDiag++ reset | " in (tmp_path / "convergence_regime_ablation.md").read_text()
+    assert "AdaDiag++ reset" not in (tmp_path / "convergence_regime.md").read_text()
+
 
 def test_cache_with_other_settings_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "convergence_regime.json").write_text(json.dumps({"settings": {"regime": {}, "train": {}}, "runs": []}))
     assert bench(["regime", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "other settings" in err and "regime" in err and "\n" not in err
+    assert err.startswith("error: ") and "other training settings" in err and "batch" in err and "\n" not in err
 
 
 def test_suite_needs_a_target_optimizer(tmp_path, capsys):

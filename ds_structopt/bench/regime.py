@@ -98,18 +98,21 @@ def bracket(loss_at: Callable[[float], float], grid: Sequence[float], max_extend
 
 
 class RunCache:
-    """The suite's JSON: settings + finished runs, rewritten (atomically) after every run."""
+    """The suite's JSON: settings + finished runs (+ the last summaries), rewritten (atomically)
+    after every run; other top-level keys already in the file are kept."""
 
     def __init__(self, path: Path, settings: dict[str, Any]):
-        self.path, self.settings, self.runs = path, settings, []
+        self.path, self.settings, self.runs, self.extra = path, settings, [], {}
         if path.exists():
             raw = json.loads(path.read_text())
-            if raw.get("settings") != settings:
-                diff = sorted(k for k in set(settings) | set(raw.get("settings", {}))
-                              if settings.get(k) != raw.get("settings", {}).get(k))
-                raise ValueError(f"{path} holds runs with other settings ({', '.join(diff)}): "
+            # only what a run depends on must match: seeds and max_extend change the protocol, not a run
+            mine, theirs = settings["train"], raw.get("settings", {}).get("train", {})
+            if mine != theirs:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise ValueError(f"{path} holds runs with other training settings ({', '.join(diff)}): "
                                  "use another --out or the same settings")
             self.runs = raw["runs"]
+            self.extra = {k: v for k, v in raw.items() if k not in ("settings", "runs")}
 
     def find(self, name: str, lr: float, seed: int) -> Optional[dict[str, Any]]:
         return next((r for r in self.runs if (r["optimizer"], r["lr"], r["seed"]) == (name, lr, seed)), None)
@@ -121,7 +124,8 @@ class RunCache:
     def write(self, extra: Optional[dict[str, Any]] = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, **(extra or {}), "runs": self.runs}, indent=1))
+        self.extra.update(extra or {})
+        tmp.write_text(json.dumps({"settings": self.settings, **self.extra, "runs": self.runs}, indent=1))
         os.replace(tmp, self.path)
 
 
@@ -132,8 +136,12 @@ def contender(name: str) -> contenders.Contender:
     return c
 
 
-def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or take from the cache) every run of the protocol; returns the cache's runs."""
+def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print,
+          fixed_lr: Optional[float] = None) -> dict[str, Any]:
+    """Run (or take from the cache) every run of the protocol; returns the cache's runs.
+
+    ``fixed_lr`` (an ablation screen): every contender but the AdamW targets runs only that lr,
+    on every seed, instead of its bracketed grid; the runs share the cache with the full protocol."""
     missing = [n for n in TARGETS if n not in names]
     if len(missing) == len(TARGETS):
         raise ValueError(f"the regime suite needs {' or '.join(TARGETS)} in --optimizers (it sets the target)")
@@ -176,6 +184,11 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
 
     best_lrs = {}
     for name in names:
+        if fixed_lr is not None and name not in TARGETS:
+            for seed in range(r.seeds):
+                final_loss(name, fixed_lr, seed)
+            best_lrs[name] = {"lr": fixed_lr, "bracketed": None}
+            continue
         best, bracketed = bracket(lambda lr: final_loss(name, lr, 0), contender(name).lrs, r.max_extend)
         best_lrs[name] = {"lr": best, "bracketed": bracketed}
         for seed in range(1, r.seeds):
@@ -224,18 +237,22 @@ def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]
             "best": rows}
 
 
-def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    done = sweep(r, names, out_dir, log)
+def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print,
+        fixed_lr: Optional[float] = None) -> dict[str, Any]:
+    """The sweep, then its table, plot and summary; a ``fixed_lr`` screen writes them as
+    ``<suite>_ablation.*`` (and ``ablation_summary`` in the JSON), leaving the full protocol's."""
+    done = sweep(r, names, out_dir, log, fixed_lr)
     cache, s = done["cache"], done["settings"]
     summary = summarize(cache.runs, done["best_lrs"])
     out = Path(out_dir)
+    stem, key = (f"{SUITE}_ablation", "ablation_summary") if fixed_lr is not None else (SUITE, "summary")
     curves = {}
     for name, b in done["best_lrs"].items():
         rs = [x for x in cache.runs if x["optimizer"] == name and x["lr"] == b["lr"] and not x["diverged"]]
         if rs and all(len(x["history"]) == len(rs[0]["history"]) for x in rs):
             curves[name] = ([h["step"] for h in rs[0]["history"]],
                             [statistics.fmean(x["history"][i]["eval_loss"] for x in rs) for i in range(len(rs[0]["history"]))])
-    png = report.line_plot(out / f"{SUITE}_loss_vs_steps.png", curves, "optimizer steps", "eval loss (mean of seeds)",
+    png = report.line_plot(out / f"{stem}_loss_vs_steps.png", curves, "optimizer steps", "eval loss (mean of seeds)",
                            f"{s.model}, paper regime: eval loss vs steps (best lr each)", summary["target_eval_loss"])
     info = done["info"]["ratios"]
     headers = ["optimizer", "best lr", "bracketed", "final eval loss (min-max)", "steps ratio (min-max)",
@@ -244,7 +261,7 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
     def span(v: Optional[list[float]], digits: int) -> str:
         return "" if v is None else f" ({v[0]:.{digits}f}-{v[1]:.{digits}f})"
 
-    table = [[n, b["best_lr"], "yes" if b["lr_bracketed"] else "no",
+    table = [[n, b["best_lr"], {True: "yes", False: "no", None: "fixed"}[b["lr_bracketed"]],
               f"{b['final_eval_loss']:.4f}{span(b['final_eval_loss_spread'], 4)}",
               "not reached" + (f" on {b['seeds'] - b['reached_seeds']} seed(s)" if b["reached_seeds"] else "")
               if b["steps_ratio"] is None else f"{b['steps_ratio']:.3f}{span(b['steps_ratio_spread'], 3)}",
@@ -256,8 +273,8 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
           f"({info['refreshes']:.0f} refreshes), {done['cache'].settings['regime']['seeds']} seeds; target = "
           f"{summary['target']}'s final eval loss per seed (mean {summary['target_eval_loss']:.4f})\n\n"
           + report.markdown_table(headers, table))
-    cache.write({"info": done["info"], "summary": summary, "plots": [png]})
-    md_path = out / f"{SUITE}.md"
+    cache.write({"info": done["info"], key: summary, "ablation_plots" if fixed_lr is not None else "plots": [png]})
+    md_path = out / f"{stem}.md"
     md_path.write_text(md + "\n")
     return {"summary": summary, "files": {"json": str(cache.path), "markdown": str(md_path)}, "plots": [png]}
 
@@ -278,6 +295,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-freq", type=int, default=None, help="override the derived refresh period")
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--fixed-lr", type=float, default=None,
+                   help="ablation screen: every non-AdamW contender runs only this lr (every seed); "
+                        "writes convergence_regime_ablation.*")
 
 
 def regime_from(args: argparse.Namespace, quick: bool) -> Regime:
@@ -296,4 +316,5 @@ QUICK_OPTIMIZERS = ("AdamW", "AdamW b2=0.95", "AdaDiag++")
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     names = args.optimizers or (list(QUICK_OPTIMIZERS) if args.quick else list(contenders.REGIME))
-    return run(regime_from(args, args.quick), names, args.out, log=lambda m: print(m, flush=True))
+    return run(regime_from(args, args.quick), names, args.out, log=lambda m: print(m, flush=True),
+               fixed_lr=args.fixed_lr)
