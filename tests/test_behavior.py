@@ -235,7 +235,7 @@ def test_svd_failure_retries_in_fp64(monkeypatch):
 
     monkeypatch.setattr(linalg, "_svd", nan_in_fp32)
     w = nn.Parameter(torch.randn(5, 7))
-    opt = dso.AdaDiagPP([w], lr=1e-2)
+    opt = dso.AdaDiagPP([w], lr=1e-2, basis="grad")  # the SVD route
     w.grad = torch.randn(5, 7)
     opt.step()
     st = opt.state[w]
@@ -246,7 +246,7 @@ def test_svd_failure_retries_in_fp64(monkeypatch):
 
 def test_failure_chain_keeps_basis_then_falls_back_to_identity(monkeypatch):
     w = nn.Parameter(torch.randn(5, 7))
-    opt = dso.AdaDiagPP([w], lr=1e-2, update_freq=1, max_decomp_failures=3)
+    opt = dso.AdaDiagPP([w], lr=1e-2, update_freq=1, max_decomp_failures=3, basis="grad")  # the SVD route
     w.grad = torch.randn(5, 7)
     opt.step()
     st = opt.state[w]
@@ -322,6 +322,8 @@ def test_bad_common_options(name, kwargs, word):
     ("AdaDiag++", {"basis": "momentum", "betas": (0.0, 0.99)}, "basis"),
     ("AdaDiag++", {"basis": "momentum", "refresh_from": "previous"}, "basis"),
     ("AdaDiag++", {"updat_freq": 10}, "did you mean 'update_freq'"),
+    ("AdaDiag++", {"preset": "papers"}, "preset must be one of \\['paper'\\], got 'papers'"),
+    ("ASGO", {"preset": "paper"}, "preset must be unset"),
     ("AdaDiag", {"relative_step": True}, "relative_step"),
     ("AdaDiag", {"beta2_decay": 0.8}, "beta2_decay"),
     ("ASGO", {"root": "cholesky"}, "root"),
@@ -332,6 +334,16 @@ def test_bad_common_options(name, kwargs, word):
 def test_bad_family_options(name, kwargs, word):
     with pytest.raises(ValueError, match=word):
         dso.build(name, [nn.Parameter(torch.zeros(2, 2))], **kwargs)
+
+
+@pytest.mark.parametrize("name", ["AdaDiag", "AdaDiag++"])
+def test_paper_preset_is_the_papers_reading_and_explicit_options_win(name):
+    cls = dso.get_optimizer_class(name)
+    paper = cls.resolve_options({"preset": "paper"})
+    assert (paper["basis"], paper["moments"], paper["nonsquare"], paper["betas"]) == ("grad", "rotated", "both",
+                                                                                      (0.9, 0.999))
+    assert cls.resolve_options({"preset": "paper", "moments": "reproject"})["moments"] == "reproject"
+    assert "preset" not in paper  # resolved into options: checkpoints and configs hold the values
 
 
 def test_bad_group_options_are_named():

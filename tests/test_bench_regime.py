@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import ds_structopt as dso
+
 from ds_structopt.bench import regime
 from ds_structopt.bench.__main__ import main as bench
 
@@ -90,6 +92,20 @@ def test_quick_suite_runs_the_protocol_and_a_rerun_takes_every_run_from_the_cach
     again = capsys.readouterr().out
     assert f"0 runs trained, {trained} taken" in again
     assert json.loads((tmp_path / "convergence_regime.json").read_text())["summary"] == raw["summary"]
+
+    # a run made with other options (e.g. before a default changed) is not reused: retrained and replaced
+    stale = json.loads((tmp_path / "convergence_regime.json").read_text())
+    victim = next(r for r in stale["runs"] if r["optimizer"] == "AdaDiag++" and r["seed"] == 1)
+    moments = f'"moments": "{dso.AdaDiagPP.DEFAULTS["moments"]}"'
+    assert moments in victim["options"] and '"lr"' not in victim["options"]  # every option but lr is recorded
+    victim["options"] = victim["options"].replace(moments, '"moments": "reset"')
+    (tmp_path / "convergence_regime.json").write_text(json.dumps(stale))
+    assert bench(["regime", "--quick", "--out", str(tmp_path)]) == 0
+    assert f"1 runs trained, {trained - 1} taken" in capsys.readouterr().out
+    fresh = json.loads((tmp_path / "convergence_regime.json").read_text())
+    assert len(fresh["runs"]) == trained
+    again_row, first_row = fresh["summary"]["best"]["AdaDiag++"], raw["summary"]["best"]["AdaDiag++"]
+    assert again_row["final_eval_loss"] == first_row["final_eval_loss"]  # CPU runs are deterministic
 
     # an ablation screen at AdaDiag++'s best lr: the variant runs that lr on every seed, the targets
     # come from the cache, and the full protocol's summary and table are kept beside the screen's

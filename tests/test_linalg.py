@@ -87,7 +87,7 @@ def test_other_runtime_errors_propagate(monkeypatch, hook, kwargs, message):
     with pytest.raises(RuntimeError, match="CUDA error|cusolver error"):
         linalg.svd_bases(_stack(3, 6, 9), **kwargs)
     w = nn.Parameter(torch.randn(5, 7))
-    opt = dso.AdaDiagPP([w], lr=1e-2, **({"decomposition": "gram"} if hook == "_eigh" else {}))
+    opt = dso.AdaDiagPP([w], lr=1e-2, basis="grad", **({"decomposition": "gram"} if hook == "_eigh" else {}))
     w.grad = torch.randn(5, 7)
     with pytest.raises(RuntimeError, match="CUDA error|cusolver error"):
         opt.step()
@@ -226,7 +226,8 @@ def test_every_decomposition_follows_the_reference(shape, cls, two_sided, method
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(*shape, generator=gen) for _ in range(3)]
     freq = 1 if two_sided and method == "gram" and shape[0] != shape[1] else 2
-    hp = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, update_freq=freq, **variant)
+    hp = dict(preset="paper", lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, update_freq=freq,
+              **variant)  # the decompositions serve basis="grad"
     w = nn.Parameter(w0.clone())
     opt = cls([w], decomposition=method, **hp)
     ref = RefAdaDiag(w0, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, update_freq=freq, two_sided=two_sided,

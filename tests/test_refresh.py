@@ -99,7 +99,7 @@ def test_ahead_installs_the_basis_of_an_earlier_gradient(lead):
     """At a refresh step t the basis is the SVD basis of G_{t-lead} (columns up to sign), not of G_t."""
     T = 4
     params, opt = _run(lambda ps: dso.AdaDiagPP(ps, lr=1e-3, update_freq=T, refresh_from="previous",
-                                                refresh_ahead_steps=lead), 1 + T)
+                                                refresh_ahead_steps=lead, basis="grad"), 1 + T)
     previous = _grads(T - lead, params)  # _run's index i feeds global step i + 1; step 1 + T is due
     for p, g in zip(params, previous):
         st = opt.state[p]
@@ -260,7 +260,7 @@ def test_before_its_first_basis_a_matrix_runs_unrotated(cls, extra):
 def test_reproject_carries_the_unrotated_moments_into_the_first_basis():
     T, b1 = 8, 0.9
     params = _params()
-    opt = dso.AdaDiagPP(params, lr=1e-3, update_freq=T, stagger_refresh=True, moments="reproject")
+    opt = dso.AdaDiagPP(params, lr=1e-3, update_freq=T, stagger_refresh=True, moments="reproject", basis="grad")
     _run(None, 1, params=params, opt=opt)
     late = [p for p in params if opt.state[p]["P"] is None]
     first = {id(p): 1 + opt.state[p]["refresh_phase"] % first_refresh_window(opt.param_groups[0]) for p in late}

@@ -33,6 +33,7 @@ def assert_close(got, ref):
 @pytest.mark.parametrize("cls,two_sided", [(dso.AdaDiag, False), (dso.AdaDiagPP, True)])
 @pytest.mark.parametrize("variant", [
     {},
+    {"preset": "paper"},
     {"moments": "reproject"},
     {"basis": "ema", "basis_beta": 0.5},
     {"factored": True},
@@ -43,23 +44,25 @@ def assert_close(got, ref):
     {"factored": True, "moments": "reproject_both"},
     {"factored": True, "moments": "reset"},
     {"nonsquare": "small_side"},
-], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "paper")
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "defaults")
 def test_adadiag_three_steps(cls, two_sided, shape, variant):
-    if variant.get("basis") == "ema" and two_sided and shape[0] != shape[1]:
+    """Against the float64 reference built from the options the optimizer resolved (its
+    defaults, a preset, one change)."""
+    hp = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, update_freq=2)
+    hp.update(variant)
+    resolved = cls.resolve_options(hp)
+    if resolved["basis"] == "ema" and two_sided and shape[0] != shape[1]:
         # At t=1 the larger side's EMA factor is rank-deficient: its null-space eigenvectors
         # are arbitrary (ALGORITHMS.md ambiguity 2), so fp32 and fp64 eigh legitimately pick
         # different ones and later gradients see different bases. No unique trajectory.
         shape = (shape[0], shape[0])
     w0 = torch.randn(*shape)
     grads = grads_for(shape)
-    hp = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, update_freq=2)
-    hp.update(variant)
     got = run(cls, w0, grads, **hp)
     ref = RefAdaDiag(
-        w0, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], wd=hp["weight_decay"], update_freq=2,
-        two_sided=two_sided, factored=hp.get("factored", False), basis=hp.get("basis", "grad"),
-        basis_beta=hp.get("basis_beta", 0.95), moments=hp.get("moments", "rotated"),
-        nonsquare=hp.get("nonsquare", "both"),
+        w0, lr=resolved["lr"], betas=resolved["betas"], eps=resolved["eps"], wd=resolved["weight_decay"],
+        update_freq=2, two_sided=two_sided, factored=resolved["factored"], basis=resolved["basis"],
+        basis_beta=resolved["basis_beta"], moments=resolved["moments"], nonsquare=resolved["nonsquare"],
     )
     assert_close(got, [ref.step(g) for g in grads])
 

@@ -120,7 +120,8 @@ def run_one(name: str, lr: float, s: Settings, data: Any, contender: Optional[co
             if progress is not None:
                 progress(step + 1, ev, train_seconds)
     final = history[-1]["eval_loss"] if not diverged else float("inf")
-    return {"optimizer": name, "lr": lr, "final_eval_loss": final, "diverged": diverged, "history": history,
+    return {"optimizer": name, "options": opt.options(), "lr": lr, "final_eval_loss": final, "diverged": diverged,
+            "history": history,
             "train_seconds": train_seconds, "state_bytes": state_split(opt),
             "params": sum(p.numel() for p in model.parameters()),
             "matrix_params": sum(p.numel() for p in contenders.split_params(model)[0])}

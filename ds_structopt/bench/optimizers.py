@@ -55,6 +55,11 @@ def _ours(name: str, **fixed: Any) -> Callable[[list[nn.Parameter], float, int],
     return build
 
 
+def _paper(**change: Any) -> Callable[[list[nn.Parameter], float, int], torch.optim.Optimizer]:
+    """AdaDiag++ as the paper reads (``preset="paper"``) with ``change`` applied."""
+    return _ours("AdaDiag++", preset="paper", **change)
+
+
 def _soap(params: list[nn.Parameter], lr: float, update_freq: int) -> torch.optim.Optimizer:
     from pytorch_optimizer import SOAP
 
@@ -89,24 +94,23 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
 
 # Variants for investigating a result (``--optimizers "AdaDiag++ reproject" ...``); not run by default.
 VARIANTS: dict[str, Contender] = {c.name: c for c in [
-    Contender("AdaDiag++ reproject", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", moments="reproject"), ours=True),
-    Contender("AdaDiag++ ema", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", basis="ema"), ours=True),
+    Contender("AdaDiag++ reproject", (1e-3, 2e-3, 4e-3), _paper(moments="reproject"), ours=True),
+    Contender("AdaDiag++ ema", (1e-3, 2e-3, 4e-3), _paper(basis="ema"), ours=True),
     Contender("AdaDiag++ T=5", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", update_freq=5), ours=True),
     Contender("AdaDiag reproject", (1e-3, 2e-3, 4e-3), _ours("AdaDiag", moments="reproject"), ours=True),
     Contender("AdaDiag++ staggered", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", stagger_refresh=True), ours=True),
     Contender("AdaDiag++ staggered+ahead", (1e-3, 2e-3, 4e-3),
               _ours("AdaDiag++", stagger_refresh=True, refresh_from="previous"), ours=True),
     Contender("AdamW low", (1.25e-4, 2.5e-4, 5e-4), _adamw),
-    # issue 15's ablation, one change at a time from the paper's reading (AdaDiag++ defaults)
-    Contender("AdaDiag++ reproject_both", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", moments="reproject_both"), ours=True),
-    Contender("AdaDiag++ reset", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", moments="reset"), ours=True),
-    Contender("AdaDiag++ momentum basis", (1e-3, 2e-3, 4e-3),
-              _ours("AdaDiag++", basis="momentum", moments="reproject"), ours=True),
-    Contender("AdaDiag++ small_side", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", nonsquare="small_side"), ours=True),
-    Contender("AdaDiag++ b2=0.95", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", betas=(0.9, 0.95)), ours=True),
-    Contender("AdaDiag++ b2=0.99", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", betas=(0.9, 0.99)), ours=True),
-    Contender("AdaDiag++ ema+reproject", (1e-3, 2e-3, 4e-3),
-              _ours("AdaDiag++", basis="ema", moments="reproject"), ours=True),
+    # issue 15's ablation: one change at a time from the paper's reading (preset="paper"); the
+    # defaults since issue 15 are "AdaDiag++ ema+reproject"
+    Contender("AdaDiag++ reproject_both", (1e-3, 2e-3, 4e-3), _paper(moments="reproject_both"), ours=True),
+    Contender("AdaDiag++ reset", (1e-3, 2e-3, 4e-3), _paper(moments="reset"), ours=True),
+    Contender("AdaDiag++ momentum basis", (1e-3, 2e-3, 4e-3), _paper(basis="momentum", moments="reproject"), ours=True),
+    Contender("AdaDiag++ small_side", (1e-3, 2e-3, 4e-3), _paper(nonsquare="small_side"), ours=True),
+    Contender("AdaDiag++ b2=0.95", (1e-3, 2e-3, 4e-3), _paper(betas=(0.9, 0.95)), ours=True),
+    Contender("AdaDiag++ b2=0.99", (1e-3, 2e-3, 4e-3), _paper(betas=(0.9, 0.99)), ours=True),
+    Contender("AdaDiag++ ema+reproject", (1e-3, 2e-3, 4e-3), _paper(basis="ema", moments="reproject"), ours=True),
 ]}
 
 
@@ -120,6 +124,7 @@ REGIME: dict[str, Contender] = {c.name: c for c in [
     Contender("Muon", (1e-2, 2e-2, 4e-2), _muon),
     Contender("AdaDiag", (1e-3, 2e-3, 4e-3), _ours("AdaDiag"), ours=True),
     Contender("AdaDiag++", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++"), ours=True),
+    Contender("AdaDiag++ paper", (1e-3, 2e-3, 4e-3), _paper(), ours=True),
     Contender("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", factored=True), ours=True),
     Contender("ASGO", (5e-3, 1e-2, 2e-2), _ours("ASGO"), ours=True),
     Contender("DASGO", (5e-3, 1e-2, 2e-2), _ours("DASGO"), ours=True),
@@ -149,6 +154,18 @@ class PairedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.parts:
             o.zero_grad(set_to_none=set_to_none)
+
+    def options(self) -> str:
+        """Every hyperparameter of the contender's matrix groups but the lr (and which class), as
+        sorted JSON: a cached run is reused only while this is unchanged (e.g. not after a default
+        changes)."""
+        import json
+
+        skip = {"params", "param_names", "lr", "base_lr", "initial_lr"}
+        matrix = self.parts[0]
+        groups = [{k: v for k, v in g.items() if k not in skip} for g in matrix.param_groups]
+        return json.dumps({"class": f"{type(matrix).__module__}.{type(matrix).__qualname__}", "groups": groups},
+                          sort_keys=True, default=repr)
 
     def state_bytes(self) -> int:
         total = 0

@@ -114,11 +114,15 @@ class RunCache:
             self.runs = raw["runs"]
             self.extra = {k: v for k, v in raw.items() if k not in ("settings", "runs")}
 
-    def find(self, name: str, lr: float, seed: int) -> Optional[dict[str, Any]]:
-        return next((r for r in self.runs if (r["optimizer"], r["lr"], r["seed"]) == (name, lr, seed)), None)
+    def find(self, name: str, lr: float, seed: int, options: str) -> Optional[dict[str, Any]]:
+        """The finished run of ``name`` at (lr, seed), if it ran with these ``options``."""
+        return next((r for r in self.runs if (r["optimizer"], r["lr"], r["seed"]) == (name, lr, seed)
+                     and r.get("options") == options), None)
 
     def add(self, run: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
-        self.runs.append(run)
+        """Keep ``run``, replacing a run of the same (name, lr, seed) made with other options."""
+        key = (run["optimizer"], run["lr"], run["seed"])
+        self.runs = [r for r in self.runs if (r["optimizer"], r["lr"], r["seed"]) != key] + [run]
         self.write(extra)
 
     def write(self, extra: Optional[dict[str, Any]] = None) -> None:
@@ -149,9 +153,11 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
         contender(n)
     data = convergence.load_data(convergence.Settings(model=r.model, data=tuple(r.data), tokenizer=r.tokenizer,
                                                       seq_len=r.seq_len))
-    params = sum(p.numel() for p in convergence.build_model(convergence.Settings(model=r.model, seq_len=r.seq_len),
-                                                            data.vocab_size).parameters())
+    model = convergence.build_model(convergence.Settings(model=r.model, seq_len=r.seq_len), data.vocab_size)
+    params = sum(p.numel() for p in model.parameters())
     base = derive(r, params)
+    # what each contender is now (class + every option but lr): a cached run counts only if it matches
+    options = {n: contenders.build(contender(n), model, 1e-3, update_freq=base.update_freq).options() for n in names}
     settings = {"regime": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()},
                 "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(base).items()}}
     cache = RunCache(Path(out_dir) / f"{SUITE}.json", settings)
@@ -162,9 +168,10 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
         f"({info['ratios']['tokens_per_param']:.2f} tokens/param, {epochs:.2f} epochs of the data), "
         f"refresh every {base.update_freq} ({info['ratios']['refreshes']:.0f} refreshes), {r.seeds} seeds")
     counter = {"ran": 0, "cached": 0}
+    used: list[dict[str, Any]] = []  # this invocation's runs (cached or new): what the summary reads
 
     def final_loss(name: str, lr: float, seed: int) -> float:
-        found = cache.find(name, lr, seed)
+        found = cache.find(name, lr, seed, options[name])
         if found is None:
             s = replace(base, seed=seed)
             t0 = time.perf_counter()
@@ -180,6 +187,7 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
             counter["ran"] += 1
         else:
             counter["cached"] += 1
+        used.append(found)
         return found["final_eval_loss"]
 
     best_lrs = {}
@@ -195,7 +203,7 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
             final_loss(name, best, seed)
         log(f"[regime] {name}: best lr {best:g}{'' if bracketed else ' (NOT bracketed: edge of the extended grid)'}")
     log(f"[regime] {counter['ran']} runs trained, {counter['cached']} taken from {cache.path}")
-    return {"cache": cache, "info": info, "best_lrs": best_lrs, "settings": base}
+    return {"cache": cache, "info": info, "best_lrs": best_lrs, "settings": base, "runs": used}
 
 
 def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -243,12 +251,12 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
     ``<suite>_ablation.*`` (and ``ablation_summary`` in the JSON), leaving the full protocol's."""
     done = sweep(r, names, out_dir, log, fixed_lr)
     cache, s = done["cache"], done["settings"]
-    summary = summarize(cache.runs, done["best_lrs"])
+    summary = summarize(done["runs"], done["best_lrs"])
     out = Path(out_dir)
     stem, key = (f"{SUITE}_ablation", "ablation_summary") if fixed_lr is not None else (SUITE, "summary")
     curves = {}
     for name, b in done["best_lrs"].items():
-        rs = [x for x in cache.runs if x["optimizer"] == name and x["lr"] == b["lr"] and not x["diverged"]]
+        rs = [x for x in done["runs"] if x["optimizer"] == name and x["lr"] == b["lr"] and not x["diverged"]]
         if rs and all(len(x["history"]) == len(rs[0]["history"]) for x in rs):
             curves[name] = ([h["step"] for h in rs[0]["history"]],
                             [statistics.fmean(x["history"][i]["eval_loss"] for x in rs) for i in range(len(rs[0]["history"]))])

@@ -60,6 +60,8 @@ class StructuredOptimizer(Optimizer, abc.ABC):
 
     NAME: ClassVar[str] = "StructuredOptimizer"
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    #: Named sets of options (``preset="paper"``): applied over DEFAULTS, under explicit options.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, params: Iterable[Any], **options: Any) -> None:
         defaults = self.resolve_options(options)
@@ -70,10 +72,18 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     # ----- options -------------------------------------------------------
     @classmethod
     def resolve_options(cls, options: MutableMapping[str, Any]) -> dict[str, Any]:
-        """Defaults merged with ``options``, validated (ValueError naming the bad option). No params needed."""
+        """Defaults, then ``options["preset"]``'s values, then the other ``options``, validated
+        (ValueError naming the bad option). No params needed."""
+        options = dict(options)
+        preset = options.pop("preset", None)
         known = {**COMMON_DEFAULTS, **cls.DEFAULTS}
         v.reject_unknown(cls.NAME, options, known)
         merged = copy.deepcopy(known)
+        if preset is not None:
+            if preset not in cls.PRESETS:
+                choices = f"one of {sorted(cls.PRESETS)}" if cls.PRESETS else "unset (this optimizer has none)"
+                raise ValueError(f"{cls.NAME}: preset must be {choices}, got {preset!r}")
+            merged.update(copy.deepcopy(cls.PRESETS[preset]))
         merged.update(options)
         if isinstance(merged.get("betas"), list):
             merged["betas"] = tuple(merged["betas"])  # JSON has no tuples
