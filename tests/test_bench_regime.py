@@ -135,3 +135,25 @@ def test_cache_with_other_settings_is_refused_in_one_line(tmp_path, capsys):
 def test_suite_needs_a_target_optimizer(tmp_path, capsys):
     assert bench(["regime", "--quick", "--out", str(tmp_path), "--optimizers", "AdaDiag++"]) == 2
     assert "needs AdamW or AdamW b2=0.95" in capsys.readouterr().err
+
+
+def test_state_split_counts_bases_with_the_factors_they_come_from():
+    """'bases/factors' holds P, Q and the EMA factors L, R (as SOAP's column holds its GG):
+    basis="ema"'s L, R are as large as P, Q; the moments ('other') are the same as the paper's."""
+    import torch
+
+    from ds_structopt.bench import convergence, optimizers
+
+    s = convergence.Settings(model="tiny", data=("embedded",), seq_len=16)
+    data = convergence.load_data(s)
+    split = {}
+    for name in ("AdaDiag++ ema+reproject", "AdaDiag++"):
+        torch.manual_seed(0)
+        model = convergence.build_model(s, data.vocab_size)
+        opt = optimizers.build(regime.contender(name), model, 1e-3, update_freq=5)
+        model(data.train[:2, :-1].long()).logits.float().mean().backward()
+        opt.step()
+        split[name] = convergence.state_split(opt)
+    ema, paper = split["AdaDiag++ ema+reproject"], split["AdaDiag++"]
+    assert ema["matrices_rotations"] == 2 * paper["matrices_rotations"] > 0
+    assert ema["matrices_other"] == paper["matrices_other"]

@@ -62,7 +62,8 @@ def build_model(s: Settings, vocab_size: int) -> torch.nn.Module:
 
 
 def state_split(opt: contenders.PairedOptimizer) -> dict[str, int]:
-    """Optimizer-state bytes: all, the matrices' part, and of that the rotations (P, Q) and the rest."""
+    """Optimizer-state bytes: all, the matrices' part, and of that the rotations with their factors
+    (ROTATION_KEYS) and the rest (moments)."""
     matrix = opt.matrix_part()
     rot = rest = 0
     for st in matrix.state.values():
@@ -75,7 +76,8 @@ def state_split(opt: contenders.PairedOptimizer) -> dict[str, int]:
     return {"total": opt.state_bytes(), "matrices_rotations": rot, "matrices_other": rest}
 
 
-ROTATION_KEYS = ("P", "Q", "GG")  # ours: bases P, Q; SOAP: eigenbases Q and the factors GG they come from
+# the bases and the factors they come from: ours P, Q and (basis="ema") L, R; SOAP its eigenbases Q and GG
+ROTATION_KEYS = ("P", "Q", "L", "R", "GG")
 
 
 def run_one(name: str, lr: float, s: Settings, data: Any, contender: Optional[contenders.Contender] = None,
