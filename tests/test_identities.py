@@ -161,14 +161,15 @@ def test_dasgo_on_row_vector_is_normalized_rmsprop():
 
 
 @pytest.mark.parametrize("shape,update_freq,opts", [((6, 6), 3, {"preset": "paper"}), ((6, 8), 1, {"preset": "paper"}),
-                                                     ((6, 6), 3, {})], ids=["paper-square", "paper-6x8", "defaults-square"])
+                                                     ((6, 6), 3, {"basis": "ema", "moments": "reproject"})],
+                         ids=["paper-square", "paper-6x8", "ema-reproject-square"])
 def test_rotated_moments_are_orthogonally_equivariant(shape, update_freq, opts):
     """Training W' = A W B^T (A, B fixed orthogonal) with AdaDiag++ gives A W_t B^T.
 
     For m != n the larger side's null-space completion is arbitrary (ALGORITHMS.md
     ambiguity 2), so only a basis refreshed every step from that step's gradient is fully
-    determined there (the paper's reading; the defaults' EMA factor is rank-deficient for the
-    first steps, so its early null-space basis is as arbitrary).
+    determined there (the paper's reading; basis="ema"'s factor is rank-deficient for the
+    first steps, so its early null-space basis is as arbitrary: square only).
     """
     m, n = shape
     x, y, w0, _ = _ls_problem(m, n, seed=7)
