@@ -65,7 +65,8 @@ class RefAdaDiag:
         self.L = self.b3 * self.L + (1 - self.b3) * g @ g.T
         self.R = self.b3 * self.R + (1 - self.b3) * g.T @ g
         if (t - 1) % self.T == 0:
-            if self.basis == "grad":
+            if self.basis == "grad" or (self.basis == "ema" and t == 1):
+                # basis="ema" at t=1: L, R hold only g, whose paired SVD is their eigenbasis
                 left, right = svd_full(g)
             elif self.basis == "momentum":  # the first moment this step will have, unrotated
                 p0 = self.P if self.P is not None else torch.eye(m, dtype=f64)

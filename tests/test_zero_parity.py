@@ -120,12 +120,17 @@ def test_parity_when_a_rank_piece_of_an_elementwise_gradient_is_all_zero(tmp_pat
     embedding exp_avg), 2.7e-06 (4 ranks, ZeRO-3); while such pieces skipped their AdamW step
     (zero/optimizer.py before the fix) their ``step`` was 5 beside 10 and the errors 1.1e-01
     (exp_avg) and 2.1e-02 (weights) at every stage."""
-    opt_name = "AdaDiag++"
-    cases = [{"name": f"embed-z{stage}", "optimizer": opt_name, "params": OPTIMIZERS[opt_name], "stage": stage,
+    # The subject is the elementwise AdamW pieces, so the matrices run the paper's reading. With
+    # AdaDiag++'s defaults the EMA factors of this tiny model are rank-deficient at their first
+    # refreshes: eigh fills their null space with arbitrary vectors, in which the rotated gradient
+    # is round-off that Adam's normalization enlarges, and the 4-rank reduction order reaches the
+    # embedding's moments through the forward pass (measured 2.2e-05 at ZeRO-2, 1.4e-05 at ZeRO-3
+    # for its exp_avg; the defaults' own parity is checked at 1e-5 by the tests above).
+    opt_name, params = "AdaDiag++", {**OPTIMIZERS["AdaDiag++"], "preset": "paper"}
+    cases = [{"name": f"embed-z{stage}", "optimizer": opt_name, "params": params, "stage": stage,
               "steps": STEPS, "global_batch": BATCH, "model": "embed", "elem_state": True} for stage in stages]
     results = run_ranks(world, cases, tmp_path)
-    ref, ref_state = reference(opt_name, OPTIMIZERS[opt_name], world=world, model_kind="embed",
-                               with_state=True)
+    ref, ref_state = reference(opt_name, params, world=world, model_kind="embed", with_state=True)
     worst, lagging = {}, {}
     for case in cases:
         got = results[case["name"]]

@@ -124,10 +124,8 @@ REGIME: dict[str, Contender] = {c.name: c for c in [
     Contender("Muon", (1e-2, 2e-2, 4e-2), _muon),
     Contender("AdaDiag", (1e-3, 2e-3, 4e-3), _ours("AdaDiag"), ours=True),
     Contender("AdaDiag++", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++"), ours=True),
-    Contender("AdaDiag++ ema+reproject", (1e-3, 2e-3, 4e-3), _paper(basis="ema", moments="reproject"), ours=True),
+    Contender("AdaDiag++ paper", (1e-3, 2e-3, 4e-3), _paper(), ours=True),
     Contender("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", factored=True), ours=True),
-    Contender("AdaDiag++ factored ema+reproject", (1e-3, 2e-3, 4e-3),
-              _paper(factored=True, basis="ema", moments="reproject"), ours=True),
     Contender("ASGO", (5e-3, 1e-2, 2e-2), _ours("ASGO"), ours=True),
     Contender("DASGO", (5e-3, 1e-2, 2e-2), _ours("DASGO"), ours=True),
 ]}

@@ -14,7 +14,9 @@ the second moment as the diagonal of the rotated diagonal, (R o R) V (S o S)^T),
 AdaDiag rotates only the small side; AdaDiag++ both (``nonsquare="small_side"``: only the small
 side of a non-square matrix, whose large side's basis beyond min(m, n) is an arbitrary
 completion). A side longer than ``max_precond_dim`` is never rotated.
-Defaults: the paper's reading (``preset="paper"`` pins it against later default changes).
+Defaults: AdaDiag the paper's reading; AdaDiag++ ``basis="ema"``, ``moments="reproject"``, chosen by
+the paper-regime suite (docs/benchmarks.md; ``preset="paper"`` restores the reading). basis="ema"
+takes its first bases (the factors then hold one gradient) from that gradient's paired SVD.
 
 State per matrix (self-contained, so a distributed owner can carry it alone):
 step, P/Q (None = not rotated), exp_avg, exp_avg_sq or row_sq/col_sq,
@@ -180,7 +182,7 @@ class AdaDiag(StructuredOptimizer):
 
         rotated = rotate(grads, states, to_basis=True)
         # In a two-sided basis fresh from this gradient's SVD (basis="grad", or "ema" at its
-        # first step, when the factors hold only this gradient) P^T G Q is exactly diag(S):
+        # first step, when it takes the gradient's paired SVD: _ema_bases) P^T G Q is exactly diag(S):
         # drop the fp32 round-off elsewhere, which Adam's normalization would blow up to
         # +-1 (worst in the null-space columns when m != n).
         for i, ok in zip(due, fresh):
@@ -275,13 +277,34 @@ class AdaDiag(StructuredOptimizer):
         elif group["basis"] == "momentum":
             candidates = self._grad_bases(_momentum(grads, states, group["betas"][0]), states, _decomposition(group))
         else:
-            candidates = self._factor_bases(states, group["power_qr"])
+            candidates = self._ema_bases(grads, states, group)
         for g, st, cand in zip(grads, states, candidates):
             if cand is None:
                 self._on_failure(st, g, group["max_decomp_failures"])
             else:
                 self._install(st, cand[0], cand[1], group["moments"])
         return [cand is not None for cand in candidates]
+
+    def _ema_bases(self, grads: Sequence[Tensor], states: Sequence[State],
+                   group: dict[str, Any]) -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
+        """Eigenbases of the EMA factors, except where the factors hold one gradient (step 1).
+
+        Then L and R are G G^T and G^T G, whose eigenvectors are G's singular pairs; two
+        independent eighs mix a near-repeated pair differently on each side (and fill the null
+        space arbitrarily), so P^T G Q is not diagonal and reduction-order round-off in G moves
+        the first update by O(1) inside such a cluster. The gradient's paired SVD
+        (``linalg.svd_bases``) is the same basis without that freedom, as ``basis="grad"``."""
+        first = [i for i, st in enumerate(states) if st["step"] == 1]
+        later = [i for i, st in enumerate(states) if st["step"] != 1]
+        out: list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]] = [None] * len(states)
+        if first:
+            for i, cand in zip(first, self._grad_bases([grads[i] for i in first], [states[i] for i in first],
+                                                       _decomposition(group))):
+                out[i] = cand
+        if later:
+            for i, cand in zip(later, self._factor_bases([states[i] for i in later], group["power_qr"])):
+                out[i] = cand
+        return out
 
     def _grad_bases(self, grads: Sequence[Tensor], states: Sequence[State],
                     method: str = "auto") -> list[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]:
@@ -361,13 +384,14 @@ class AdaDiag(StructuredOptimizer):
 class AdaDiagPP(AdaDiag):
     """AdaDiag++ ("AdaDiag++" in configs): both sides rotated, G~ = P^T G Q.
 
-    Defaults are the paper's reading. Measured faster in the paper-regime suite: ``basis="ema",
-    moments="reproject"`` (README, Benchmarks); not the default yet because its first basis pair
-    comes from two independent eigh calls, which disagree inside near-degenerate singular
-    clusters, so round-off is amplified where the SVD pair is not (tests/test_megatron.py)."""
+    Defaults differ from the paper's reading by two options chosen in the paper-regime suite
+    (README, Benchmarks): bases from EMA factors (``basis="ema"``; the first from the gradient's
+    paired SVD) and the first moment rotated into each new basis (``moments="reproject"``).
+    ``preset="paper"`` gives the reading back."""
 
     NAME = "AdaDiag++"
     TWO_SIDED = True
+    DEFAULTS: dict[str, Any] = {**AdaDiag.DEFAULTS, "basis": "ema", "moments": "reproject"}
 
 
 BASES = ("grad", "momentum", "ema")
