@@ -25,17 +25,12 @@ class Contender:
     lrs: tuple[float, ...]            # the sweep (same length for every contender)
     build: Callable[[list[nn.Parameter], float, int], torch.optim.Optimizer]  # (matrices, lr, update_freq)
     ours: bool = False
+    # the DeepSpeed JSON "optimizer" block's type and fixed params (lr, update_freq added per run), for
+    # runs through the training entry point (regime --launcher); None: no DeepSpeed config type exists
+    ds_optimizer: Optional[tuple[str, dict[str, Any]]] = None
 
     def default_lr(self) -> float:
         return self.lrs[len(self.lrs) // 2]
-
-
-def _adamw(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, foreach=True)
-
-
-def _adamw_095(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
 
 
 def _adafactor(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimizer:
@@ -55,9 +50,21 @@ def _ours(name: str, **fixed: Any) -> Callable[[list[nn.Parameter], float, int],
     return build
 
 
-def _paper(**change: Any) -> Callable[[list[nn.Parameter], float, int], torch.optim.Optimizer]:
+def ours(label: str, lrs: tuple[float, ...], cls_name: str, **fixed: Any) -> Contender:
+    """One of our optimizers (config name ``cls_name``) with ``fixed`` options, in-process and as a
+    DeepSpeed config block alike."""
+    return Contender(label, lrs, _ours(cls_name, **fixed), ours=True, ds_optimizer=(cls_name, dict(fixed)))
+
+
+def paper(label: str, lrs: tuple[float, ...], **change: Any) -> Contender:
     """AdaDiag++ as the paper reads (``preset="paper"``) with ``change`` applied."""
-    return _ours("AdaDiag++", preset="paper", **change)
+    return ours(label, lrs, "AdaDiag++", preset="paper", **change)
+
+
+def adamw(label: str, lrs: tuple[float, ...], beta2: float) -> Contender:
+    def build(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), weight_decay=0.0, foreach=True)
+    return Contender(label, lrs, build, ds_optimizer=("AdamW", {"betas": [0.9, beta2], "eps": 1e-8, "weight_decay": 0.0}))
 
 
 def _soap(params: list[nn.Parameter], lr: float, update_freq: int) -> torch.optim.Optimizer:
@@ -80,13 +87,13 @@ def _muon(params: list[nn.Parameter], lr: float, _: int) -> torch.optim.Optimize
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [
-    Contender("AdamW", (5e-4, 1e-3, 2e-3), _adamw),
+    adamw("AdamW", (5e-4, 1e-3, 2e-3), 0.999),
     Contender("Adafactor", (1e-2, 2e-2, 4e-2), _adafactor),
-    Contender("AdaDiag", (1e-3, 2e-3, 4e-3), _ours("AdaDiag"), ours=True),
-    Contender("AdaDiag++", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++"), ours=True),
-    Contender("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", factored=True), ours=True),
-    Contender("ASGO", (5e-3, 1e-2, 2e-2), _ours("ASGO"), ours=True),
-    Contender("DASGO", (5e-3, 1e-2, 2e-2), _ours("DASGO"), ours=True),
+    ours("AdaDiag", (1e-3, 2e-3, 4e-3), "AdaDiag"),
+    ours("AdaDiag++", (1e-3, 2e-3, 4e-3), "AdaDiag++"),
+    ours("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), "AdaDiag++", factored=True),
+    ours("ASGO", (5e-3, 1e-2, 2e-2), "ASGO"),
+    ours("DASGO", (5e-3, 1e-2, 2e-2), "DASGO"),
     Contender("SOAP", (1e-3, 2e-3, 4e-3), _soap),
     Contender("Muon", (1e-2, 2e-2, 4e-2), _muon),
 ]}
@@ -94,40 +101,39 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
 
 # Variants for investigating a result (``--optimizers "AdaDiag++ reproject" ...``); not run by default.
 VARIANTS: dict[str, Contender] = {c.name: c for c in [
-    Contender("AdaDiag++ reproject", (1e-3, 2e-3, 4e-3), _paper(moments="reproject"), ours=True),
-    Contender("AdaDiag++ ema", (1e-3, 2e-3, 4e-3), _paper(basis="ema"), ours=True),
-    Contender("AdaDiag++ T=5", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", update_freq=5), ours=True),
-    Contender("AdaDiag reproject", (1e-3, 2e-3, 4e-3), _ours("AdaDiag", moments="reproject"), ours=True),
-    Contender("AdaDiag++ staggered", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", stagger_refresh=True), ours=True),
-    Contender("AdaDiag++ staggered+ahead", (1e-3, 2e-3, 4e-3),
-              _ours("AdaDiag++", stagger_refresh=True, refresh_from="previous"), ours=True),
-    Contender("AdamW low", (1.25e-4, 2.5e-4, 5e-4), _adamw),
+    paper("AdaDiag++ reproject", (1e-3, 2e-3, 4e-3), moments="reproject"),
+    paper("AdaDiag++ ema", (1e-3, 2e-3, 4e-3), basis="ema"),
+    ours("AdaDiag++ T=5", (1e-3, 2e-3, 4e-3), "AdaDiag++", update_freq=5),
+    ours("AdaDiag reproject", (1e-3, 2e-3, 4e-3), "AdaDiag", moments="reproject"),
+    ours("AdaDiag++ staggered", (1e-3, 2e-3, 4e-3), "AdaDiag++", stagger_refresh=True),
+    ours("AdaDiag++ staggered+ahead", (1e-3, 2e-3, 4e-3), "AdaDiag++", stagger_refresh=True, refresh_from="previous"),
+    adamw("AdamW low", (1.25e-4, 2.5e-4, 5e-4), 0.999),
     # issue 15's ablation: one change at a time from the paper's reading (preset="paper", pinned
     # so a later default change does not change what these names mean)
-    Contender("AdaDiag++ reproject_both", (1e-3, 2e-3, 4e-3), _paper(moments="reproject_both"), ours=True),
-    Contender("AdaDiag++ reset", (1e-3, 2e-3, 4e-3), _paper(moments="reset"), ours=True),
-    Contender("AdaDiag++ momentum basis", (1e-3, 2e-3, 4e-3), _paper(basis="momentum", moments="reproject"), ours=True),
-    Contender("AdaDiag++ small_side", (1e-3, 2e-3, 4e-3), _paper(nonsquare="small_side"), ours=True),
-    Contender("AdaDiag++ b2=0.95", (1e-3, 2e-3, 4e-3), _paper(betas=(0.9, 0.95)), ours=True),
-    Contender("AdaDiag++ b2=0.99", (1e-3, 2e-3, 4e-3), _paper(betas=(0.9, 0.99)), ours=True),
-    Contender("AdaDiag++ ema+reproject", (1e-3, 2e-3, 4e-3), _paper(basis="ema", moments="reproject"), ours=True),
+    paper("AdaDiag++ reproject_both", (1e-3, 2e-3, 4e-3), moments="reproject_both"),
+    paper("AdaDiag++ reset", (1e-3, 2e-3, 4e-3), moments="reset"),
+    paper("AdaDiag++ momentum basis", (1e-3, 2e-3, 4e-3), basis="momentum", moments="reproject"),
+    paper("AdaDiag++ small_side", (1e-3, 2e-3, 4e-3), nonsquare="small_side"),
+    paper("AdaDiag++ b2=0.95", (1e-3, 2e-3, 4e-3), betas=(0.9, 0.95)),
+    paper("AdaDiag++ b2=0.99", (1e-3, 2e-3, 4e-3), betas=(0.9, 0.99)),
+    paper("AdaDiag++ ema+reproject", (1e-3, 2e-3, 4e-3), basis="ema", moments="reproject"),
 ]}
 
 
 # The paper-regime suite (bench/regime.py): both AdamW settings (the better one sets the target),
 # SOAP at our refresh period. Grids are starting points: the suite extends each one past an edge optimum.
 REGIME: dict[str, Contender] = {c.name: c for c in [
-    Contender("AdamW", (1e-3, 2e-3, 4e-3), _adamw),
-    Contender("AdamW b2=0.95", (1e-3, 2e-3, 4e-3), _adamw_095),
+    adamw("AdamW", (1e-3, 2e-3, 4e-3), 0.999),
+    adamw("AdamW b2=0.95", (1e-3, 2e-3, 4e-3), 0.95),
     Contender("Adafactor", (1e-2, 2e-2, 4e-2), _adafactor),
     Contender("SOAP", (2e-3, 4e-3, 8e-3), _soap_same_period),
     Contender("Muon", (1e-2, 2e-2, 4e-2), _muon),
-    Contender("AdaDiag", (1e-3, 2e-3, 4e-3), _ours("AdaDiag"), ours=True),
-    Contender("AdaDiag++", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++"), ours=True),
-    Contender("AdaDiag++ paper", (1e-3, 2e-3, 4e-3), _paper(), ours=True),
-    Contender("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), _ours("AdaDiag++", factored=True), ours=True),
-    Contender("ASGO", (5e-3, 1e-2, 2e-2), _ours("ASGO"), ours=True),
-    Contender("DASGO", (5e-3, 1e-2, 2e-2), _ours("DASGO"), ours=True),
+    ours("AdaDiag", (1e-3, 2e-3, 4e-3), "AdaDiag"),
+    ours("AdaDiag++", (1e-3, 2e-3, 4e-3), "AdaDiag++"),
+    paper("AdaDiag++ paper", (1e-3, 2e-3, 4e-3)),
+    ours("AdaDiag++ factored", (1e-3, 2e-3, 4e-3), "AdaDiag++", factored=True),
+    ours("ASGO", (5e-3, 1e-2, 2e-2), "ASGO"),
+    ours("DASGO", (5e-3, 1e-2, 2e-2), "DASGO"),
 ]}
 
 

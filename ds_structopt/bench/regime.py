@@ -18,6 +18,10 @@ to reach that seed's target loss over the steps the target AdamW needs. Mean and
 (min, max over seeds) are reported; a ratio is "beyond the spread" when every seed agrees.
 Finished runs are kept in the output JSON after each run and skipped on a rerun with the same
 settings, so a sweep can be split over several invocations or jobs.
+
+Sizes that need more than one GPU run through the training entry point: ``--launcher torchrun|deepspeed
+--nproc N [--nnodes K --launcher-args ...] [--zero-stage S]`` trains every run with
+``ds_structopt.train`` under that launcher (bench/launched.py) instead of in this process.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from . import convergence, report
+from . import convergence, launched, report
 from . import optimizers as contenders
 
 SUITE = "convergence_regime"
@@ -141,25 +145,38 @@ def contender(name: str) -> contenders.Contender:
 
 
 def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print,
-          fixed_lr: Optional[float] = None) -> dict[str, Any]:
+          fixed_lr: Optional[float] = None, launch: Optional[launched.Launch] = None) -> dict[str, Any]:
     """Run (or take from the cache) every run of the protocol; returns the cache's runs.
 
     ``fixed_lr`` (an ablation screen): every contender but the AdamW targets runs only that lr,
-    on every seed, instead of its bracketed grid; the runs share the cache with the full protocol."""
+    on every seed, instead of its bracketed grid; the runs share the cache with the full protocol.
+    ``launch``: every run goes through the training entry point under that launcher; its settings
+    join the cache's, so launched and in-process runs never mix."""
     missing = [n for n in TARGETS if n not in names]
     if len(missing) == len(TARGETS):
         raise ValueError(f"the regime suite needs {' or '.join(TARGETS)} in --optimizers (it sets the target)")
     for n in names:
         contender(n)
+        if launch is not None:
+            launched.check_contender(contender(n))
+    if launch is not None:
+        launch.check()
     data = convergence.load_data(convergence.Settings(model=r.model, data=tuple(r.data), tokenizer=r.tokenizer,
                                                       seq_len=r.seq_len))
-    model = convergence.build_model(convergence.Settings(model=r.model, seq_len=r.seq_len), data.vocab_size)
+    import torch
+
+    # meta: the sizes and options need no weights (a 1B model's would be 4 GB here for nothing)
+    with torch.device("meta"):
+        model = convergence.build_model(convergence.Settings(model=r.model, seq_len=r.seq_len), data.vocab_size)
     params = sum(p.numel() for p in model.parameters())
+    matrix_params = sum(p.numel() for p in contenders.split_params(model)[0])
     base = derive(r, params)
     # what each contender is now (class + every option but lr): a cached run counts only if it matches
     options = {n: contenders.build(contender(n), model, 1e-3, update_freq=base.update_freq).options() for n in names}
     settings = {"regime": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()},
                 "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(base).items()}}
+    if launch is not None:
+        settings["train"]["launch"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(launch).items()}
     cache = RunCache(Path(out_dir) / f"{SUITE}.json", settings)
     info = {"ratios": ratios(base, params), "train_tokens": len(data.train) * r.seq_len}
     epochs = base.steps * base.batch / len(data.train)
@@ -181,7 +198,14 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
                 log(f"[regime] {name} lr {lr:g} seed {seed}: step {step}/{s.steps} eval {ev:.4f} "
                     f"({time.perf_counter() - t0:.0f} s, ETA {eta:.0f} s)")
 
-            found = convergence.run_one(name, lr, s, data, contender=contender(name), progress=progress)
+            if launch is None:
+                found = convergence.run_one(name, lr, s, data, contender=contender(name), progress=progress)
+            else:
+                slug = "".join(ch if ch.isalnum() or ch in ".=+-" else "_" for ch in name)
+                found = launched.run_one(contender(name), lr, s, launch,
+                                         Path(out_dir) / "launched" / f"{slug}_lr{lr:g}_seed{seed}", params,
+                                         matrix_params, options[name],
+                                         progress=lambda line: log(f"[regime] {name} lr {lr:g} seed {seed}: {line}"))
             found["seed"] = seed
             cache.add(found, {"info": info})
             counter["ran"] += 1
@@ -228,7 +252,7 @@ def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]
             time_r.append(seconds / base_seconds if seconds and base_seconds else None)
         reached = [x for x in steps_r if x is not None]
         all_reached = bool(steps_r) and len(reached) == len(steps_r)
-        st = rs[0]["state_bytes"]
+        st = rs[0]["state_bytes"]  # None: a launched run (its state lives in the ranks)
         rows[name] = {
             "best_lr": best_lrs[name]["lr"], "lr_bracketed": best_lrs[name]["bracketed"], "seeds": len(rs),
             "final_eval_loss": statistics.fmean(finals), "final_eval_loss_spread": [min(finals), max(finals)],
@@ -237,19 +261,19 @@ def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]
             "steps_ratio_per_seed": steps_r, "reached_seeds": len(reached),
             "time_ratio": statistics.fmean(time_r) if all_reached and None not in time_r else None,
             "faster_than_target_on_every_seed": all_reached and max(reached) < 1.0,
-            "state_bytes_per_param": st["total"] / rs[0]["params"],
-            "matrix_state_elems_per_param_excl_rotations": st["matrices_other"] / 4 / rs[0]["matrix_params"],
-            "matrix_rotation_bytes_per_param": st["matrices_rotations"] / rs[0]["matrix_params"],
+            "state_bytes_per_param": st and st["total"] / rs[0]["params"],
+            "matrix_state_elems_per_param_excl_rotations": st and st["matrices_other"] / 4 / rs[0]["matrix_params"],
+            "matrix_rotation_bytes_per_param": st and st["matrices_rotations"] / rs[0]["matrix_params"],
         }
     return {"target": target, "target_eval_loss": statistics.fmean(r["final_eval_loss"] for r in at_best[target]),
             "best": rows}
 
 
 def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print,
-        fixed_lr: Optional[float] = None) -> dict[str, Any]:
+        fixed_lr: Optional[float] = None, launch: Optional[launched.Launch] = None) -> dict[str, Any]:
     """The sweep, then its table, plot and summary; a ``fixed_lr`` screen writes them as
     ``<suite>_ablation.*`` (and ``ablation_summary`` in the JSON), leaving the full protocol's."""
-    done = sweep(r, names, out_dir, log, fixed_lr)
+    done = sweep(r, names, out_dir, log, fixed_lr, launch)
     cache, s = done["cache"], done["settings"]
     summary = summarize(done["runs"], done["best_lrs"])
     out = Path(out_dir)
@@ -303,6 +327,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-freq", type=int, default=None, help="override the derived refresh period")
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--launcher", choices=launched.LAUNCHERS, default=None,
+                   help="train every run with ds_structopt.train under this launcher (sizes needing several GPUs); "
+                        "default: in this process")
+    p.add_argument("--nproc", type=int, default=2, help="--launcher: ranks (GPUs) per node")
+    p.add_argument("--nnodes", type=int, default=1, help="--launcher: nodes (give the rendezvous in --launcher-args)")
+    p.add_argument("--zero-stage", type=int, default=2, help="--launcher: ZeRO stage of the generated configs")
+    p.add_argument("--launcher-args", default="",
+                   help="--launcher: extra launcher arguments, one string (e.g. torchrun's '--rdzv-endpoint host:29500 "
+                        "--rdzv-backend c10d' or deepspeed's '--hostfile hosts --master_addr host0')")
     p.add_argument("--fixed-lr", type=float, default=None,
                    help="ablation screen: every non-AdamW contender runs only this lr (every seed); "
                         "writes convergence_regime_ablation.*")
@@ -322,7 +355,22 @@ def regime_from(args: argparse.Namespace, quick: bool) -> Regime:
 QUICK_OPTIMIZERS = ("AdamW", "AdamW b2=0.95", "AdaDiag++")
 
 
+def launch_from(args: argparse.Namespace) -> Optional[launched.Launch]:
+    import shlex
+
+    if args.launcher is None:
+        return None
+    return launched.Launch(launcher=args.launcher, nproc=args.nproc, nnodes=args.nnodes, zero_stage=args.zero_stage,
+                           launcher_args=tuple(shlex.split(args.launcher_args)))
+
+
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    launch = launch_from(args)
     names = args.optimizers or (list(QUICK_OPTIMIZERS) if args.quick else list(contenders.REGIME))
+    if launch is not None and not args.optimizers:  # the default list: leave out what cannot be launched
+        left = [n for n in names if contender(n).ds_optimizer is None]
+        names = [n for n in names if n not in left]
+        if left:
+            print(f"[regime] --launcher: leaving out {', '.join(left)} (no DeepSpeed config optimizer type)", flush=True)
     return run(regime_from(args, args.quick), names, args.out, log=lambda m: print(m, flush=True),
-               fixed_lr=args.fixed_lr)
+               fixed_lr=args.fixed_lr, launch=launch)
