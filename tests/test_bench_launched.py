@@ -43,13 +43,47 @@ def test_launcher_commands():
     assert torchrun[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert torchrun[3:8] == ["--nnodes", "1", "--nproc_per_node", "4", "--standalone"]
     assert torchrun[-4:] == ["-m", "ds_structopt.train", "--model", "tiny"]
-    multi = launched.command(launched.Launch("torchrun", nproc=8, nnodes=2,
-                                             launcher_args=("--rdzv-endpoint", "n0:29500")), args, 1234)
-    assert "--standalone" not in multi and multi[3:9] == ["--nnodes", "2", "--nproc_per_node", "8", "--rdzv-endpoint",
-                                                          "n0:29500"]
     ds = launched.command(launched.Launch("deepspeed", nproc=2), args, 1234)
-    assert ds[0].endswith("deepspeed") and ds[1:5] == ["--master_port", "1234", "--num_gpus", "2"]
-    assert ds[5:7] == ["--module", "ds_structopt.train"]
+    assert ds[0].endswith("deepspeed") and ds[1:7] == ["--master_port", "1234", "--num_nodes", "1", "--num_gpus", "2"]
+    assert ds[7:9] == ["--module", "ds_structopt.train"]
+    hosts = launched.Launch("deepspeed", nproc=8, nnodes=2, launcher_args=("--hostfile", "h", "--master_addr", "n0"))
+    hosts.check()
+    multi = launched.command(hosts, args, 1234)
+    assert multi[3:11] == ["--num_nodes", "2", "--num_gpus", "8", "--hostfile", "h", "--master_addr", "n0"]
+
+
+def test_multi_node_needs_the_deepspeed_runner_and_named_nodes():
+    with pytest.raises(ValueError, match="--nnodes 2 with --launcher torchrun"):
+        launched.Launch("torchrun", nproc=8, nnodes=2, launcher_args=("--rdzv-endpoint", "n0:1")).check()
+    with pytest.raises(ValueError, match="--nnodes 2 needs --launcher-args naming the nodes"):
+        launched.Launch("deepspeed", nproc=8, nnodes=2).check()
+
+
+def test_the_cache_key_is_what_changes_the_numbers():
+    a = launched.Launch("deepspeed", nproc=8, nnodes=2, launcher_args=("--hostfile", "job1"))
+    b = launched.Launch("deepspeed", nproc=8, nnodes=2, launcher_args=("--hostfile", "job2"))
+    assert a.key() == b.key() == {"world": 16, "zero_stage": 2}
+    assert launched.Launch("torchrun", nproc=16).key() == a.key()
+
+
+def test_a_preempted_or_short_run_is_not_taken_as_finished(tmp_path):
+    """train.py's result.json and metrics.csv as a preempted run leaves them."""
+    import csv
+
+    from ds_structopt.training.logs import FIELDS
+
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerow({k: "" for k in FIELDS} | {"step": 2, "seconds": 1.0, "eval_loss": 4.0, "train_loss": 4.1})
+    result = {"first_eval_loss": 5.0, "preempted": {"signal": "SIGTERM", "step": 2}}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    with pytest.raises(RuntimeError, match="stopped at step 2 of 6 \\(preempted\\)"):
+        launched.finished_history(tmp_path, 6)
+    (tmp_path / "result.json").write_text(json.dumps(result | {"preempted": None}))
+    with pytest.raises(RuntimeError, match="stopped at step 2 of 6"):
+        launched.finished_history(tmp_path, 6)
+    assert [h["step"] for h in launched.finished_history(tmp_path, 2)] == [0, 2]
 
 
 def test_cli_refuses_peers_and_bad_launch_settings_in_one_line(capsys, tmp_path):

@@ -69,6 +69,17 @@ def test_summary_ratios_per_seed_against_the_better_adamw():
     assert x["steps_ratio"] == pytest.approx((0.525 + 1.9 / 3) / 2)
     assert x["faster_than_target_on_every_seed"] and x["final_eval_loss"] == pytest.approx(1.5)
     assert out["best"]["AdamW"]["steps_ratio"] is None  # 0.999 never reaches 0.95's loss on either seed
+    assert x["time_ratio_same_host"] is None  # no step timing given
+    timed = regime.summarize(runs, best, {"AdamW": 0.1, "AdamW b2=0.95": 0.2, "X": 0.5})["best"]
+    assert timed["X"]["time_ratio_same_host"] == pytest.approx(x["steps_ratio"] * 0.5 / 0.2)
+    assert timed["AdamW b2=0.95"]["time_ratio_same_host"] == pytest.approx(1.0)
+    assert timed["AdamW"]["time_ratio_same_host"] is None and timed["AdamW"]["step_seconds"] == 0.1
+
+
+def untimed(summary):
+    """The summary without this invocation's step timings (they change from run to run)."""
+    return {**summary, "best": {n: {k: v for k, v in row.items() if k not in ("step_seconds", "time_ratio_same_host")}
+                                for n, row in summary["best"].items()}}
 
 
 def test_quick_suite_runs_the_protocol_and_a_rerun_takes_every_run_from_the_cache(tmp_path, capsys):
@@ -83,6 +94,8 @@ def test_quick_suite_runs_the_protocol_and_a_rerun_takes_every_run_from_the_cach
         assert len(lrs) >= 3 and row["lr_bracketed"] == (lrs[0] < row["best_lr"] < lrs[-1]), (name, lrs)
     target = raw["summary"]["target"]
     assert raw["summary"]["best"][target]["steps_ratio"] == pytest.approx(1.0)
+    assert raw["summary"]["best"][target]["time_ratio_same_host"] == pytest.approx(1.0)
+    assert all(row["step_seconds"] > 0 for row in raw["summary"]["best"].values())
     first = capsys.readouterr().out
     trained = len(raw["runs"])
     assert f"{trained} runs trained, 0 taken" in first and "eval" in first  # a progress line per eval
@@ -91,7 +104,7 @@ def test_quick_suite_runs_the_protocol_and_a_rerun_takes_every_run_from_the_cach
     assert bench(["regime", "--quick", "--out", str(tmp_path)]) == 0
     again = capsys.readouterr().out
     assert f"0 runs trained, {trained} taken" in again
-    assert json.loads((tmp_path / "convergence_regime.json").read_text())["summary"] == raw["summary"]
+    assert untimed(json.loads((tmp_path / "convergence_regime.json").read_text())["summary"]) == untimed(raw["summary"])
 
     # a run made with other options (e.g. before a default changed) is not reused: retrained and replaced
     stale = json.loads((tmp_path / "convergence_regime.json").read_text())
@@ -116,11 +129,11 @@ def test_quick_suite_runs_the_protocol_and_a_rerun_takes_every_run_from_the_cach
     assert bench(args + ["--optimizers", "AdamW", "AdamW b2=0.95", "AdaDiag++", "AdaDiag++ reset"]) == 0
     assert "1 runs trained" in capsys.readouterr().out  # seed 1 added; seed 0 from the cache
     screened = json.loads((tmp_path / "convergence_regime.json").read_text())
-    assert screened["summary"] == raw["summary"]
+    assert untimed(screened["summary"]) == untimed(raw["summary"])
     ablation = screened["ablation_summary"]["best"]
     assert ablation["AdaDiag++ reset"]["best_lr"] == lr and ablation["AdaDiag++ reset"]["lr_bracketed"] is None
     assert ablation["AdaDiag++ reset"]["seeds"] == 2
-    assert ablation["AdamW"] == raw["summary"]["best"]["AdamW"]  # targets keep their bracketed protocol
+    assert untimed(screened["ablation_summary"])["best"]["AdamW"] == untimed(raw["summary"])["best"]["AdamW"]  # targets keep their protocol
     assert "| AdaDiag++ reset | " in (tmp_path / "convergence_regime_ablation.md").read_text()
     assert "AdaDiag++ reset" not in (tmp_path / "convergence_regime.md").read_text()
 

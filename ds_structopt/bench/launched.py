@@ -48,6 +48,18 @@ class Launch:
             raise ValueError(f"--nproc {self.nproc} / --nnodes {self.nnodes}: need at least 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"--zero-stage {self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.nnodes > 1 and self.launcher == "torchrun":  # torchrun must be started on every node
+            raise ValueError(f"--nnodes {self.nnodes} with --launcher torchrun: this process starts one torchrun on "
+                             "this node only; use --launcher deepspeed --launcher-args '--hostfile HOSTS "
+                             "--master_addr NODE0' (its runner starts every node over ssh/pdsh)")
+        if self.nnodes > 1 and not self.launcher_args:
+            raise ValueError(f"--nnodes {self.nnodes} needs --launcher-args naming the nodes (deepspeed: '--hostfile HOSTS "
+                             "--master_addr NODE0')")
+
+    def key(self) -> dict[str, int]:
+        """What changes a run's numbers (world size, ZeRO stage): the cache's key. Launcher and
+        rendezvous addresses are left out so a sweep split over jobs keeps its cache."""
+        return {"world": self.world, "zero_stage": self.zero_stage}
 
 
 def check_contender(c: contenders.Contender) -> None:
@@ -98,8 +110,9 @@ def command(launch: Launch, train_args: Sequence[str], port: int) -> list[str]:
     deepspeed = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if deepspeed is None:
         raise ValueError("--launcher deepspeed: the 'deepspeed' command is not on PATH (install the package)")
-    where = list(launch.launcher_args) or ["--num_gpus", str(launch.nproc)]
-    return [deepspeed, "--master_port", str(port), *where, "--module", "ds_structopt.train", *train_args]
+    # --num_nodes / --num_gpus with a hostfile take that many nodes and slots from it
+    return [deepspeed, "--master_port", str(port), "--num_nodes", str(launch.nnodes), "--num_gpus", str(launch.nproc),
+            *launch.launcher_args, "--module", "ds_structopt.train", *train_args]
 
 
 def free_port() -> int:
@@ -132,6 +145,17 @@ def history(run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
+def finished_history(run_dir: Path, steps: int) -> list[dict[str, float]]:
+    """The run's eval curve if it reached ``steps``; a preempted or short run raises (its curve
+    must not be cached as a finished run)."""
+    preempted = json.loads((run_dir / "result.json").read_text()).get("preempted")
+    hist = history(run_dir)
+    if preempted or hist[-1]["step"] != steps:
+        raise RuntimeError(f"the launched run in {run_dir} stopped at step {hist[-1]['step']} of {steps}"
+                           f"{' (preempted)' if preempted else ''}; rerun the sweep to train it again")
+    return hist
+
+
 def run_one(c: contenders.Contender, lr: float, s: convergence.Settings, launch: Launch, run_dir: Path,
             params: int, matrix_params: int, options: str,
             progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
@@ -140,6 +164,7 @@ def run_one(c: contenders.Contender, lr: float, s: convergence.Settings, launch:
     metrics.csv and result.json stay in ``run_dir``. A failed launch raises with the log's tail
     (nothing is cached)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)  # an earlier attempt's must not pass for this one's
     config_path = run_dir / "ds_config.json"
     config_path.write_text(json.dumps(ds_config(c, lr, s, launch), indent=1))
     cmd = command(launch, train_args(s, run_dir, config_path), free_port())
@@ -160,7 +185,7 @@ def run_one(c: contenders.Contender, lr: float, s: convergence.Settings, launch:
         raise RuntimeError(f"{c.name} lr {lr:g} seed {s.seed}: the launched run failed (exit {rc}); "
                            f"log {log_path}:\n{tail}")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    hist = history(run_dir)
+    hist = finished_history(run_dir, s.steps)
     final = hist[-1]["eval_loss"]
     return {"optimizer": c.name, "options": options, "lr": lr, "final_eval_loss": final if math.isfinite(final)
             else float("inf"), "diverged": not math.isfinite(final), "history": hist,

@@ -176,7 +176,7 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
     settings = {"regime": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()},
                 "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(base).items()}}
     if launch is not None:
-        settings["train"]["launch"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(launch).items()}
+        settings["train"]["launch"] = launch.key()
     cache = RunCache(Path(out_dir) / f"{SUITE}.json", settings)
     info = {"ratios": ratios(base, params), "train_tokens": len(data.train) * r.seq_len}
     epochs = base.steps * base.batch / len(data.train)
@@ -230,9 +230,49 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
     return {"cache": cache, "info": info, "best_lrs": best_lrs, "settings": base, "runs": used}
 
 
-def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def step_seconds(c: contenders.Contender, lr: float, s: convergence.Settings, data: Any) -> float:
+    """Seconds per optimizer step of ``c`` at ``lr``, measured now: the mean over one refresh
+    period after the first step (steps 2..T+1, so exactly one refresh is amortized in it). Cached
+    runs' own seconds may come from another host or another load; these all come from this
+    invocation, one contender after another, so their ratios are fair."""
+    import torch
+
+    from ..data.sampler import ShardedBatchSampler
+    from ..training.local import lm_step
+    from ..training.schedule import warmup_cosine
+
+    device = torch.device(s.device)
+    model = convergence.build_model(s, data.vocab_size).to(device)
+    opt = contenders.build(c, model, lr, update_freq=s.update_freq, elementwise_lr=s.elementwise_lr)
+    sampler = ShardedBatchSampler(len(data.train), s.batch, seed=s.seed)
+    warmup = int(s.warmup if s.warmup >= 1 else s.warmup * s.steps) or 1
+
+    def step(k: int) -> None:  # the run's own first steps, schedule included
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * warmup_cosine(k, s.steps, warmup, s.min_lr_ratio)
+        loss = lm_step(model, opt, data.train[sampler.next_indices()].to(device).long(), micro=s.micro_batch)
+        if k == s.update_freq and not math.isfinite(loss.item()):  # a skipped step would look fast
+            raise RuntimeError(f"{c.name} lr {lr:g}: non-finite loss while timing its steps")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
+        step(0)  # state, first bases
+        sync()
+        t0 = time.perf_counter()
+        for k in range(1, s.update_freq + 1):
+            step(k)
+        sync()
+    return (time.perf_counter() - t0) / s.update_freq
+
+
+def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]],
+              seconds_per_step: Optional[dict[str, float]] = None) -> dict[str, Any]:
     """Per contender at its best lr: final loss and steps/time ratios to the target AdamW, per seed,
-    with mean and (min, max)."""
+    with mean and (min, max). ``seconds_per_step`` (this host, now): adds each contender's
+    ``time_ratio_same_host`` = steps ratio x its step time / the target's."""
     at_best = {n: sorted((r for r in runs if r["optimizer"] == n and r["lr"] == b["lr"]), key=lambda r: r["seed"])
                for n, b in best_lrs.items()}
     targets = [n for n in TARGETS if n in at_best]
@@ -260,22 +300,36 @@ def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]
             "steps_ratio_spread": [min(reached), max(reached)] if all_reached else None,
             "steps_ratio_per_seed": steps_r, "reached_seeds": len(reached),
             "time_ratio": statistics.fmean(time_r) if all_reached and None not in time_r else None,
+            "step_seconds": (seconds_per_step or {}).get(name),
             "faster_than_target_on_every_seed": all_reached and max(reached) < 1.0,
             "state_bytes_per_param": st and st["total"] / rs[0]["params"],
             "matrix_state_elems_per_param_excl_rotations": st and st["matrices_other"] / 4 / rs[0]["matrix_params"],
             "matrix_rotation_bytes_per_param": st and st["matrices_rotations"] / rs[0]["matrix_params"],
         }
+    base = (seconds_per_step or {}).get(target)
+    for row in rows.values():
+        row["time_ratio_same_host"] = (row["steps_ratio"] * row["step_seconds"] / base
+                                       if base and row["step_seconds"] and row["steps_ratio"] is not None else None)
     return {"target": target, "target_eval_loss": statistics.fmean(r["final_eval_loss"] for r in at_best[target]),
             "best": rows}
 
 
 def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str], None] = print,
-        fixed_lr: Optional[float] = None, launch: Optional[launched.Launch] = None) -> dict[str, Any]:
+        fixed_lr: Optional[float] = None, launch: Optional[launched.Launch] = None,
+        timing: bool = True) -> dict[str, Any]:
     """The sweep, then its table, plot and summary; a ``fixed_lr`` screen writes them as
-    ``<suite>_ablation.*`` (and ``ablation_summary`` in the JSON), leaving the full protocol's."""
+    ``<suite>_ablation.*`` (and ``ablation_summary`` in the JSON), leaving the full protocol's.
+    ``timing``: time every contender's step now, one after another (``step_seconds``)."""
     done = sweep(r, names, out_dir, log, fixed_lr, launch)
     cache, s = done["cache"], done["settings"]
-    summary = summarize(done["runs"], done["best_lrs"])
+    timed = None
+    if launch is None and timing:  # launched runs' seconds come from the cluster they ran on
+        data = convergence.load_data(s)
+        timed = {}
+        for name, b in done["best_lrs"].items():
+            timed[name] = step_seconds(contender(name), b["lr"], s, data)
+            log(f"[regime] {name}: {timed[name]:.3f} s/step on this host (lr {b['lr']:g}, {s.update_freq} steps)")
+    summary = summarize(done["runs"], done["best_lrs"], timed)
     out = Path(out_dir)
     stem, key = (f"{SUITE}_ablation", "ablation_summary") if fixed_lr is not None else (SUITE, "summary")
     curves = {}
@@ -288,7 +342,8 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
                            f"{s.model}, paper regime: eval loss vs steps (best lr each)", summary["target_eval_loss"])
     info = done["info"]["ratios"]
     headers = ["optimizer", "best lr", "bracketed", "final eval loss (min-max)", "steps ratio (min-max)",
-               "time ratio", "state B/param", "bases/factors B/matrix param"]
+               "time ratio (same host)", "s/step", "time ratio (runs' own clocks)", "state B/param",
+               "bases/factors B/matrix param"]
 
     def span(v: Optional[list[float]], digits: int) -> str:
         return "" if v is None else f" ({v[0]:.{digits}f}-{v[1]:.{digits}f})"
@@ -297,7 +352,8 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
               f"{b['final_eval_loss']:.4f}{span(b['final_eval_loss_spread'], 4)}",
               "not reached" + (f" on {b['seeds'] - b['reached_seeds']} seed(s)" if b["reached_seeds"] else "")
               if b["steps_ratio"] is None else f"{b['steps_ratio']:.3f}{span(b['steps_ratio_spread'], 3)}",
-              b["time_ratio"], b["state_bytes_per_param"], b["matrix_rotation_bytes_per_param"]]
+              b["time_ratio_same_host"], b["step_seconds"], b["time_ratio"], b["state_bytes_per_param"],
+              b["matrix_rotation_bytes_per_param"]]
              for n, b in summary["best"].items()]
     md = (f"Paper-regime convergence: model `{s.model}` ({info['params'] / 1e6:.2f}M params), "
           f"{s.batch} x {s.seq_len} tokens/step ({info['tokens_per_step_per_param']:.4f} per param), {s.steps} steps "
@@ -331,11 +387,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train every run with ds_structopt.train under this launcher (sizes needing several GPUs); "
                         "default: in this process")
     p.add_argument("--nproc", type=int, default=2, help="--launcher: ranks (GPUs) per node")
-    p.add_argument("--nnodes", type=int, default=1, help="--launcher: nodes (give the rendezvous in --launcher-args)")
+    p.add_argument("--nnodes", type=int, default=1, help="--launcher deepspeed: nodes (name them in --launcher-args)")
     p.add_argument("--zero-stage", type=int, default=2, help="--launcher: ZeRO stage of the generated configs")
     p.add_argument("--launcher-args", default="",
-                   help="--launcher: extra launcher arguments, one string (e.g. torchrun's '--rdzv-endpoint host:29500 "
-                        "--rdzv-backend c10d' or deepspeed's '--hostfile hosts --master_addr host0')")
+                   help="--launcher: extra launcher arguments as one string, written --launcher-args='...' when it "
+                        "starts with '-' (e.g. deepspeed's '--hostfile hosts --master_addr host0' for --nnodes > 1)")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip timing each contender's step on this host after the sweep (time ratio (same host))")
     p.add_argument("--fixed-lr", type=float, default=None,
                    help="ablation screen: every non-AdamW contender runs only this lr (every seed); "
                         "writes convergence_regime_ablation.*")
@@ -373,4 +431,4 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         if left:
             print(f"[regime] --launcher: leaving out {', '.join(left)} (no DeepSpeed config optimizer type)", flush=True)
     return run(regime_from(args, args.quick), names, args.out, log=lambda m: print(m, flush=True),
-               fixed_lr=args.fixed_lr, launch=launch)
+               fixed_lr=args.fixed_lr, launch=launch, timing=not args.no_timing)
