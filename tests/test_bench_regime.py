@@ -170,3 +170,19 @@ def test_state_split_counts_bases_with_the_factors_they_come_from():
     ema, paper = split["AdaDiag++"], split["AdaDiag++ paper"]
     assert ema["matrices_rotations"] == 2 * paper["matrices_rotations"] > 0
     assert ema["matrices_other"] == paper["matrices_other"]
+
+
+def test_options_of_an_optimizer_that_counts_steps_in_its_groups_do_not_change_with_training():
+    """pytorch-optimizer's Muon keeps ``step`` in its param groups: recorded after training, it made
+    every cached Muon run differ from a fresh build and retrain on each rerun."""
+    import torch
+
+    from ds_structopt.bench import optimizers as contenders
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    opt = contenders.build(regime.contender("Muon"), model, 0.02)
+    before = opt.options()
+    model(torch.randn(4, 8)).square().mean().backward()
+    opt.step()
+    assert any("step" in g for g in opt.parts[0].param_groups)  # the counter is there...
+    assert opt.options() == before  # ...and not an option

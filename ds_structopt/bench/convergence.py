@@ -90,6 +90,7 @@ def run_one(name: str, lr: float, s: Settings, data: Any, contender: Optional[co
     device = torch.device(s.device)
     model = build_model(s, data.vocab_size).to(device)
     opt = contenders.build(contender or name, model, lr, update_freq=s.update_freq, elementwise_lr=s.elementwise_lr)
+    options = opt.options()  # as built: what a later sweep compares its fresh build with
     sampler = ShardedBatchSampler(len(data.train), s.batch, seed=s.seed)
     eval_rows = (data.eval[: s.eval_rows] if len(data.eval) else data.train[: s.eval_rows]).to(device)
     warmup = int(s.warmup if s.warmup >= 1 else s.warmup * s.steps) or 1
@@ -122,7 +123,7 @@ def run_one(name: str, lr: float, s: Settings, data: Any, contender: Optional[co
             if progress is not None:
                 progress(step + 1, ev, train_seconds)
     final = history[-1]["eval_loss"] if not diverged else float("inf")
-    return {"optimizer": name, "options": opt.options(), "lr": lr, "final_eval_loss": final, "diverged": diverged,
+    return {"optimizer": name, "options": options, "lr": lr, "final_eval_loss": final, "diverged": diverged,
             "history": history,
             "train_seconds": train_seconds, "state_bytes": state_split(opt),
             "params": sum(p.numel() for p in model.parameters()),

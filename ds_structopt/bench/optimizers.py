@@ -167,7 +167,8 @@ class PairedOptimizer(torch.optim.Optimizer):
         changes)."""
         import json
 
-        skip = {"params", "param_names", "lr", "base_lr", "initial_lr"}
+        # "step": a counter some optimizers keep in their groups (pytorch-optimizer's Muon), not an option
+        skip = {"params", "param_names", "lr", "base_lr", "initial_lr", "step"}
         matrix = self.parts[0]
         groups = [{k: v for k, v in g.items() if k not in skip} for g in matrix.param_groups]
         return json.dumps({"class": f"{type(matrix).__module__}.{type(matrix).__qualname__}", "groups": groups},
