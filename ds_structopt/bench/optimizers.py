@@ -117,6 +117,8 @@ VARIANTS: dict[str, Contender] = {c.name: c for c in [
     paper("AdaDiag++ b2=0.95", (1e-3, 2e-3, 4e-3), betas=(0.9, 0.95)),
     paper("AdaDiag++ b2=0.99", (1e-3, 2e-3, 4e-3), betas=(0.9, 0.99)),
     paper("AdaDiag++ ema+reproject", (1e-3, 2e-3, 4e-3), basis="ema", moments="reproject"),
+    # Adafactor mode without momentum: matrix state beyond the rotations is the factored V only
+    ours("AdaDiag++ factored b1=0", (1e-3, 2e-3, 4e-3), "AdaDiag++", factored=True, betas=(0.0, 0.999)),
 ]}
 
 

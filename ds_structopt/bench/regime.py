@@ -230,11 +230,13 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
     return {"cache": cache, "info": info, "best_lrs": best_lrs, "settings": base, "runs": used}
 
 
-def step_seconds(c: contenders.Contender, lr: float, s: convergence.Settings, data: Any) -> float:
-    """Seconds per optimizer step of ``c`` at ``lr``, measured now: the mean over one refresh
-    period after the first step (steps 2..T+1, so exactly one refresh is amortized in it). Cached
-    runs' own seconds may come from another host or another load; these all come from this
-    invocation, one contender after another, so their ratios are fair."""
+def step_seconds(chosen: dict[str, tuple[contenders.Contender, float]], s: convergence.Settings, data: Any,
+                 rounds: int = 3) -> dict[str, float]:
+    """Seconds per optimizer step of each contender at its lr, measured now, here. Every contender
+    takes its first step (state, first bases), then ``rounds`` times each in turn times one refresh
+    period (T consecutive steps hold exactly one refresh); the median period counts. Taking turns
+    spreads a drift of the host's speed over everybody (one contender after another moved the
+    ratios by ~15 % between invocations); cached runs' own clocks mix hosts and sessions."""
     import torch
 
     from ..data.sampler import ShardedBatchSampler
@@ -242,30 +244,40 @@ def step_seconds(c: contenders.Contender, lr: float, s: convergence.Settings, da
     from ..training.schedule import warmup_cosine
 
     device = torch.device(s.device)
-    model = convergence.build_model(s, data.vocab_size).to(device)
-    opt = contenders.build(c, model, lr, update_freq=s.update_freq, elementwise_lr=s.elementwise_lr)
-    sampler = ShardedBatchSampler(len(data.train), s.batch, seed=s.seed)
     warmup = int(s.warmup if s.warmup >= 1 else s.warmup * s.steps) or 1
+    runs = {}
+    for name, (c, lr) in chosen.items():
+        model = convergence.build_model(s, data.vocab_size).to(device)
+        runs[name] = {"model": model, "lr": lr, "k": 0, "periods": [],
+                      "opt": contenders.build(c, model, lr, update_freq=s.update_freq, elementwise_lr=s.elementwise_lr),
+                      "sampler": ShardedBatchSampler(len(data.train), s.batch, seed=s.seed)}
 
-    def step(k: int) -> None:  # the run's own first steps, schedule included
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * warmup_cosine(k, s.steps, warmup, s.min_lr_ratio)
-        loss = lm_step(model, opt, data.train[sampler.next_indices()].to(device).long(), micro=s.micro_batch)
-        if k == s.update_freq and not math.isfinite(loss.item()):  # a skipped step would look fast
-            raise RuntimeError(f"{c.name} lr {lr:g}: non-finite loss while timing its steps")
+    def step(name: str) -> torch.Tensor:  # the run's own next step, schedule included
+        r = runs[name]
+        for g in r["opt"].param_groups:
+            g["lr"] = g["base_lr"] * warmup_cosine(r["k"], s.steps, warmup, s.min_lr_ratio)
+        r["k"] += 1
+        return lm_step(r["model"], r["opt"], data.train[r["sampler"].next_indices()].to(device).long(),
+                       micro=s.micro_batch)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
-        step(0)  # state, first bases
-        sync()
-        t0 = time.perf_counter()
-        for k in range(1, s.update_freq + 1):
-            step(k)
-        sync()
-    return (time.perf_counter() - t0) / s.update_freq
+        for name in runs:
+            step(name)
+        for _ in range(rounds):
+            for name, r in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(s.update_freq):
+                    loss = step(name)
+                sync()
+                r["periods"].append((time.perf_counter() - t0) / s.update_freq)
+                if not math.isfinite(loss.item()):  # a skipped step would look fast
+                    raise RuntimeError(f"{name} lr {r['lr']:g}: non-finite loss while timing its steps")
+    return {name: statistics.median(r["periods"]) for name, r in runs.items()}
 
 
 def summarize(runs: Sequence[dict[str, Any]], best_lrs: dict[str, dict[str, Any]],
@@ -319,16 +331,15 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
         timing: bool = True) -> dict[str, Any]:
     """The sweep, then its table, plot and summary; a ``fixed_lr`` screen writes them as
     ``<suite>_ablation.*`` (and ``ablation_summary`` in the JSON), leaving the full protocol's.
-    ``timing``: time every contender's step now, one after another (``step_seconds``)."""
+    ``timing``: time every contender's step now, here, taking turns (``step_seconds``)."""
     done = sweep(r, names, out_dir, log, fixed_lr, launch)
     cache, s = done["cache"], done["settings"]
     timed = None
     if launch is None and timing:  # launched runs' seconds come from the cluster they ran on
         data = convergence.load_data(s)
-        timed = {}
-        for name, b in done["best_lrs"].items():
-            timed[name] = step_seconds(contender(name), b["lr"], s, data)
-            log(f"[regime] {name}: {timed[name]:.3f} s/step on this host (lr {b['lr']:g}, {s.update_freq} steps)")
+        timed = step_seconds({n: (contender(n), b["lr"]) for n, b in done["best_lrs"].items()}, s, data)
+        for name, sec in timed.items():
+            log(f"[regime] {name}: {sec:.3f} s/step on this host (median of 3 turns of {s.update_freq} steps)")
     summary = summarize(done["runs"], done["best_lrs"], timed)
     out = Path(out_dir)
     stem, key = (f"{SUITE}_ablation", "ablation_summary") if fixed_lr is not None else (SUITE, "summary")
