@@ -132,3 +132,23 @@ def test_a_launched_run_follows_the_in_process_run(tmp_path):
         assert max(gaps) < tolerance, (name, gaps)
         assert not (tmp_path / name / "checkpoints").exists()  # deleted after the run: only the curve is kept
         assert json.loads((tmp_path / name / "ds_config.json").read_text())["optimizer"]["params"]["lr"] == 1e-3
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+def test_regime_suite_on_gpus_in_process_and_through_the_entry_point(tmp_path):
+    """What the papers' sizes use, at the quick size: bf16 on CUDA in this process, and a launched
+    run on every visible GPU (NCCL, ZeRO-2, bf16) through ``ds_structopt.train``."""
+    import math
+
+    import torch
+
+    assert bench(["regime", "--quick", "--device", "cuda", "--bf16", "--out", str(tmp_path / "inproc"),
+                  "--optimizers", "AdamW", "AdaDiag++"]) == 0
+    raw = json.loads((tmp_path / "inproc" / "convergence_regime.json").read_text())
+    assert all(math.isfinite(r["final_eval_loss"]) for r in raw["runs"])
+    gpus = torch.cuda.device_count()
+    s = convergence.Settings(model="tiny", data=("embedded",), seq_len=32, batch=8 * gpus, steps=6, eval_every=2,
+                             eval_rows=16, update_freq=3, micro_batch=4, device="cuda", bf16=True)
+    got = launched.run_one(regime.contender("AdaDiag++"), 1e-3, s, launched.Launch("torchrun", nproc=gpus),
+                           tmp_path / "launched", params=1, matrix_params=1, options="x")
+    assert got["history"][-1]["step"] == 6 and got["final_eval_loss"] < got["history"][0]["eval_loss"]
