@@ -15,9 +15,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "check": "check this environment: pinned versions, DeepSpeed accelerator, optimizers",
                 "bench": "benchmarks vs AdamW and peers: convergence, step, dist (see: ds-structopt bench --help)",
                 "plan": "per-rank state memory, refresh load and bytes/step for a model at scale (no GPU needed)",
-                "export": "fp32 weights by name from a checkpoint folder: ds-structopt export <ckpt/tag> <out.pt>"}
+                "export": "fp32 weights by name from a checkpoint folder: ds-structopt export <ckpt/tag> <out.pt>",
+                "prepare-data": "tokenize sources once into a folder training memory-maps (--data <folder>)"}
     if not args or args[0] not in commands:
-        print("usage: ds-structopt {train,validate,check,bench,plan} ...\n" + "\n".join(f"  {k:9s} {v}" for k, v in commands.items()),
+        print("usage: ds-structopt {train,validate,check,bench,plan,export,prepare-data} ...\n"
+              + "\n".join(f"  {k:12s} {v}" for k, v in commands.items()),
               file=sys.stderr)
         return 2
     if args[0] == "train":
@@ -35,6 +37,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return plan_main(args[1:])
     if args[0] == "export":
         return _export(args[1:])
+    if args[0] == "prepare-data":
+        from .data.prepare_cli import main as prepare_main
+
+        return prepare_main(args[1:])
     if args[0] == "check":
         from .healthcheck import main as check_main
 

@@ -31,7 +31,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="name in configs/models (tiny, 60m, 130m, 350m, 1b) or a JSON path")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
                    default=str(CONFIG_DIR / "ds_tiny_adadiagpp_zero2.json"))
-    p.add_argument("--data", nargs="+", default=["embedded"], help="files, directories, .jsonl, .parquet, or the built-in 'embedded' / 'stdlib'")
+    p.add_argument("--data", nargs="+", default=["embedded"], help="files, directories, .jsonl, .parquet, the built-in 'embedded' / 'stdlib', or one folder made by ds-structopt prepare-data (memory-mapped)")
     p.add_argument("--tokenizer", default=None, help="local tokenizer.json or tokenizer folder (default: bytes)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
@@ -73,10 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     import ds_structopt as dso
     from ds_structopt import faults
-    from ds_structopt.data.packing import pack
     from ds_structopt.data.sampler import ShardedBatchSampler
-    from ds_structopt.data.sources import iter_documents
-    from ds_structopt.data.tokenizer import load_tokenizer
+    from ds_structopt.data.corpus import load_corpus
     from ds_structopt.integrations.deepspeed import find_optimizer
     from ds_structopt.integrations.deepspeed_config import load_config
     from ds_structopt.training import checkpoints, preemption, run_config
@@ -89,8 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"WARNING: fault injection is ON ({faults.ENV}={os.environ[faults.ENV]!r}): this run will be "
               "killed, hung or poisoned on purpose; unset it for real training", flush=True)
     ds_cfg = load_config(args.deepspeed_config)
-    tokenizer = load_tokenizer(args.tokenizer)
-    data = pack(iter_documents(args.data), tokenizer, args.seq_len)
+    data = load_corpus(args.data, args.tokenizer, args.seq_len)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(model_config(args.model, data.vocab_size, args.seq_len))
     engine, _, _, scheduler = dso.initialize(model=model, model_parameters=dso.param_groups(model), config=ds_cfg)

@@ -45,11 +45,9 @@ class Settings:
 
 
 def load_data(s: Settings):
-    from ..data.packing import pack
-    from ..data.sources import iter_documents
-    from ..data.tokenizer import load_tokenizer
+    from ..data.corpus import load_corpus
 
-    return pack(iter_documents(list(s.data)), load_tokenizer(s.tokenizer), s.seq_len)
+    return load_corpus(list(s.data), s.tokenizer, s.seq_len)
 
 
 def build_model(s: Settings, vocab_size: int) -> torch.nn.Module:

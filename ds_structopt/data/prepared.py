@@ -1,0 +1,178 @@
+"""Prepared token data: tokenize once to disk, memory-map at every start (issue 16, first part).
+
+``prepare`` writes what ``packing.pack`` builds in memory, as files: per split (``train``,
+``eval``: every ``eval_every``-th document held out, as ``pack`` does) the token stream with an
+EOS after each document (``<split>.bin``, uint16 or uint32 by vocabulary size), the end offset
+of every document (``<split>.docs.npy``), and ``manifest.json`` (tokenizer and its hash,
+counts, sha256 of every file). ``load`` maps the streams with ``np.memmap`` (ranks on a node
+share the page cache) and exposes the same rows as ``pack`` (windows of seq_len + 1, stride
+seq_len) without materializing them: start-up time and resident memory do not grow with the
+corpus. Files are written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import numpy as np
+import torch
+
+from .packing import PackedData
+from .tokenizer import Tokenizer, token_dtype
+
+FORMAT = "ds_structopt-tokens"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "eval")
+
+
+class PreparedDataError(ValueError):
+    """A prepared dataset that cannot be used as it is (one line, naming the file)."""
+
+
+def is_prepared(path: Union[str, os.PathLike]) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def tokenizer_id(tokenizer: Tokenizer, path: Optional[str]) -> dict[str, Any]:
+    """What identifies the tokenizer a dataset was made with: bytes, or the sha256 of its file(s)."""
+    if path in (None, "", "bytes"):
+        return {"kind": "bytes", "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "sha256": None}
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return {"kind": "file", "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "sha256": digest.hexdigest()}
+
+
+def disk_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(docs: Iterable[str], tokenizer: Tokenizer, out_dir: Union[str, os.PathLike],
+            tokenizer_path: Optional[str] = None, eval_every: int = 20,
+            sources: Optional[list[str]] = None) -> dict[str, Any]:
+    """Tokenize ``docs`` into ``out_dir`` (see the module docstring); returns the manifest."""
+    if eval_every < 2:
+        raise ValueError(f"eval_every must be >= 2, got {eval_every}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = disk_dtype(tokenizer.vocab_size)
+    handles = {s: open(out / f"{s}.bin.tmp", "wb") for s in SPLITS}
+    ends: dict[str, list[int]] = {s: [] for s in SPLITS}
+    counts = {s: 0 for s in SPLITS}
+    try:
+        for i, doc in enumerate(docs, 1):
+            split = "eval" if i % eval_every == 0 else "train"
+            ids = np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=dtype)
+            handles[split].write(ids.tobytes())
+            counts[split] += len(ids)
+            ends[split].append(counts[split])
+    finally:
+        for h in handles.values():
+            h.close()
+    files: dict[str, Any] = {}
+    for s in SPLITS:
+        os.replace(out / f"{s}.bin.tmp", out / f"{s}.bin")
+        with open(out / f"{s}.docs.npy.tmp", "wb") as f:
+            np.save(f, np.asarray(ends[s], dtype=np.int64))
+        os.replace(out / f"{s}.docs.npy.tmp", out / f"{s}.docs.npy")
+        files[s] = {"tokens": counts[s], "documents": len(ends[s]), "bin": f"{s}.bin", "docs": f"{s}.docs.npy",
+                    "sha256": {f"{s}.bin": _sha256(out / f"{s}.bin"),
+                               f"{s}.docs.npy": _sha256(out / f"{s}.docs.npy")}}
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "eval_every": eval_every,
+                "tokenizer": tokenizer_id(tokenizer, tokenizer_path), "splits": files, "sources": sources or []}
+    tmp = out / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+class TokenRows:
+    """The rows of one split, ``(count, seq_len + 1)``, read from the memory-mapped stream on
+    demand: ``rows[i]``, ``rows[index_tensor]``, ``rows[a:b]`` give tensors of the in-memory
+    dtype (``token_dtype``), ``len(rows)`` and ``rows.shape`` as a tensor's."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, dtype: torch.dtype):
+        self.tokens, self.seq_len, self.dtype = tokens, seq_len, dtype
+        self.count = max(0, (len(tokens) - 1) // seq_len)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.count, self.seq_len + 1))
+
+    def _rows(self, index: np.ndarray) -> torch.Tensor:
+        if len(index) and (index.min() < 0 or index.max() >= self.count):
+            raise IndexError(f"row index out of range for {self.count} rows")
+        offsets = index[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None, :]
+        return torch.from_numpy(self.tokens[offsets].astype(np.int64)).to(self.dtype)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, slice):
+            return self._rows(np.arange(self.count)[key])
+        if isinstance(key, torch.Tensor):
+            return self._rows(key.reshape(-1).numpy().astype(np.int64)).reshape(*key.shape, self.seq_len + 1)
+        if isinstance(key, int):
+            return self._rows(np.asarray([key % self.count if key < 0 else key]))[0]
+        return self._rows(np.asarray(key, dtype=np.int64))
+
+
+def load(path: Union[str, os.PathLike], seq_len: int, tokenizer: Optional[Tokenizer] = None,
+         tokenizer_path: Optional[str] = None, verify: bool = False) -> PackedData:
+    """The prepared dataset at ``path`` as ``PackedData`` whose splits are ``TokenRows`` over
+    memory maps. Refused in one line naming the file: another format or version, a tokenizer other
+    than the one it was made with (when ``tokenizer`` is given), a file whose size does not match
+    the manifest (truncated), or with ``verify`` a sha256 mismatch."""
+    root = Path(path)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PreparedDataError(f"{root / MANIFEST}: not a readable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise PreparedDataError(f"{root / MANIFEST}: format {manifest.get('format')!r} version "
+                                f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+    made_with = manifest["tokenizer"]
+    if tokenizer is not None:
+        mine = tokenizer_id(tokenizer, tokenizer_path)
+        if (mine["kind"], mine["vocab_size"], mine["eos_id"], mine["sha256"]) != \
+                (made_with["kind"], made_with["vocab_size"], made_with["eos_id"], made_with["sha256"]):
+            raise PreparedDataError(f"{root / MANIFEST}: prepared with another tokenizer ({made_with['kind']}, vocabulary "
+                                    f"{made_with['vocab_size']}) than --tokenizer {tokenizer_path or 'bytes'} "
+                                    f"({mine['kind']}, vocabulary {mine['vocab_size']}): prepare it again or pass that one")
+    dtype = np.dtype(manifest["dtype"])
+    splits = {}
+    for s in SPLITS:
+        entry = manifest["splits"][s]
+        bin_path = root / entry["bin"]
+        expected = entry["tokens"] * dtype.itemsize
+        actual = bin_path.stat().st_size if bin_path.exists() else None
+        if actual != expected:
+            raise PreparedDataError(f"{bin_path}: {'missing' if actual is None else f'{actual} bytes'}, the manifest "
+                                    f"says {expected} ({entry['tokens']} tokens): truncated or replaced; prepare it again")
+        if verify:
+            for name, digest in entry["sha256"].items():
+                if _sha256(root / name) != digest:
+                    raise PreparedDataError(f"{root / name}: sha256 does not match the manifest: corrupted; prepare it again")
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(entry["tokens"],)) if entry["tokens"] else \
+            np.zeros(0, dtype=dtype)
+        splits[s] = TokenRows(tokens, seq_len, token_dtype(made_with["vocab_size"]))
+    if len(splits["train"]) == 0:
+        raise PreparedDataError(f"{root}: not enough tokens for one training sequence of {seq_len + 1} tokens")
+    return PackedData(splits["train"], splits["eval"], made_with["vocab_size"])
