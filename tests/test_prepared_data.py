@@ -98,3 +98,28 @@ def test_training_from_a_prepared_folder_equals_training_from_the_raw_source(fol
     strip = [[",".join(f for i, f in enumerate(r.split(",")) if i not in (4, 5, 11, 12, 13, 14)) for r in rows]
              for rows in losses.values()]  # drop seconds, tokens/s, RSS, fds: the rest must be equal
     assert strip[0] == strip[1]
+
+
+def test_large_raw_sources_get_a_warning_to_prepare_them(tmp_path, capsys, monkeypatch):
+    from ds_structopt.data import corpus
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world. " * 2000)
+    monkeypatch.setattr(corpus, "PREPARE_ABOVE_BYTES", 10_000)
+    load_corpus([str(text)], None, 16)
+    out = capsys.readouterr().out
+    assert "warning: --data holds" in out and "ds-structopt prepare-data" in out
+    monkeypatch.setattr(corpus, "PREPARE_ABOVE_BYTES", 100_000)
+    load_corpus([str(text)], None, 16)
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_preparation_prints_tokens_per_second(capsys):
+    from ds_structopt.data.prepare_cli import Progress
+
+    tick = Progress(every_s=0.0)
+    tick(3, 2_000_000)
+    assert capsys.readouterr().out.startswith("[prepare-data] 3 documents, 2.0M tokens, ")
+    quiet = Progress(every_s=3600.0)
+    quiet(3, 2_000_000)
+    assert capsys.readouterr().out == ""

@@ -2,6 +2,8 @@
 (tokenized and packed in memory at start; fine for small corpora)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import prepared
@@ -21,4 +23,25 @@ def load_corpus(sources: Sequence[str], tokenizer_path: Optional[str], seq_len: 
         raise ValueError(f"--data {ready[0]} is a prepared dataset: give it alone (prepare the other sources into it)")
     if ready:
         return prepared.load(ready[0], seq_len, tokenizer, tokenizer_path)
+    size = raw_bytes(sources)
+    if size > PREPARE_ABOVE_BYTES and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: --data holds {size / 2**20:.0f} MiB of raw text, tokenized again by every rank at every start "
+              f"(memory ~36 bytes per token): above {PREPARE_ABOVE_BYTES // 2**20} MiB, prepare it once with "
+              "'ds-structopt prepare-data --data ... --out DIR' and train with --data DIR", flush=True)
     return pack(iter_documents(sources), tokenizer, seq_len)
+
+
+# Above this much raw text, tokenizing at every start costs minutes and GBs per rank (Python lists)
+PREPARE_ABOVE_BYTES = 256 * 2**20
+
+
+def raw_bytes(sources: Sequence[str]) -> int:
+    """Bytes of the files behind ``sources`` (directories walked; built-in corpora count 0)."""
+    total = 0
+    for s in sources:
+        p = Path(s)
+        if p.is_file():
+            total += p.stat().st_size
+        elif p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return total

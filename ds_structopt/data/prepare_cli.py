@@ -4,26 +4,26 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import prepared
 from .sources import iter_documents
 from .tokenizer import load_tokenizer
 
 
-def _with_progress(docs: Iterable[str], every_s: float = 10.0) -> Iterator[str]:
-    """Pass documents through, printing documents, characters and characters/s every ``every_s``."""
-    t0 = last = time.perf_counter()
-    n = chars = 0
-    for doc in docs:
-        n += 1
-        chars += len(doc)
-        yield doc
+class Progress:
+    """A line every ``every_s`` seconds: documents, tokens, tokens/s."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.t0 = every_s, time.perf_counter()
+        self.last = self.t0
+
+    def __call__(self, documents: int, tokens: int) -> None:
         now = time.perf_counter()
-        if now - last >= every_s:
-            last = now
-            print(f"[prepare-data] {n} documents, {chars / 1e6:.1f}M characters, {chars / (now - t0) / 1e6:.2f}M chars/s",
-                  flush=True)
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(f"[prepare-data] {documents} documents, {tokens / 1e6:.1f}M tokens, "
+                  f"{tokens / (now - self.t0) / 1e6:.2f}M tokens/s", flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,8 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{args.out}: sizes and sha256 match the manifest")
             return 0
         t0 = time.perf_counter()
-        manifest = prepared.prepare(_with_progress(iter_documents(args.data)), load_tokenizer(args.tokenizer), args.out,
-                                    tokenizer_path=args.tokenizer, eval_every=args.eval_every, sources=list(args.data))
+        manifest = prepared.prepare(iter_documents(args.data), load_tokenizer(args.tokenizer), args.out,
+                                    tokenizer_path=args.tokenizer, eval_every=args.eval_every, sources=list(args.data),
+                                    progress=Progress())
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -65,8 +65,10 @@ def _sha256(path: Path) -> str:
 
 def prepare(docs: Iterable[str], tokenizer: Tokenizer, out_dir: Union[str, os.PathLike],
             tokenizer_path: Optional[str] = None, eval_every: int = 20,
-            sources: Optional[list[str]] = None) -> dict[str, Any]:
-    """Tokenize ``docs`` into ``out_dir`` (see the module docstring); returns the manifest."""
+            sources: Optional[list[str]] = None,
+            progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """Tokenize ``docs`` into ``out_dir`` (see the module docstring); returns the manifest.
+    ``progress(documents, tokens)`` is called after every document (it decides when to print)."""
     if eval_every < 2:
         raise ValueError(f"eval_every must be >= 2, got {eval_every}")
     out = Path(out_dir)
@@ -82,6 +84,8 @@ def prepare(docs: Iterable[str], tokenizer: Tokenizer, out_dir: Union[str, os.Pa
             handles[split].write(ids.tobytes())
             counts[split] += len(ids)
             ends[split].append(counts[split])
+            if progress is not None:
+                progress(i, counts["train"] + counts["eval"])
     finally:
         for h in handles.values():
             h.close()
