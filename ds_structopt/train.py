@@ -31,7 +31,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="name in configs/models (tiny, 60m, 130m, 350m, 1b) or a JSON path")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
                    default=str(CONFIG_DIR / "ds_tiny_adadiagpp_zero2.json"))
-    p.add_argument("--data", nargs="+", default=["embedded"], help="files, directories, .jsonl, .parquet, the built-in 'embedded' / 'stdlib', or one folder made by ds-structopt prepare-data (memory-mapped)")
+    p.add_argument("--data", nargs="+", default=["embedded"], help="files, directories, .jsonl, .parquet, the built-in 'embedded' / 'stdlib', or one prepared dataset, memory-mapped: a ds-structopt prepare-data folder or a Megatron .bin/.idx prefix")
     p.add_argument("--tokenizer", default=None, help="local tokenizer.json or tokenizer folder (default: bytes)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")

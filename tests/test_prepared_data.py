@@ -123,3 +123,35 @@ def test_preparation_prints_tokens_per_second(capsys):
     quiet = Progress(every_s=3600.0)
     quiet(3, 2_000_000)
     assert capsys.readouterr().out == ""
+
+
+def test_megatron_indexed_dataset_written_by_megatron_core_reads_back_the_same_tokens(tmp_path):
+    """Files from megatron-core's own IndexedDatasetBuilder (several sequences per document) read
+    through ``--data <prefix>``: the token stream equals megatron-core's own reader's, train and
+    held-out split by document (the last 1 in 20), rows as the in-memory windows of those streams;
+    a truncated .bin is refused naming it."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from ds_structopt.data.packing import _windows
+
+    prefix = str(tmp_path / "corpus_text_document")
+    gen = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(60):
+        for _ in range(int(gen.integers(1, 4))):
+            builder.add_item(torch.from_numpy(gen.integers(0, 257, int(gen.integers(5, 90))).astype(np.int64)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    theirs = IndexedDataset(prefix)
+    stream = np.concatenate([np.asarray(theirs[i]) for i in range(len(theirs))]).astype(np.int64)
+    docs = theirs.document_indices
+    cut = sum(len(theirs[i]) for i in range(docs[57]))  # 60 documents: the last 3 held out
+    for path in (prefix, prefix + ".bin"):
+        got = load_corpus([path], None, 32)
+        assert torch.equal(got.train[:].long(), _windows(torch.from_numpy(stream[:cut]), 32))
+        assert torch.equal(got.eval[:].long(), _windows(torch.from_numpy(stream[cut:]), 32))
+    data = Path(prefix + ".bin").read_bytes()
+    Path(prefix + ".bin").write_bytes(data[:-4])
+    with pytest.raises(prepared.PreparedDataError, match=r"corpus_text_document\.bin: \d+ bytes, .*truncated"):
+        load_corpus([prefix], None, 32)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import prepared
+from . import megatron_indexed, prepared
 from .packing import PackedData, pack
 from .sources import iter_documents
 from .tokenizer import load_tokenizer
@@ -14,15 +14,18 @@ from .tokenizer import load_tokenizer
 
 def load_corpus(sources: Sequence[str], tokenizer_path: Optional[str], seq_len: int) -> PackedData:
     """Rows of ``seq_len + 1`` tokens: from ``sources[0]`` when it is a prepared dataset
-    (``ds-structopt prepare-data``; the tokenizer must be the one it was made with), otherwise
-    every source tokenized now. A prepared directory mixed with other sources is refused."""
+    (``ds-structopt prepare-data``, or Megatron's ``<prefix>.bin/.idx``; the tokenizer must be the
+    one it was made with), otherwise every source tokenized now. A prepared dataset mixed with
+    other sources is refused."""
     sources = [str(s) for s in sources]
     tokenizer = load_tokenizer(tokenizer_path)
-    ready = [s for s in sources if prepared.is_prepared(s)]
+    ready = [s for s in sources if prepared.is_prepared(s) or megatron_indexed.is_indexed(s)]
     if ready and len(sources) > 1:
         raise ValueError(f"--data {ready[0]} is a prepared dataset: give it alone (prepare the other sources into it)")
-    if ready:
+    if ready and prepared.is_prepared(ready[0]):
         return prepared.load(ready[0], seq_len, tokenizer, tokenizer_path)
+    if ready:
+        return megatron_indexed.load(ready[0], seq_len, tokenizer)
     size = raw_bytes(sources)
     if size > PREPARE_ABOVE_BYTES and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: --data holds {size / 2**20:.0f} MiB of raw text, tokenized again by every rank at every start "
