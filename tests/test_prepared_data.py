@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    assert cli(["prepare-data", "--data", "embedded", "--out", str(out)]) == 0
+    assert cli(["prepare-data", "--data", "embedded", "--out", str(out), "--workers", "2"]) == 0
     return out
 
 
@@ -41,8 +41,9 @@ def test_prepared_rows_equal_the_in_memory_rows(folder, seq_len):
     assert torch.equal(got.train[: 9], ref.train[: 9])
 
 
-def test_the_same_inputs_give_the_same_bytes(folder, tmp_path):
-    assert cli(["prepare-data", "--data", "embedded", "--out", str(tmp_path)]) == 0
+def test_the_same_inputs_give_the_same_bytes_with_any_number_of_workers(folder, tmp_path):
+    """``folder`` was made with 2 tokenizer processes (the CLI's default here), this one with 1."""
+    assert cli(["prepare-data", "--data", "embedded", "--out", str(tmp_path), "--workers", "1"]) == 0
     for name in ("train.bin", "eval.bin", "train.docs.npy", "eval.docs.npy", "manifest.json"):
         assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -32,6 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tokenizer", default=None, help="local tokenizer.json or tokenizer folder (default: bytes)")
     p.add_argument("--out", required=True, help="output folder (then: ds-structopt train --data <folder>)")
     p.add_argument("--eval-every", type=int, default=20, help="every N-th document goes to the held-out split")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="tokenizer processes (the output is the same for any number)")
     p.add_argument("--verify", action="store_true", help="only check an existing --out folder (sizes and sha256)")
     args = p.parse_args(argv)
     if not args.verify and not args.data:
@@ -44,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         manifest = prepared.prepare(iter_documents(args.data), load_tokenizer(args.tokenizer), args.out,
                                     tokenizer_path=args.tokenizer, eval_every=args.eval_every, sources=list(args.data),
-                                    progress=Progress())
+                                    progress=Progress(), workers=args.workers)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -63,12 +63,67 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def _init_worker(tokenizer_path: Optional[str]) -> None:
+    global _worker_tokenizer
+    from .tokenizer import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode_batch(batch: list[str]) -> list[np.ndarray]:
+    assert _worker_tokenizer is not None
+    dtype = disk_dtype(_worker_tokenizer.vocab_size)
+    return [np.asarray(_worker_tokenizer.encode(doc) + [_worker_tokenizer.eos_id], dtype=dtype) for doc in batch]
+
+
+def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encoded(docs: Iterable[str], tokenizer: Tokenizer, tokenizer_path: Optional[str], workers: int) -> Iterator[np.ndarray]:
+    """Each document's tokens + EOS, in document order, from ``workers`` processes (batches of 64
+    documents, results taken in submission order: the output does not depend on the number of
+    workers)."""
+    dtype = disk_dtype(tokenizer.vocab_size)
+    if workers <= 1:
+        for doc in docs:
+            yield np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=dtype)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    # a worker that dies raises BrokenProcessPool here (a Pool would restart it forever); at most
+    # 4 batches per worker in flight, so memory stays bounded whatever the corpus size
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(tokenizer_path,)) as pool:
+        pending: deque = deque()
+        for batch in _batches(docs, 64):
+            pending.append(pool.submit(_encode_batch, batch))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
 def prepare(docs: Iterable[str], tokenizer: Tokenizer, out_dir: Union[str, os.PathLike],
             tokenizer_path: Optional[str] = None, eval_every: int = 20,
             sources: Optional[list[str]] = None,
-            progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+            progress: Optional[Callable[[int, int], None]] = None, workers: int = 1) -> dict[str, Any]:
     """Tokenize ``docs`` into ``out_dir`` (see the module docstring); returns the manifest.
-    ``progress(documents, tokens)`` is called after every document (it decides when to print)."""
+    ``progress(documents, tokens)`` is called after every document (it decides when to print).
+    ``workers`` > 1 tokenizes in that many processes (each loads ``tokenizer_path``); the bytes
+    written are the same for any number."""
     if eval_every < 2:
         raise ValueError(f"eval_every must be >= 2, got {eval_every}")
     out = Path(out_dir)
@@ -78,9 +133,8 @@ def prepare(docs: Iterable[str], tokenizer: Tokenizer, out_dir: Union[str, os.Pa
     ends: dict[str, list[int]] = {s: [] for s in SPLITS}
     counts = {s: 0 for s in SPLITS}
     try:
-        for i, doc in enumerate(docs, 1):
+        for i, ids in enumerate(_encoded(docs, tokenizer, tokenizer_path, workers), 1):
             split = "eval" if i % eval_every == 0 else "train"
-            ids = np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=dtype)
             handles[split].write(ids.tobytes())
             counts[split] += len(ids)
             ends[split].append(counts[split])
