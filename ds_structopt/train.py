@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from ds_structopt.integrations.deepspeed_config import load_config
     from ds_structopt.training import checkpoints, preemption, run_config
     from ds_structopt.training.logs import TrainLog
-    from ds_structopt.training.schedule import warmup_cosine
+    from ds_structopt.training.schedule import warmup_cosine, warmup_steps
 
     faults.install()  # no-op unless DS_STRUCTOPT_FAULTS is set (tests)
     preemption.install()  # SIGTERM/SIGUSR1/SIGUSR2 only set a flag; acted on at a step boundary (below)
@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                       f"{' '.join(map(str, missing))}: their generators stay as seeded (--seed), so random draws "
                       "(dropout, sampling) there do not continue the saved streams", flush=True)
     log = TrainLog(args.output_dir, args.steps, enabled=rank == 0, resume=start_step > 0)
-    warmup = int(args.warmup if args.warmup >= 1 else args.warmup * args.steps) or 1
+    warmup = warmup_steps(args.warmup, args.steps)
     tokens_per_step = engine.train_batch_size() * args.seq_len
     eval_rows = data.eval[: args.eval_rows] if len(data.eval) else data.train[: args.eval_rows]
     if len(eval_rows) >= world:  # equal shares: every rank runs the same number of forwards (ZeRO-3 gathers)

@@ -83,7 +83,7 @@ def run_one(name: str, lr: float, s: Settings, data: Any, contender: Optional[co
     """Train ``name`` (or ``contender``) at ``lr`` for ``s.steps``; eval every ``s.eval_every``
     steps, calling ``progress(step, eval_loss, train_seconds)`` after each eval."""
     from ..data.sampler import ShardedBatchSampler
-    from ..training.schedule import warmup_cosine
+    from ..training.schedule import warmup_cosine, warmup_steps
 
     device = torch.device(s.device)
     model = build_model(s, data.vocab_size).to(device)
@@ -91,7 +91,7 @@ def run_one(name: str, lr: float, s: Settings, data: Any, contender: Optional[co
     options = opt.options()  # as built: what a later sweep compares its fresh build with
     sampler = ShardedBatchSampler(len(data.train), s.batch, seed=s.seed)
     eval_rows = (data.eval[: s.eval_rows] if len(data.eval) else data.train[: s.eval_rows]).to(device)
-    warmup = int(s.warmup if s.warmup >= 1 else s.warmup * s.steps) or 1
+    warmup = warmup_steps(s.warmup, s.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16)
 
     def timed() -> float:

@@ -227,7 +227,7 @@ def sweep(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[s
             final_loss(name, best, seed)
         log(f"[regime] {name}: best lr {best:g}{'' if bracketed else ' (NOT bracketed: edge of the extended grid)'}")
     log(f"[regime] {counter['ran']} runs trained, {counter['cached']} taken from {cache.path}")
-    return {"cache": cache, "info": info, "best_lrs": best_lrs, "settings": base, "runs": used}
+    return {"cache": cache, "info": info, "best_lrs": best_lrs, "settings": base, "runs": used, "data": data}
 
 
 def step_seconds(chosen: dict[str, tuple[contenders.Contender, float]], s: convergence.Settings, data: Any,
@@ -241,10 +241,10 @@ def step_seconds(chosen: dict[str, tuple[contenders.Contender, float]], s: conve
 
     from ..data.sampler import ShardedBatchSampler
     from ..training.local import lm_step
-    from ..training.schedule import warmup_cosine
+    from ..training.schedule import warmup_cosine, warmup_steps
 
     device = torch.device(s.device)
-    warmup = int(s.warmup if s.warmup >= 1 else s.warmup * s.steps) or 1
+    warmup = warmup_steps(s.warmup, s.steps)
     runs = {}
     for name, (c, lr) in chosen.items():
         model = convergence.build_model(s, data.vocab_size).to(device)
@@ -336,8 +336,7 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
     cache, s = done["cache"], done["settings"]
     timed = None
     if launch is None and timing:  # launched runs' seconds come from the cluster they ran on
-        data = convergence.load_data(s)
-        timed = step_seconds({n: (contender(n), b["lr"]) for n, b in done["best_lrs"].items()}, s, data)
+        timed = step_seconds({n: (contender(n), b["lr"]) for n, b in done["best_lrs"].items()}, s, done["data"])
         for name, sec in timed.items():
             log(f"[regime] {name}: {sec:.3f} s/step on this host (median of 3 turns of {s.update_freq} steps)")
     summary = summarize(done["runs"], done["best_lrs"], timed)

@@ -1,7 +1,9 @@
 """Small pieces every checkpoint writer here shares: copying optimizer state off and onto a
-device, and replacing a small text file atomically (markers like ``latest``, manifests, meta)."""
+device, replacing a small text file atomically (markers like ``latest``, manifests, meta), and
+the sha256 of a file (checkpoint and prepared-data manifests)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Callable
 
@@ -38,3 +40,12 @@ def write_text_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def sha256_file(path: "str | os.PathLike[str]") -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from ..checkpoint.state_io import sha256_file
 from .packing import PackedData
 from .tokenizer import Tokenizer, token_dtype
 
@@ -55,14 +56,6 @@ def disk_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
@@ -73,10 +66,14 @@ def _init_worker(tokenizer_path: Optional[str]) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
+def _encode(tokenizer: Tokenizer, doc: str) -> np.ndarray:
+    """A document's tokens and its EOS, in the on-disk dtype."""
+    return np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=disk_dtype(tokenizer.vocab_size))
+
+
 def _encode_batch(batch: list[str]) -> list[np.ndarray]:
     assert _worker_tokenizer is not None
-    dtype = disk_dtype(_worker_tokenizer.vocab_size)
-    return [np.asarray(_worker_tokenizer.encode(doc) + [_worker_tokenizer.eos_id], dtype=dtype) for doc in batch]
+    return [_encode(_worker_tokenizer, doc) for doc in batch]
 
 
 def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -94,10 +91,9 @@ def _encoded(docs: Iterable[str], tokenizer: Tokenizer, tokenizer_path: Optional
     """Each document's tokens + EOS, in document order, from ``workers`` processes (batches of 64
     documents, results taken in submission order: the output does not depend on the number of
     workers)."""
-    dtype = disk_dtype(tokenizer.vocab_size)
     if workers <= 1:
         for doc in docs:
-            yield np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=dtype)
+            yield _encode(tokenizer, doc)
         return
     import multiprocessing
     from collections import deque
@@ -150,8 +146,8 @@ def prepare(docs: Iterable[str], tokenizer: Tokenizer, out_dir: Union[str, os.Pa
             np.save(f, np.asarray(ends[s], dtype=np.int64))
         os.replace(out / f"{s}.docs.npy.tmp", out / f"{s}.docs.npy")
         files[s] = {"tokens": counts[s], "documents": len(ends[s]), "bin": f"{s}.bin", "docs": f"{s}.docs.npy",
-                    "sha256": {f"{s}.bin": _sha256(out / f"{s}.bin"),
-                               f"{s}.docs.npy": _sha256(out / f"{s}.docs.npy")}}
+                    "sha256": {f"{s}.bin": sha256_file(out / f"{s}.bin"),
+                               f"{s}.docs.npy": sha256_file(out / f"{s}.docs.npy")}}
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "eval_every": eval_every,
                 "tokenizer": tokenizer_id(tokenizer, tokenizer_path), "splits": files, "sources": sources or []}
     tmp = out / f"{MANIFEST}.tmp"
@@ -226,7 +222,7 @@ def load(path: Union[str, os.PathLike], seq_len: int, tokenizer: Optional[Tokeni
                                     f"says {expected} ({entry['tokens']} tokens): truncated or replaced; prepare it again")
         if verify:
             for name, digest in entry["sha256"].items():
-                if _sha256(root / name) != digest:
+                if sha256_file(root / name) != digest:
                     raise PreparedDataError(f"{root / name}: sha256 does not match the manifest: corrupted; prepare it again")
         tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(entry["tokens"],)) if entry["tokens"] else \
             np.zeros(0, dtype=dtype)

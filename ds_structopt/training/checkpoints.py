@@ -22,7 +22,6 @@ Each rank also saves its random generators (``rng.py``), restored by :func:`rest
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import torch.distributed as dist
 
 from .. import faults
 from . import rng
-from ..checkpoint.state_io import write_text_atomic
+from ..checkpoint.state_io import sha256_file, write_text_atomic
 from ..comm import any_rank
 
 INCOMING = ".incoming"
@@ -146,7 +145,7 @@ def verify(folder: str, rank: int = 0, world: int = 1) -> None:
         size = os.path.getsize(file)
         if size != want["bytes"]:
             raise CorruptCheckpointError(f"checkpoint {folder}: {rel} has {size} bytes, the manifest says {want['bytes']} (truncated?)")
-        if _sha256(file) != want["sha256"]:
+        if sha256_file(file) != want["sha256"]:
             raise CorruptCheckpointError(f"checkpoint {folder}: {rel} does not match its SHA-256 in the manifest (corrupted)")
 
 
@@ -233,7 +232,7 @@ def _from_rank0(value: Any) -> Any:
 
 
 def _record(path: str, rank: int) -> dict[str, Any]:
-    return {"bytes": os.path.getsize(path), "sha256": _sha256(path), "rank": rank}
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path), "rank": rank}
 
 
 def _fsync_dir(path: str) -> None:
@@ -260,11 +259,3 @@ def _files(folder: str) -> list[str]:
     for base, _, names in os.walk(folder):
         out.extend(os.path.join(base, n) for n in names if n != MANIFEST)
     return out
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

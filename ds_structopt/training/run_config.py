@@ -30,6 +30,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from .schedule import warmup_steps
+
 REFUSE, SCHEDULE, ALLOW = "refuse", "schedule", "allow"
 
 # field -> (rule, why). Order matters: the first refused field is the one reported.
@@ -109,7 +111,7 @@ def describe(args: Any, ds_config: Mapping[str, Any], world_size: int, *, global
         "seed": int(args.seed),
         "steps": steps,
         # as the entry point resolves it: a fraction of --steps moves with --steps
-        "warmup_steps": int(warmup if warmup >= 1 else warmup * steps) or 1,
+        "warmup_steps": warmup_steps(warmup, steps),
         "min_lr_ratio": float(args.min_lr_ratio),
         "world_size": int(world_size),
         "train_micro_batch_size_per_gpu": micro,

@@ -4,6 +4,11 @@ from __future__ import annotations
 import math
 
 
+def warmup_steps(warmup: float, steps: int) -> int:
+    """``--warmup`` as steps: a count when >= 1, else a fraction of ``steps``; at least 1."""
+    return int(warmup if warmup >= 1 else warmup * steps) or 1
+
+
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Multiplier of the base lr at ``step`` (0-based): (step+1)/warmup, then cosine from 1 to ``floor``."""
     if step < warmup:
