@@ -115,15 +115,107 @@ def test_large_raw_sources_get_a_warning_to_prepare_them(tmp_path, capsys, monke
     assert "warning" not in capsys.readouterr().out
 
 
-def test_preparation_prints_tokens_per_second(capsys):
+def test_preparation_prints_tokens_per_second_and_an_eta(capsys, monkeypatch):
+    from ds_structopt.data import prepare_cli
     from ds_structopt.data.prepare_cli import Progress
 
-    tick = Progress(every_s=0.0)
-    tick(3, 2_000_000)
-    assert capsys.readouterr().out.startswith("[prepare-data] 3 documents, 2.0M tokens, ")
+    clock = iter([100.0, 110.0])  # start, first report
+    monkeypatch.setattr(prepare_cli.time, "perf_counter", lambda: next(clock))
+    tick = Progress(total_documents=50, start_documents=10, start_tokens=1_000_000, every_s=0.0)
+    tick(30, 3_000_000)  # 20 documents and 2M tokens in 10 s: 20 documents left take 10 s
+    assert capsys.readouterr().out == "[prepare-data] 30/50 documents, 3.0M tokens, 0.20M tokens/s, ETA 0:00:10\n"
+    monkeypatch.undo()
     quiet = Progress(every_s=3600.0)
     quiet(3, 2_000_000)
     assert capsys.readouterr().out == ""
+
+
+def _bpe_tokenizer(path, vocab_size=2000):
+    """A byte-level BPE trained here on the embedded corpus (a real fast tokenizer, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(iter_documents(["embedded"]), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "</s>"], show_progress=False))
+    tok.save(str(path))
+    return path
+
+
+def _prepare_cmd(out, *extra):
+    return [sys.executable, "-m", "ds_structopt.cli", "prepare-data", "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_a_killed_preparation_resumes_to_the_same_bytes(tmp_path):
+    """stdlib sources with a BPE tokenizer in 2 processes (~5 s), killed with SIGKILL after its
+    first checkpoints, then started again with the same arguments: the folder's bytes equal an
+    uninterrupted run's. Other inputs into the unfinished or the finished folder are refused in one
+    line naming the file; the same inputs into the finished folder change nothing."""
+    import os
+    import signal
+    import time
+
+    tok = _bpe_tokenizer(tmp_path / "tokenizer.json")
+    args = ("--data", "stdlib", "--tokenizer", str(tok), "--workers", "2", "--checkpoint-every", "0.3")
+    whole = tmp_path / "whole"
+    subprocess.run(_prepare_cmd(whole, *args), check=True, capture_output=True, timeout=600, cwd=ROOT)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_prepare_cmd(cut, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and prepared.resume_point(cut)[0] < 100:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its tokenizer processes
+    proc.wait()
+    assert not (cut / "manifest.json").exists(), "finished before it could be killed"
+    recorded = prepared.resume_point(cut)[0]
+    assert recorded >= 100
+    other = subprocess.run(_prepare_cmd(cut, *args, "--eval-every", "10"), capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+    assert other.returncode == 2
+    assert other.stderr.strip().endswith("progress.json: an unfinished preparation of other inputs (sources, "
+                                         "tokenizer or --eval-every differ): rerun it with its own inputs, or "
+                                         "delete the folder")
+    again = subprocess.run(_prepare_cmd(cut, *args), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming at document {recorded} of " in again.stdout
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for name in ("train.bin", "eval.bin", "train.docs.npy", "eval.docs.npy", "manifest.json"):
+        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
+    same = subprocess.run(_prepare_cmd(cut, *args), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert same.returncode == 0 and "already prepared from these inputs; nothing to do" in same.stdout
+    other = subprocess.run(_prepare_cmd(cut, *args, "--eval-every", "10"), capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+    assert other.returncode == 2 and other.stderr.strip().endswith(
+        "manifest.json: --out already holds a prepared dataset of other inputs; choose another folder or delete it")
+    assert (cut / "train.bin").read_bytes() == (whole / "train.bin").read_bytes()
+
+
+def test_a_saved_hugging_face_dataset_is_a_source(tmp_path):
+    """Folders written by ``datasets``' own save_to_disk (a Dataset in several Arrow shards, and a
+    DatasetDict: its train split) give the same documents as the dataset's text column, empty ones
+    skipped as for parquet, and prepare to the same rows as the same texts in a .jsonl file."""
+    datasets = pytest.importorskip("datasets")
+    texts = [d for d in iter_documents(["embedded"])] + ["", "last one"]
+    ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))})
+    ds.save_to_disk(str(tmp_path / "ds"), max_shard_size="100KB")
+    assert len(list((tmp_path / "ds").glob("*.arrow"))) > 1
+    datasets.DatasetDict({"validation": ds.select([0]), "train": ds}).save_to_disk(str(tmp_path / "dd"))
+    want = [t for t in texts if t]
+    assert list(iter_documents([tmp_path / "ds"])) == want
+    assert list(iter_documents([tmp_path / "dd"])) == want
+    jsonl = tmp_path / "same.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for src in ("ds", "jsonl"):
+        assert cli(["prepare-data", "--data", str(jsonl if src == "jsonl" else tmp_path / "ds"),
+                    "--out", str(tmp_path / f"prep-{src}"), "--workers", "1"]) == 0
+    for name in ("train.bin", "eval.bin", "train.docs.npy", "eval.docs.npy"):
+        assert (tmp_path / "prep-ds" / name).read_bytes() == (tmp_path / "prep-jsonl" / name).read_bytes(), name
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "novalid"))
+    with pytest.raises(ValueError, match=r"novalid: a saved DatasetDict without a 'train' split \(splits: "
+                                         r"\['validation'\]\); pass the split's folder"):
+        list(iter_documents([tmp_path / "novalid"]))
 
 
 def test_megatron_indexed_dataset_written_by_megatron_core_reads_back_the_same_tokens(tmp_path):

@@ -7,15 +7,19 @@ of every document (``<split>.docs.npy``), and ``manifest.json`` (tokenizer and i
 counts, sha256 of every file). ``load`` maps the streams with ``np.memmap`` (ranks on a node
 share the page cache) and exposes the same rows as ``pack`` (windows of seq_len + 1, stride
 seq_len) without materializing them: start-up time and resident memory do not grow with the
-corpus. Files are written under a temporary name and renamed when complete.
+corpus. Files are written under a temporary name and renamed when complete; ``progress.json``
+records the work so far every few seconds, so a killed preparation goes on where it stopped.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,6 +31,7 @@ from .tokenizer import Tokenizer, token_dtype
 FORMAT = "ds_structopt-tokens"
 VERSION = 1
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
 SPLITS = ("train", "eval")
 
 
@@ -112,47 +117,167 @@ def _encoded(docs: Iterable[str], tokenizer: Tokenizer, tokenizer_path: Optional
             yield from pending.popleft().result()
 
 
+def describe_inputs(sources: Optional[Sequence[str]], tokenizer: Tokenizer, tokenizer_path: Optional[str],
+                    eval_every: int) -> dict[str, Any]:
+    """What a preparation is made from, cheaply (paths, sizes and mtimes of the source files, not
+    their bytes): an unfinished preparation resumes only when this is unchanged."""
+    files: list[list[Any]] = []
+    for src in sources or []:
+        p = Path(src)
+        if not p.exists():
+            files.append([str(src), sys.version.split()[0]])  # built-in corpora: fixed per Python
+            continue
+        for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())):
+            st = f.stat()
+            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return {"files": files, "tokenizer": tokenizer_id(tokenizer, tokenizer_path), "eval_every": eval_every}
+
+
+def resume_point(out_dir: Union[str, os.PathLike]) -> tuple[int, int]:
+    """Documents and tokens an unfinished preparation in ``out_dir`` has recorded ((0, 0): none)."""
+    path = Path(out_dir) / PROGRESS
+    if not path.is_file() or (Path(out_dir) / MANIFEST).is_file():
+        return 0, 0
+    saved = json.loads(path.read_text())
+    return saved["documents"], sum(saved["tokens"].values())
+
+
+def _ends_to_npy(raw: Path, npy: Path, count: int) -> None:
+    """The int64 document ends appended to ``raw`` during preparation, as a .npy file (copied in
+    chunks: memory does not grow with the number of documents)."""
+    tmp = npy.with_name(npy.name + ".tmp")
+    if count == 0:
+        with open(tmp, "wb") as f:
+            np.save(f, np.zeros(0, dtype=np.int64))
+    else:
+        src = np.memmap(raw, dtype=np.int64, mode="r", shape=(count,))
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(count,))
+        for a in range(0, count, 1 << 22):
+            dst[a:a + (1 << 22)] = src[a:a + (1 << 22)]
+        dst.flush()
+        del dst, src
+    os.replace(tmp, npy)
+
+
+class _Resumable:
+    """The open output of a preparation and its checkpoint (``progress.json``: documents done and
+    the byte length of every partial file). A killed preparation restarts from its last
+    checkpoint: files cut back to the recorded lengths, the documents already written skipped."""
+
+    def __init__(self, out: Path, inputs: dict[str, Any], itemsize: int):
+        self.out, self.inputs, self.itemsize = out, inputs, itemsize
+        self.documents = 0
+        self.tokens = {s: 0 for s in SPLITS}
+        self.ends = {s: 0 for s in SPLITS}
+        saved = self._saved()
+        if saved is not None:
+            self.documents, self.tokens, self.ends = saved["documents"], saved["tokens"], saved["ends"]
+        self.bins, self.docs = {}, {}
+        for s in SPLITS:
+            self.bins[s] = self._open(out / f"{s}.bin.tmp", self.tokens[s] * itemsize, saved is not None)
+            self.docs[s] = self._open(out / f"{s}.docs.tmp", self.ends[s] * 8, saved is not None)
+
+    def _saved(self) -> Optional[dict[str, Any]]:
+        path = self.out / PROGRESS
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if saved.get("inputs") != self.inputs:
+            raise PreparedDataError(f"{path}: an unfinished preparation of other inputs (sources, tokenizer or "
+                                    "--eval-every differ): rerun it with its own inputs, or delete the folder")
+        return saved
+
+    @staticmethod
+    def _open(path: Path, length: int, resuming: bool):
+        if not resuming:
+            return open(path, "wb")
+        if not path.is_file() or path.stat().st_size < length:
+            raise PreparedDataError(f"{path}: shorter than its last checkpoint says ({length} bytes); delete the folder "
+                                    "and prepare again")
+        os.truncate(path, length)
+        return open(path, "ab")
+
+    def write(self, split: str, ids: np.ndarray) -> None:
+        """One document; the counters move only once both files took it (a checkpoint after a failed
+        write records the state before it, and the partial bytes are cut on resume)."""
+        end = self.tokens[split] + len(ids)
+        self.bins[split].write(ids.tobytes())
+        self.docs[split].write(np.int64(end).tobytes())
+        self.tokens[split], self.ends[split], self.documents = end, self.ends[split] + 1, self.documents + 1
+
+    def checkpoint(self) -> None:
+        """Make everything written so far durable, then record it (the record never runs ahead of the data)."""
+        for h in (*self.bins.values(), *self.docs.values()):
+            h.flush()
+            os.fsync(h.fileno())
+        tmp = self.out / f"{PROGRESS}.tmp"
+        tmp.write_text(json.dumps({"inputs": self.inputs, "documents": self.documents, "tokens": self.tokens,
+                                   "ends": self.ends}))
+        os.replace(tmp, self.out / PROGRESS)
+
+    def close(self) -> None:
+        for h in (*self.bins.values(), *self.docs.values()):
+            h.close()
+
+
 def prepare(docs: Iterable[str], tokenizer: Tokenizer, out_dir: Union[str, os.PathLike],
             tokenizer_path: Optional[str] = None, eval_every: int = 20,
             sources: Optional[list[str]] = None,
-            progress: Optional[Callable[[int, int], None]] = None, workers: int = 1) -> dict[str, Any]:
+            progress: Optional[Callable[[int, int], None]] = None, workers: int = 1,
+            checkpoint_every_s: float = 30.0) -> dict[str, Any]:
     """Tokenize ``docs`` into ``out_dir`` (see the module docstring); returns the manifest.
     ``progress(documents, tokens)`` is called after every document (it decides when to print).
     ``workers`` > 1 tokenizes in that many processes (each loads ``tokenizer_path``); the bytes
-    written are the same for any number."""
+    written are the same for any number. Every ``checkpoint_every_s`` seconds the work so far is
+    recorded: run again with the same inputs after a kill and it goes on from there (same bytes
+    as an uninterrupted run). A folder that already holds these inputs' dataset is returned as it
+    is; one that holds another dataset is refused, never overwritten."""
     if eval_every < 2:
         raise ValueError(f"eval_every must be >= 2, got {eval_every}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = disk_dtype(tokenizer.vocab_size)
-    handles = {s: open(out / f"{s}.bin.tmp", "wb") for s in SPLITS}
-    ends: dict[str, list[int]] = {s: [] for s in SPLITS}
-    counts = {s: 0 for s in SPLITS}
+    inputs = describe_inputs(sources, tokenizer, tokenizer_path, eval_every)
+    if (out / MANIFEST).is_file():
+        done = json.loads((out / MANIFEST).read_text())
+        if done.get("inputs") == inputs:
+            return done
+        raise PreparedDataError(f"{out / MANIFEST}: --out already holds a prepared dataset of other inputs; "
+                                "choose another folder or delete it")
+    state = _Resumable(out, inputs, dtype.itemsize)
+    skipped = state.documents
+    last = time.monotonic()
     try:
-        for i, ids in enumerate(_encoded(docs, tokenizer, tokenizer_path, workers), 1):
-            split = "eval" if i % eval_every == 0 else "train"
-            handles[split].write(ids.tobytes())
-            counts[split] += len(ids)
-            ends[split].append(counts[split])
+        todo = itertools.islice(docs, skipped, None)
+        for i, ids in enumerate(_encoded(todo, tokenizer, tokenizer_path, workers), skipped + 1):
+            state.write("eval" if i % eval_every == 0 else "train", ids)
             if progress is not None:
-                progress(i, counts["train"] + counts["eval"])
-    finally:
-        for h in handles.values():
-            h.close()
+                progress(i, state.tokens["train"] + state.tokens["eval"])
+            if time.monotonic() - last >= checkpoint_every_s:
+                state.checkpoint()
+                last = time.monotonic()
+    except BaseException:
+        try:
+            state.checkpoint()  # an error or Ctrl-C keeps what was done (a kill keeps the last checkpoint)
+        finally:
+            state.close()
+        raise
+    state.close()
     files: dict[str, Any] = {}
     for s in SPLITS:
         os.replace(out / f"{s}.bin.tmp", out / f"{s}.bin")
-        with open(out / f"{s}.docs.npy.tmp", "wb") as f:
-            np.save(f, np.asarray(ends[s], dtype=np.int64))
-        os.replace(out / f"{s}.docs.npy.tmp", out / f"{s}.docs.npy")
-        files[s] = {"tokens": counts[s], "documents": len(ends[s]), "bin": f"{s}.bin", "docs": f"{s}.docs.npy",
+        _ends_to_npy(out / f"{s}.docs.tmp", out / f"{s}.docs.npy", state.ends[s])
+        files[s] = {"tokens": state.tokens[s], "documents": state.ends[s], "bin": f"{s}.bin", "docs": f"{s}.docs.npy",
                     "sha256": {f"{s}.bin": sha256_file(out / f"{s}.bin"),
                                f"{s}.docs.npy": sha256_file(out / f"{s}.docs.npy")}}
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "eval_every": eval_every,
-                "tokenizer": tokenizer_id(tokenizer, tokenizer_path), "splits": files, "sources": sources or []}
+                "tokenizer": inputs["tokenizer"], "splits": files, "sources": sources or [], "inputs": inputs}
     tmp = out / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
+    for s in SPLITS:
+        (out / f"{s}.docs.tmp").unlink()
+    (out / PROGRESS).unlink(missing_ok=True)
     return manifest
 
 
