@@ -4,25 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from .grouping import param_groups
-from .optim import ASGO, DASGO, AdaDiag, AdaDiagPP, StructuredOptimizer
+from .optim import ASGO, DASGO, OPTIMIZERS, AdaDiag, AdaDiagPP, StructuredOptimizer, get_optimizer_class
 
 __version__ = "0.1.0"
-
-#: Names accepted in configs (e.g. a DeepSpeed JSON "optimizer.type") -> class.
-OPTIMIZERS: dict[str, type[StructuredOptimizer]] = {
-    "AdaDiag": AdaDiag,
-    "AdaDiag++": AdaDiagPP,
-    "ASGO": ASGO,
-    "DASGO": DASGO,
-}
-
-
-def get_optimizer_class(name: str) -> type[StructuredOptimizer]:
-    """Look up an optimizer by its config name; a clear error lists the valid ones."""
-    try:
-        return OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer type '{name}'; expected one of {sorted(OPTIMIZERS)}") from None
 
 
 def initialize(*args: Any, **kwargs: Any):

@@ -14,13 +14,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 import ds_structopt as dso
-from ds_structopt.training.schedule import warmup_cosine
 from ds_structopt.data.packing import pack
 from ds_structopt.data.sampler import ShardedBatchSampler
 from ds_structopt.data.sources import iter_documents
 from ds_structopt.data.tokenizer import ByteTokenizer
 from ds_structopt.training.local import evaluate, lm_step
-
+from ds_structopt.training.schedule import warmup_cosine
 
 # Each optimizer at (about) its best lr for this model, from a 300-step sweep over
 # {1e-3, 2e-3, 3e-3, 6e-3} (see the closing note of the core-optimizers issue).
@@ -65,7 +64,8 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: f
 
 def train_one(name: str, args: argparse.Namespace, data: Any, eval_rows: torch.Tensor) -> dict[str, float]:
     model = tiny_llama(args.seed, args.seq_len, data.vocab_size)
-    lr = args.lr if args.lr is not None else DEFAULT_LR.get(name.replace("-factored", ""), 3e-3)
+    base = name.replace("-factored", "")
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(base) or dso.get_optimizer_class(base).DEFAULTS["lr"]
     opt = make_optimizer(name, model, lr, args.weight_decay, args.update_freq)
     base_lrs = [g["lr"] for g in opt.param_groups]
     sampler = ShardedBatchSampler(len(data.train), args.batch_size, seed=args.seed)  # same batches for everyone

@@ -65,7 +65,7 @@ def check_optimizers() -> str:
     import ds_structopt as dso
 
     names = []
-    for name in ("AdaDiag", "AdaDiag++", "ASGO", "DASGO"):
+    for name in dso.OPTIMIZERS:
         w = torch.nn.Parameter(torch.randn(16, 8))
         opt = dso.build(name, [w])
         w.grad = torch.randn(16, 8)

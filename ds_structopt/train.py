@@ -52,20 +52,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_config(name: str, vocab_size: int, seq_len: int):
-    from transformers import LlamaConfig
-
-    path = Path(name) if name.endswith(".json") else CONFIG_DIR / "models" / f"{name}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"model config not found: {path} (names: "
-                                f"{sorted(p.stem for p in (CONFIG_DIR / 'models').glob('*.json'))})")
-    cfg = json.loads(path.read_text())
-    cfg.update(vocab_size=vocab_size, max_position_embeddings=max(seq_len, cfg.get("max_position_embeddings", 0)))
-    cfg.pop("architectures", None)
-    cfg.pop("model_type", None)
-    return LlamaConfig(**cfg)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch.distributed as dist
@@ -73,12 +59,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     import ds_structopt as dso
     from ds_structopt import faults
-    from ds_structopt.data.sampler import ShardedBatchSampler
     from ds_structopt.data.corpus import load_corpus
+    from ds_structopt.data.sampler import ShardedBatchSampler
     from ds_structopt.integrations.deepspeed import find_optimizer
     from ds_structopt.integrations.deepspeed_config import load_config
     from ds_structopt.training import checkpoints, preemption, run_config
     from ds_structopt.training.logs import TrainLog
+    from ds_structopt.training.models import model_config, model_file
     from ds_structopt.training.schedule import warmup_cosine, warmup_steps
 
     faults.install()  # no-op unless DS_STRUCTOPT_FAULTS is set (tests)
@@ -100,9 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     base_lrs = [g["lr"] for g in engine.optimizer.param_groups]
     start_step = 0
     # this run's settings, saved in every checkpoint and judged against the checkpoint's at --resume
-    model_file = Path(args.model) if args.model.endswith(".json") else CONFIG_DIR / "models" / f"{args.model}.json"
     run = run_config.describe(args, ds_cfg, world, global_batch=engine.train_batch_size(),
-                              train_rows=len(data.train), model_config=json.loads(model_file.read_text()))
+                              train_rows=len(data.train), model_config=json.loads(model_file(args.model).read_text()))
     if not args.resume:
         _refuse_to_overwrite(ckpt_root, args.overwrite, rank)
     if args.resume and (tag := _resume_tag(ckpt_root, engine)) is not None:

@@ -5,7 +5,6 @@ import json
 import pytest
 
 import ds_structopt as dso
-
 from ds_structopt.bench import regime
 from ds_structopt.bench.__main__ import main as bench
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_structopt.checkpoint import FORMAT_VERSION, SUBDIR
-from ds_structopt.checkpoint import tensor_file
+from ds_structopt.checkpoint import FORMAT_VERSION, SUBDIR, tensor_file
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"

@@ -25,13 +25,23 @@ from typing import Optional
 
 import pytest
 import torch
+from sim.collectives import mismatches
+from sim.world import (
+    FSDP2,
+    Replicated,
+    Zero3,
+    Zero12,
+    first_use_problems,
+    holders_oracle,
+    llama_param_groups,
+    rank_device,
+    simulated_rank,
+    state_problems,
+)
 
 import ds_structopt as dso
 from ds_structopt import checkpoint
 from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
-from sim.collectives import mismatches
-from sim.world import (FSDP2, Replicated, Zero3, Zero12, first_use_problems, holders_oracle, llama_param_groups,
-                       rank_device, simulated_rank, state_problems)
 
 WORLD = 64
 RANKS = (0, 1, 2, 31, 32, 63)

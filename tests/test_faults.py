@@ -5,16 +5,13 @@ resumed runs must end with the same weights as an uninterrupted run (bitwise).""
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
 from dist.launch import free_port
 from test_train import DEEPSPEED, ROOT, final_weights
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from reference import RefAdaDiag
 from torch import nn
 
 import ds_structopt as dso
 from ds_structopt.bench import decomp
 from ds_structopt.optim import linalg
-from reference import RefAdaDiag
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 

@@ -1,15 +1,38 @@
 """Ownership plans: LPT balance, and the locality plan that keeps matrices where DeepSpeed put them."""
 import random
 
+import pytest
+
+import ds_structopt as dso
 from ds_structopt.zero.ownership import MatrixInfo, loads, matrix_cost, plan_owners, plan_owners_local
 
 
-def _llama_like(layers=4, h=64, i=176):
-    out = []
-    for layer in range(layers):
-        out += [MatrixInfo(f"l{layer}.{k}", h, h) for k in ("q", "k", "v", "o")]
-        out += [MatrixInfo(f"l{layer}.gate", i, h), MatrixInfo(f"l{layer}.up", i, h), MatrixInfo(f"l{layer}.down", h, i)]
-    return out
+def _llama_like(layers=4, h=64, i=176, family=dso.AdaDiagPP, **options):
+    opts = family.resolve_options(options)
+    shapes = [(f"l{layer}.{k}", h, h) for layer in range(layers) for k in ("q", "k", "v", "o")]
+    shapes += [(f"l{layer}.{k}", *rc) for layer in range(layers)
+               for k, rc in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i)))]
+    return [MatrixInfo.of(name, m, n, family, opts) for name, m, n in shapes]
+
+
+def test_each_family_states_its_own_cost_and_ownership_balances_it():
+    """A matrix's cost is its family's (which sides rotate, Newton-Schulz iterations, refresh
+    period), not one formula for all: DASGO's is linear in the elements, so its flops plan is the
+    numel plan; AdaDiag rotates one side of a non-square matrix, AdaDiag++ both."""
+    def cost(family, m, n, **options):
+        return MatrixInfo.of("w", m, n, family, family.resolve_options(options)).flops
+
+    assert cost(dso.DASGO, 64, 176) == pytest.approx(cost(dso.DASGO, 176, 64)) == pytest.approx(8.0 * 64 * 176)
+    assert cost(dso.AdaDiag, 64, 176) < cost(dso.AdaDiagPP, 64, 176)
+    assert cost(dso.AdaDiagPP, 64, 176, nonsquare="small_side") < cost(dso.AdaDiagPP, 64, 176)
+    assert cost(dso.ASGO, 64, 176, ns_iterations=20) > cost(dso.ASGO, 64, 176, ns_iterations=5)
+    assert cost(dso.AdaDiagPP, 64, 176, update_freq=10) > cost(dso.AdaDiagPP, 64, 176, update_freq=1000)
+    opts = dso.AdaDiagPP.resolve_options({})
+    info = MatrixInfo.of("w", 64, 176, dso.AdaDiagPP, opts)
+    assert info.flops == dso.AdaDiagPP.step_flops(64, 176, opts) + dso.AdaDiagPP.refresh_flops(64, 176, opts) / 200
+    assert info.elements == dso.AdaDiagPP.state_elements(64, 176, opts)
+    dasgo = _llama_like(family=dso.DASGO)
+    assert plan_owners(dasgo, 4, "flops") == plan_owners(dasgo, 4, "numel")
 
 
 def _contiguous_partition(mats, world):
@@ -51,7 +74,8 @@ def test_local_plan_is_lpt_when_every_rank_holds_the_same():
 
 
 def test_local_plan_moves_work_off_an_overloaded_holder():
-    mats = [MatrixInfo(f"m{j}", 128, 128) for j in range(8)]
+    opts = dso.AdaDiagPP.resolve_options({})
+    mats = [MatrixInfo.of(f"m{j}", 128, 128, dso.AdaDiagPP, opts) for j in range(8)]
     held = {m.name: [128 * 128, 0] for m in mats}  # rank 0 holds everything
     owners = plan_owners_local(mats, held, 2, slack=0.25)
     assert sorted(owners.values()).count(1) >= 3  # capped at 1.25 x mean: rank 1 takes the rest

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from dist.launch import free_port
 from slurm_cluster import LocalSlurm, missing
 from test_faults import assert_same_weights

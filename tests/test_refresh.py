@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ds_structopt as dso
-from ds_structopt.optim.refresh import PhasePlanner, decomposition_cost, first_refresh_window, refresh_due
+from ds_structopt.optim.refresh import PhasePlanner, first_refresh_window, refresh_due
 
 SHAPES = [(96, 32), (64, 64), (64, 64), (48, 80), (32, 32), (32, 32), (24, 40), (16, 16)]
 
@@ -53,7 +53,8 @@ def test_refresh_due_schedule():
 def test_phases_spread_cost_evenly():
     planner = PhasePlanner()
     states = [{} for _ in SHAPES]
-    costs = [decomposition_cost(m, n, True, True) for m, n in SHAPES]
+    opts = dso.AdaDiagPP.resolve_options({})
+    costs = [dso.AdaDiagPP.refresh_flops(m, n, opts) for m, n in SHAPES]
     planner.assign(states, costs, 4)
     per_slot = planner.loads[4]
     assert sorted({st["refresh_phase"] for st in states}) == [0, 1, 2, 3]

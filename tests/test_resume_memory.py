@@ -18,7 +18,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from dist.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -66,7 +66,6 @@ import time
 
 import pytest
 import torch
-
 from dist.launch import free_port
 from test_train import DEEPSPEED, ROOT
 

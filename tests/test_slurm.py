@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import NODES, LocalSlurm, missing
 
 ROOT = Path(__file__).resolve().parents[1]

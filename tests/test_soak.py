@@ -6,7 +6,6 @@ reaches the end. ~6-12 min: runs in CI, locally with DS_STRUCTOPT_SOAK=1."""
 import json
 
 import pytest
-
 from test_faults import metrics, run
 
 STEPS, KILL_AT, WORLD = 2000, 1050, 2

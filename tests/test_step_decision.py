@@ -15,15 +15,14 @@ optimizer on the same global gradients:
 from __future__ import annotations
 
 import datetime
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist.worker import build_model
 
 import ds_structopt as dso
-from dist.worker import build_model
 
 OPTIONS = {"lr": 5e-3, "update_freq": 2, "weight_decay": 0.1, "eps": 1e-5}
 STEPS = 4
@@ -45,6 +44,7 @@ def _chunk(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
 
 def _rank(rank: int, world: int, path: str, out: str) -> None:
     from sim.world import Zero3
+
     from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
 
     _start(rank, world, path)
@@ -93,6 +93,7 @@ def _rank_zero2(rank: int, world: int, path: str, out: str) -> None:
     """The same at ZeRO-1/2: one flat partition per param group, group i's gradient put on it just
     before its own ``step()`` call (tests/sim/world.py ``Zero12``, DeepSpeed's link_hp_params)."""
     from sim.world import Zero12
+
     from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
 
     _start(rank, world, path)

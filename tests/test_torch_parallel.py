@@ -3,7 +3,6 @@ partitioning, on 2 real gloo ranks, against the single-process optimizer on the 
 from pathlib import Path
 
 import pytest
-
 from dist.launch import run_ranks
 from test_zero_parity import BATCH, OPTIMIZERS, STEPS, reference
 

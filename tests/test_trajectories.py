@@ -1,9 +1,9 @@
 """Short trajectories of every optimizer against dense float64 restatements of the formulas."""
 import pytest
 import torch
+from reference import RefAdaDiag, RefASGO, RefDASGO
 
 import ds_structopt as dso
-from reference import RefAdaDiag, RefASGO, RefDASGO
 
 SHAPES = [(4, 6), (6, 4), (5, 5)]
 

@@ -1,7 +1,6 @@
 """engine.save_checkpoint / load_checkpoint with our name-keyed state: round trip at every stage
 and resharding (2 -> 1, 2 -> 4, 1 -> 2) continue the uninterrupted trajectory."""
 import pytest
-
 from dist.launch import run_ranks
 from test_zero_parity import OPTIMIZERS
 

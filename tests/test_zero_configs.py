@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist.launch import run_ranks
+
 from ds_structopt.integrations.deepspeed_config import ConfigError, parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("ds_*_zero2.json"))

@@ -2,10 +2,10 @@
 single-process optimizer on the same global batch."""
 import pytest
 import torch
-
-import ds_structopt as dso
 from dist.launch import run_ranks
 from dist.worker import case_batches, case_model
+
+import ds_structopt as dso
 
 STEPS = 10
 BATCH = 64

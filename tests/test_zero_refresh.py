@@ -3,9 +3,8 @@ with the single-process optimizer; staggered + ahead runs are deterministic and 
 onto the uninterrupted trajectory."""
 import pytest
 import torch
-
 from dist.launch import run_ranks
-from test_zero_parity import BATCH, STEPS, OPTIMIZERS, reference
+from test_zero_parity import BATCH, OPTIMIZERS, STEPS, reference
 
 AHEAD = {"AdaDiag++": dict(OPTIMIZERS["AdaDiag++"], refresh_from="previous"),
          "ASGO": dict(OPTIMIZERS["ASGO"], refresh_from="previous")}

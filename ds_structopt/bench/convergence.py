@@ -18,8 +18,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import optimizers as contenders
+from ..tables import markdown_table
 from ..training.local import evaluate, lm_step
+from . import optimizers as contenders
 from . import report
 
 
@@ -53,7 +54,7 @@ def load_data(s: Settings):
 def build_model(s: Settings, vocab_size: int) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
-    from ..train import model_config
+    from ..training.models import model_config
 
     torch.manual_seed(s.seed)
     return LlamaForCausalLM(model_config(s.model, vocab_size, s.seq_len))
@@ -221,7 +222,7 @@ def run(s: Settings, names: Sequence[str], out_dir: str | Path, log: Any = None,
               b["time_ratio"], b["state_bytes_per_param"], b["matrix_state_elems_per_param_excl_rotations"],
               b["matrix_rotation_bytes_per_param"]] for n, b in summary["best"].items()]
     md = (f"Convergence: model `{s.model}`, {s.steps} steps x {s.batch} x {s.seq_len} tokens, target = AdamW's "
-          f"final eval loss {summary['target_eval_loss']:.4f}\n\n" + report.markdown_table(headers, table))
+          f"final eval loss {summary['target_eval_loss']:.4f}\n\n" + markdown_table(headers, table))
     files = report.write(out, "convergence", {"settings": asdict(s), "summary": summary, "runs": runs,
                                               "plots": pngs}, md)
     return {"summary": summary, "files": files, "plots": pngs}

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..tables import markdown_table
 from . import report
 
 OURS = {
@@ -299,7 +300,7 @@ def write(out_dir: str | Path, settings: dict[str, Any], runs: list[dict[str, An
     md = (f"Dist: LLaMA {settings['layers']} x {settings['hidden']}, batch {settings['batch']} x {settings['seq_len']}, "
           f"T = {settings['update_freq']}, median of {settings['steps']} steps after {settings['warmup']} warm-up; "
           "comm = bytes handed to torch.distributed collectives per step, summed over ranks\n\n"
-          + report.markdown_table(headers, rows))
+          + markdown_table(headers, rows))
     plots = []
     multi = [r for r in runs if r["ranks"] > 1]
     if multi:

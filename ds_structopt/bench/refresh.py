@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..tables import markdown_table
 from . import report
 from .dist import launch_ranks, worker_entry, write_rank_result
 
@@ -139,7 +140,7 @@ def write(out_dir: str, settings: dict[str, Any], runs: list[dict[str, Any]]) ->
           f"(MLP {settings['intermediate']}, vocab {settings['vocab']}), ZeRO-{settings['stage']}, batch "
           f"{settings['batch']} x {settings['seq_len']}, T = {settings['update_freq']}, {settings['windows']} windows "
           f"after {settings['warmup']} warm-up steps; step time = slowest rank\n\n"
-          + report.markdown_table(["ranks", "variant", "median s", "max s", "max / median", "mean s",
+          + markdown_table(["ranks", "variant", "median s", "max s", "max / median", "mean s",
                                    "refresh s/step (mean - floor)"], rows)
           + "\n\nshare of refresh time hidden by refresh-ahead: "
           + ", ".join(f"{n} ranks {s:.0%}" if s is not None else f"{n} ranks n/a" for n, s in shares.items()) + "\n")

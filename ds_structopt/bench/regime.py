@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ..tables import markdown_table
 from . import convergence, launched, report
 from . import optimizers as contenders
 
@@ -370,7 +371,7 @@ def run(r: Regime, names: Sequence[str], out_dir: str | Path, log: Callable[[str
           f"({info['tokens_per_param']:.2f} tokens per param), refresh every {s.update_freq} steps "
           f"({info['refreshes']:.0f} refreshes), {done['cache'].settings['regime']['seeds']} seeds; target = "
           f"{summary['target']}'s final eval loss per seed (mean {summary['target_eval_loss']:.4f})\n\n"
-          + report.markdown_table(headers, table))
+          + markdown_table(headers, table))
     cache.write({"info": done["info"], key: summary, "ablation_plots" if fixed_lr is not None else "plots": [png]})
     md_path = out / f"{stem}.md"
     md_path.write_text(md + "\n")

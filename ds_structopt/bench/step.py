@@ -19,10 +19,11 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from ..tables import markdown_table
 from . import optimizers as contenders
 from . import report
 
@@ -152,7 +153,7 @@ def run_model(size: str, names: Sequence[str], *, whole: bool, batch: int, micro
               log: Any = None) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
-    from ..train import model_config
+    from ..training.models import model_config
 
     log = log or (lambda msg: print(msg, flush=True))
     torch.manual_seed(0)
@@ -218,7 +219,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     for size in models:
         from transformers import LlamaForCausalLM  # noqa: F401  (import cost outside the timings)
 
-        from ..train import model_config
+        from ..training.models import model_config
 
         cfg = model_config(size, 32000, seq_len)
         approx = cfg.vocab_size * cfg.hidden_size * 2 + cfg.num_hidden_layers * (
@@ -256,7 +257,7 @@ def write(out_dir: str | Path, runs: list[dict[str, Any]], skipped: dict[str, st
             row += [r.get("whole_window_ratio")] if whole else []
             row += [r["state_bytes_per_param"], r["peak_extra_bytes"] / 2**20]
             rows.append(row)
-        md += report.markdown_table(headers, rows)
+        md += markdown_table(headers, rows)
         key = "whole_window_ratio" if whole else "window_ratio"
         if all(key in r for r in res.values()):
             plots.append(report.bar_plot(out / f"step_{run['model']}.png", list(res), [r[key] for r in res.values()],

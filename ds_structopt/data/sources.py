@@ -155,7 +155,6 @@ def embedded_documents() -> Iterator[str]:
     import importlib
     import inspect
     import warnings
-
     from pydoc_data import topics
 
     for key in sorted(topics.topics):

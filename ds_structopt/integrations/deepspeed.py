@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 
 from ..grouping import param_groups
 from .deepspeed_config import ConfigError, StructOptConfig, parse_config
+
+if TYPE_CHECKING:
+    from ..zero.optimizer import DistributedStructuredOptimizer
 
 
 def _config_source(args: Any, config: Any, config_params: Any) -> Any:

@@ -17,11 +17,11 @@ from typing import Any, Mapping, Optional, Union
 
 from ..optim.base import StructuredOptimizer
 from ..optim.validation import UnknownOptionError
+from ..zero.ownership import COST_MODELS
 
 OUR_BLOCK = "ds_structopt"
 DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local", "ownership_group_size": None,
                                  "collective_timeout_s": 600}
-_COST_MODELS = ("flops", "memory", "numel")
 # DeepSpeed's own optimizer names (deepspeed/runtime/config.py), lower-case.
 _DEEPSPEED_NAMES = ("adagrad", "adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam", "lion",
                     "muadam", "muadamw", "musgd", "muon", "cpu_adam", "fusedadam")
@@ -59,7 +59,7 @@ def load_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> dict[str,
 
 def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOptConfig:
     """Split a user's DeepSpeed config into DeepSpeed's part and ours, validating ours."""
-    from .. import OPTIMIZERS
+    from ..optim.registry import OPTIMIZERS
 
     cfg = load_config(config)
     dist_options = _dist_options(cfg.pop(OUR_BLOCK, {}))
@@ -116,8 +116,8 @@ def _dist_options(block: Any) -> dict[str, Any]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{OUR_BLOCK}: unknown option {key!r}{hint}")
     out = {**DIST_DEFAULTS, **block}
-    if out["cost_model"] not in _COST_MODELS:
-        raise ConfigError(f"{OUR_BLOCK}.cost_model must be one of {list(_COST_MODELS)}, got {out['cost_model']!r}")
+    if out["cost_model"] not in COST_MODELS:
+        raise ConfigError(f"{OUR_BLOCK}.cost_model must be one of {list(COST_MODELS)}, got {out['cost_model']!r}")
     if out["ownership"] not in ("local", "balanced"):
         raise ConfigError(f"{OUR_BLOCK}.ownership must be one of ['local', 'balanced'], got {out['ownership']!r}")
     size = out["ownership_group_size"]

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
+from ..optim.registry import OPTIMIZERS
 from .deepspeed_config import parse_config
 from .deepspeed_ops import skip_unused_jit_ops
 
@@ -35,9 +36,7 @@ class StructOptTrainer(Trainer):
         config = getattr(hf_config, "config", None)
         if not isinstance(config, dict):
             return
-        import ds_structopt as dso
-
-        if (config.get("optimizer") or {}).get("type") not in dso.OPTIMIZERS:
+        if (config.get("optimizer") or {}).get("type") not in OPTIMIZERS:
             return
         parsed = parse_config(config)  # one-line error naming a bad option, before anything starts
         config.clear()  # the same dict accelerate's DeepSpeed plugin reads: now without our blocks
@@ -48,12 +47,12 @@ class StructOptTrainer(Trainer):
         if self._structopt is None:
             return super().create_optimizer(model)
         if self.optimizer is None:
-            import ds_structopt as dso
+            from ..grouping import param_groups
             from ..zero.optimizer import DistributedStructuredOptimizer
 
             cls, options, dist_options = self._structopt
             self.optimizer = DistributedStructuredOptimizer(
-                dso.param_groups(model if model is not None else self.model), cls, options,
+                param_groups(model if model is not None else self.model), cls, options,
                 cost_model=dist_options["cost_model"], ownership=dist_options["ownership"],
                 ownership_group_size=dist_options["ownership_group_size"])
         return self.optimizer

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..grouping import param_groups as default_groups
+from ..optim.registry import get_optimizer_class
 from ..zero.optimizer import DistributedStructuredOptimizer
 
 
@@ -29,11 +30,9 @@ def distributed_optimizer(model: torch.nn.Module, optimizer: str = "AdaDiag++",
     ``ds_structopt.param_groups(model)``. Use it like any torch optimizer: ``loss.backward();
     opt.step(); opt.zero_grad()``; checkpoints through ``ds_structopt.checkpoint.save/load``.
     """
-    import ds_structopt as dso
-
     if not dist.is_initialized():
         raise RuntimeError("distributed_optimizer needs an initialized process group (torch.distributed.init_process_group)")
-    cls = dso.get_optimizer_class(optimizer)
+    cls = get_optimizer_class(optimizer)
     groups = param_groups if param_groups is not None else default_groups(model)
     return DistributedStructuredOptimizer(groups, cls, options, cost_model=cost_model, process_group=process_group,
                                           ownership=ownership, ownership_group_size=ownership_group_size)

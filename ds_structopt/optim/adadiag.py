@@ -36,11 +36,13 @@ from . import validation as v
 from .base import StructuredOptimizer
 from .batching import buckets, chunks, stack
 from .moments import adam_directions, factored_directions
-from .refresh import decomposition_cost, first_refresh_window, refresh_due
+from .refresh import DECOMP_FLOPS_PER_CUBE, first_refresh_window, refresh_due
+from .registry import register
 
 State = MutableMapping[str, Any]
 
 
+@register
 class AdaDiag(StructuredOptimizer):
     """AdaDiag: Adam moments in the singular basis of the gradient's small side.
 
@@ -127,6 +129,20 @@ class AdaDiag(StructuredOptimizer):
         left = m <= n
         return left and m <= max_dim, (not left) and n <= max_dim
 
+    @classmethod
+    def step_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """Rotations into and out of the basis on each rotated side (and the EMA factors' Gram
+        products with ``basis="ema"``), plus the elementwise moment work."""
+        left, right = cls._sides(m, n, group["max_precond_dim"], group.get("nonsquare", "both"))
+        per_side = (m * m * n if left else 0.0) + (m * n * n if right else 0.0)
+        return (6.0 if group.get("basis") == "ema" else 4.0) * per_side + 10.0 * m * n
+
+    @classmethod
+    def refresh_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """An SVD/eigh with vectors per rotated side."""
+        left, right = cls._sides(m, n, group["max_precond_dim"], group.get("nonsquare", "both"))
+        return DECOMP_FLOPS_PER_CUBE * ((m**3 if left else 0) + (n**3 if right else 0))
+
     def _init_state(self, st: State, grad: Tensor, group: dict[str, Any]) -> None:
         if "step" in st:
             return
@@ -173,8 +189,7 @@ class AdaDiag(StructuredOptimizer):
         if group["basis"] == "ema":
             self._accumulate_factors(grads, states, group["basis_beta"])
         if group["stagger_refresh"]:
-            self.phase_planner.assign(states, [decomposition_cost(*g.shape, st["rotate_left"], st["rotate_right"])
-                                               for g, st in zip(grads, states)], group["update_freq"])
+            self.phase_planner.assign(states, [self.refresh_flops(*g.shape, group) for g in grads], group["update_freq"])
         due = self._due(states, group, step_offset=0)
         if group["refresh_from"] == "previous":
             due = self._install_ahead(due, grads, states, group)  # computed last step; what is left runs now
@@ -381,6 +396,7 @@ class AdaDiag(StructuredOptimizer):
             )
 
 
+@register
 class AdaDiagPP(AdaDiag):
     """AdaDiag++ ("AdaDiag++" in configs): both sides rotated, G~ = P^T G Q.
 

@@ -30,7 +30,8 @@ from . import linalg
 from . import validation as v
 from .base import StructuredOptimizer
 from .batching import buckets, chunks, stack
-from .refresh import first_refresh_window, refresh_due
+from .refresh import DECOMP_FLOPS_PER_CUBE, first_refresh_window, refresh_due
+from .registry import register
 
 State = MutableMapping[str, Any]
 
@@ -68,6 +69,7 @@ class _MomentumRMSOptimizer(StructuredOptimizer):
             v.check_positive(name, "rms_scale", group["rms_scale"])
 
 
+@register
 class ASGO(_MomentumRMSOptimizer):
     """ASGO: one-sided full-matrix preconditioner V^{-1/2} on the gradient's small side."""
 
@@ -111,6 +113,24 @@ class ASGO(_MomentumRMSOptimizer):
         v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
 
     @classmethod
+    def step_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """V's update and the preconditioning on the small side d (4 d^2 x the other side), plus
+        the Newton-Schulz iterations (6 d^3 each) when the root is computed every step."""
+        d, other = min(m, n), max(m, n)
+        if d > group["max_precond_dim"]:
+            return 8.0 * m * n
+        flops = 4.0 * d * d * other
+        if group["root"] == "newton_schulz":
+            flops += group["ns_iterations"] * 6.0 * d**3
+        return flops
+
+    @classmethod
+    def refresh_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """An eigh of V every ``update_freq`` steps with ``root="eigh"``; none with Newton-Schulz."""
+        d = min(m, n)
+        return DECOMP_FLOPS_PER_CUBE * d**3 if group["root"] == "eigh" and d <= group["max_precond_dim"] else 0.0
+
+    @classmethod
     def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
         """fp32 elements of an m x n matrix's state after its first step (momentum, V, eigh root)."""
         d = min(m, n)
@@ -150,8 +170,8 @@ class ASGO(_MomentumRMSOptimizer):
             roots = self._newton_schulz_roots(states, group)
         else:
             if group["stagger_refresh"]:
-                self.phase_planner.assign(states, [float(st["precond"].shape[0]) ** 3 if st["side"] else 0.0
-                                                   for st in states], group["update_freq"])
+                self.phase_planner.assign(states, [self.refresh_flops(*g.shape, group) for g in grads],
+                                          group["update_freq"])
             due = self._due(states, group, step_offset=0)
             if group["refresh_from"] == "previous":
                 due = self._install_ahead(due, group)
@@ -270,6 +290,7 @@ class ASGO(_MomentumRMSOptimizer):
         return out  # type: ignore[return-value]
 
 
+@register
 class DASGO(_MomentumRMSOptimizer):
     """DASGO: ASGO with only the diagonal of G^T G (one vector over the columns)."""
 
@@ -286,6 +307,11 @@ class DASGO(_MomentumRMSOptimizer):
         adam_eps=1e-8,
         adam_weight_decay=0.0,
     )
+
+    @classmethod
+    def step_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """Elementwise: momentum, the column statistics and the scaling (~8 per element)."""
+        return 8.0 * m * n
 
     @classmethod
     def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
-from typing import Any, Callable, ClassVar, Iterable, MutableMapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, MutableMapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from . import validation as v
 from .adamw import adamw_step
 from .names import DEFAULT_ELEMENTWISE_PATTERNS, matches
 from .precision import full_fp32_matmul
+
+if TYPE_CHECKING:
+    from .refresh import PhasePlanner, RefreshAhead
 
 # Keys a param group may carry that are metadata, not optimizer options.
 _GROUP_METADATA = {"params", "param_names", "name", "initial_lr"}
@@ -150,6 +153,23 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     def state_elements(cls, m: int, n: int, group: dict[str, Any]) -> int:
         """fp32 elements in the state of an m x n matrix after its first step (planner's memory model)."""
 
+    # ----- cost model: what owning one m x n matrix costs (ownership, staggering, planner) --
+    @classmethod
+    @abc.abstractmethod
+    def step_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """FLOPs of one plain step of an m x n matrix with these (resolved) options."""
+
+    @classmethod
+    def refresh_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """FLOPs of one basis/root refresh of an m x n matrix (0: the family has none)."""
+        return 0.0
+
+    @classmethod
+    def amortized_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
+        """Per-step work of owning an m x n matrix: a step plus its share of a refresh
+        (what ownership balances across ranks)."""
+        return cls.step_flops(m, n, group) + cls.refresh_flops(m, n, group) / max(1, int(group.get("update_freq", 1)))
+
     @property
     def phase_planner(self) -> "PhasePlanner":
         """Refresh phases for ``stagger_refresh`` (one planner per optimizer, across calls)."""
@@ -196,12 +216,12 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{self.NAME} does not support sparse gradients")
+        grad = {p: p.grad for p in params if p.grad is not None}  # (typed: every one has a gradient)
+        if any(g.is_sparse for g in grad.values()):
+            raise RuntimeError(f"{self.NAME} does not support sparse gradients")
         matrices: list[Tensor] = []
         elementwise: list[Tensor] = []
-        for p, (finite, nonzero) in zip(params, grad_flags([p.grad for p in params])):
+        for p, (finite, nonzero) in zip(params, grad_flags([grad[p] for p in params])):
             if not finite:
                 st = self.state[p]
                 st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
@@ -214,7 +234,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
             wd = group["adam_weight_decay"] if group["adam_weight_decay"] is not None else group["weight_decay"]
             adamw_step(
                 elementwise,
-                [p.grad for p in elementwise],
+                [grad[p] for p in elementwise],
                 [self.state[p] for p in elementwise],
                 lr=group["lr"],
                 betas=self.adam_betas(group),
@@ -222,7 +242,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
                 weight_decay=wd,
             )
         if matrices:
-            grads = [as_matrix(p.grad.float()) for p in matrices]
+            grads = [as_matrix(grad[p].float()) for p in matrices]
             states = [self.state[p] for p in matrices]
             updates, step_sizes = self.matrix_updates(group, grads, states, weights=matrices)
             apply_updates(matrices, updates, step_sizes, group["weight_decay"])

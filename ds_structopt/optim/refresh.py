@@ -26,7 +26,6 @@ import torch
 
 from .precision import full_fp32_matmul
 
-
 #: Default ``first_refresh_window`` with staggering: at most this many steps to spread the first bases over.
 FIRST_REFRESH_WINDOW = 8
 
@@ -50,9 +49,8 @@ def first_refresh_window(group: Mapping[str, Any]) -> int:
     return min(group["update_freq"], FIRST_REFRESH_WINDOW if window is None else window)
 
 
-def decomposition_cost(rows: int, cols: int, left: bool, right: bool) -> float:
-    """SVD/eigh work of one refresh: cubic in each rotated side."""
-    return (rows**3 if left else 0) + (cols**3 if right else 0)
+#: FLOPs of an eigh/SVD with vectors of a d x d problem, per d^3 (~9-10 d^3)
+DECOMP_FLOPS_PER_CUBE = 10.0
 
 
 class PhasePlanner:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..bench import report
+from ..tables import markdown_table
 from .model_shapes import model_params
 from .planner import make_plan, projection
 
@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + f"; {args.tokens_per_step} tokens/step, model at {args.device_tflops:g} TFLOP/s x MFU {args.mfu:g}, "
           f"rotations {args.matmul_tflops:g} TFLOP/s, eigh/SVD {args.decomp_tflops:g} TFLOP/s, "
           f"{args.intra_node_gbps:g}/{args.inter_node_gbps:g} GB/s intra/inter-node\n")
-    print(report.markdown_table(headers, rows))
+    print(markdown_table(headers, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dumps, f, indent=2)

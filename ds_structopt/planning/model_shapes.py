@@ -34,13 +34,13 @@ def model_params(model: Union[str, dict[str, Any]], optimizer: str, options: dic
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import ds_structopt as dso
-    from ..train import model_config
+    from ..grouping import param_groups
+    from ..optim.registry import get_optimizer_class
+    from ..training.models import model_config
 
     cfg = LlamaConfig(**model) if isinstance(model, dict) else model_config(model, vocab_size, seq_len)
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
-    groups = dso.param_groups(net)
-    opt = dso.build(optimizer, groups, **options)
+    opt = get_optimizer_class(optimizer)(param_groups(net), **options)
     return [[ParamSpec(name, tuple(p.shape), opt.is_matrix(p, g)) for name, p in zip(g["param_names"], g["params"])]
             for g in opt.param_groups]

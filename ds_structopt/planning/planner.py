@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 from ..optim.refresh import PhasePlanner, first_refresh_window
+from ..optim.registry import get_optimizer_class
 from ..zero.ownership import MatrixInfo, plan_replica_owners
 from .model_shapes import ParamSpec
 from .zero_layout import held_counts, holdings
 
 FP32 = 4
-DECOMP_FLOPS_PER_CUBE = 10.0  # eigh/SVD with vectors ~ 9-10 d^3 FLOPs
 
 
 @dataclass
@@ -75,9 +75,7 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
               stage: int, ranks_per_node: Optional[int] = None, group_size: Optional[int] = None,
               ownership: str = "local", cost_model: str = "flops") -> Plan:
     """The plan of one configuration; ``group_size`` = hierarchical ``ownership_group_size``."""
-    import ds_structopt as dso
-
-    cls = dso.get_optimizer_class(optimizer)
+    cls = get_optimizer_class(optimizer)
     opts = cls.resolve_options(dict(options))
     update_freq = int(opts.get("update_freq", 1))
     stagger = bool(opts.get("stagger_refresh", False))
@@ -89,9 +87,9 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
     pieces = holdings(groups, world, stage)
     all_params = [p for g in groups for p in g]
     mats = [p for p in all_params if p.is_matrix]
-    infos = [MatrixInfo(p.name, *p.rows_cols) for p in mats]
+    infos = [MatrixInfo.of(p.name, *p.rows_cols, cls, opts) for p in mats]
     held = None if ownership == "balanced" or world == 1 else held_counts({p.name: pieces[p.name] for p in mats}, world)
-    owners = plan_replica_owners(infos, world, group_size, cost_model, update_freq, held)
+    owners = plan_replica_owners(infos, world, group_size, cost_model, held)
 
     # memory: owned matrix states + AdamW moments of the elementwise pieces held
     state = [0] * world
@@ -103,8 +101,8 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
         for r in owners[p.name]:
             state[r] += FP32 * elems
             owned[r] += 1
-            rotation[r] += step_flops(cls.NAME, info.rows, info.cols, opts)
-            costs[r].append(refresh_flops(cls.NAME, info.rows, info.cols, opts))
+            rotation[r] += cls.step_flops(info.rows, info.cols, opts)
+            costs[r].append(cls.refresh_flops(info.rows, info.cols, opts))
     for p in all_params:
         if not p.is_matrix:
             for r, _, n in pieces[p.name]:
@@ -175,38 +173,6 @@ def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: in
         padded += total + (-total) % (2 * world)
     n = FP32 * padded
     return (1 if stage == 0 else 2) * world * n
-
-
-def _rotated_sides(name: str, m: int, n: int, opts: dict[str, Any]) -> tuple[bool, bool]:
-    """Which sides of an m x n matrix AdaDiag/AdaDiag++ rotate (the optimizer's own rule)."""
-    import ds_structopt as dso
-
-    return dso.get_optimizer_class(name)._sides(m, n, opts["max_precond_dim"], opts.get("nonsquare", "both"))
-
-
-def step_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
-    """Per-step FLOPs of one matrix's preconditioning (rotations, Gram products, roots)."""
-    if name in ("AdaDiag", "AdaDiag++"):
-        left, right = _rotated_sides(name, m, n, opts)
-        per_side = (m * m * n if left else 0.0) + (m * n * n if right else 0.0)
-        return (6.0 if opts.get("basis") == "ema" else 4.0) * per_side + 10.0 * m * n
-    if name == "ASGO":
-        d, other = min(m, n), max(m, n)
-        f = 4.0 * d * d * other
-        if opts.get("root") == "newton_schulz":
-            f += opts.get("ns_iterations", 10) * 6.0 * d**3
-        return f
-    return 8.0 * m * n
-
-
-def refresh_flops(name: str, m: int, n: int, opts: dict[str, Any]) -> float:
-    """FLOPs of one basis/root refresh of one matrix (0 where there is none)."""
-    if name in ("AdaDiag", "AdaDiag++"):
-        left, right = _rotated_sides(name, m, n, opts)
-        return DECOMP_FLOPS_PER_CUBE * ((m**3 if left else 0) + (n**3 if right else 0))
-    if name == "ASGO" and opts.get("root") == "eigh":
-        return DECOMP_FLOPS_PER_CUBE * min(m, n) ** 3
-    return 0.0
 
 
 def projection(plan: Plan, tokens_per_step: int, device_flops: float, mfu: float, matmul_flops: float,

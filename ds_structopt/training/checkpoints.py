@@ -30,9 +30,9 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 
 from .. import faults
-from . import rng
 from ..checkpoint.state_io import sha256_file, write_text_atomic
 from ..comm import any_rank
+from . import rng
 
 INCOMING = ".incoming"
 MANIFEST = "manifest.json"

@@ -229,7 +229,7 @@ def _same_number(a: Any, b: Any) -> bool:
 
 def _default(opt_type: Optional[str], key: str) -> Any:
     """The default of option ``key`` of our optimizer ``opt_type`` (None: not ours, nothing known)."""
-    from .. import OPTIMIZERS
+    from ..optim.registry import OPTIMIZERS
 
     cls = OPTIMIZERS.get(opt_type) if isinstance(opt_type, str) else None
     try:

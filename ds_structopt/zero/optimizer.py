@@ -107,9 +107,9 @@ class DistributedStructuredOptimizer(Optimizer):
         self._elem_live: list[Optional[bool]] = []
         self._entry_by_param = {id(e.lp): e for es in self.entries for e in es}
         self._all_groups = list(self.param_groups)
-        self._infos = [MatrixInfo(e.name, e.shape[0], _numel(e.shape) // e.shape[0])
-                       for es in self.entries for e in es if e.is_matrix]
-        self._cost_model, self._update_freq = cost_model, options.get("update_freq", 200)
+        self._infos = [MatrixInfo.of(e.name, e.shape[0], _numel(e.shape) // e.shape[0], optimizer_cls, g)
+                       for es, g in zip(self.entries, self.math.param_groups) for e in es if e.is_matrix]
+        self._cost_model = cost_model
         if ownership not in ("local", "balanced"):
             raise ValueError(f"ownership must be 'local' or 'balanced', got {ownership!r}")
         self.ownership = ownership
@@ -145,8 +145,7 @@ class DistributedStructuredOptimizer(Optimizer):
         rank reaches together."""
         if self._owners is None:
             held = None if self.ownership == "balanced" or self.world == 1 else self._held_counts()
-            self._owners = plan_replica_owners(self._infos, self.world, self.replicas.size, self._cost_model,
-                                               self._update_freq, held)
+            self._owners = plan_replica_owners(self._infos, self.world, self.replicas.size, self._cost_model, held)
         return self._owners
 
     def _held_counts(self) -> dict[str, list[int]]:

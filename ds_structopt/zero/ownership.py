@@ -1,58 +1,71 @@
-"""Which rank owns which matrix: a cost model and longest-processing-time-first balancing.
+"""Which rank owns which matrix: longest-processing-time-first balancing of each family's own cost.
 
 Every structured matrix gets exactly one owner; only the owner keeps its
-basis/factors and moments and computes its update. The plan is a pure function
-of (names, shapes, options, world size, and for the "local" plan which rank
+basis/factors and moments and computes its update. A matrix's cost comes from
+its optimizer family (``StructuredOptimizer.amortized_flops`` / ``state_elements``
+for its options: which sides rotate, Newton-Schulz iterations, the refresh
+period), the same numbers the planner and refresh staggering use. The plan is a
+pure function of (names, costs, world size, and for the "local" plan which rank
 holds how much of each matrix), so every rank computes the same plan.
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+from ..optim.base import StructuredOptimizer
+
+COST_MODELS = ("flops", "memory", "numel")
 
 
 @dataclass(frozen=True)
 class MatrixInfo:
+    """A matrix to place, with what owning it costs under its family and options."""
+
     name: str
     rows: int
     cols: int
+    flops: float   # per step, refresh amortized (``amortized_flops``)
+    elements: int  # state elements (``state_elements``)
+
+    @classmethod
+    def of(cls, name: str, rows: int, cols: int, family: type[StructuredOptimizer],
+           options: dict[str, Any]) -> "MatrixInfo":
+        """The matrix with its family's costs for ``options`` (resolved: every key present)."""
+        return cls(name, rows, cols, family.amortized_flops(rows, cols, options),
+                   family.state_elements(rows, cols, options))
 
 
-def matrix_cost(info: MatrixInfo, model: str, update_freq: int = 200) -> float:
-    """Relative cost of owning a matrix.
-
-    "flops": rotations mn(m+n) every step + decompositions (m^3 + n^3) amortized
-    over the refresh period + elementwise mn; "memory": state elements
-    mn + m^2 + n^2 (moments plus bases); "numel": mn.
-    """
-    m, n = info.rows, info.cols
+def matrix_cost(info: MatrixInfo, model: str) -> float:
+    """What ``model`` balances: "flops" (the family's work per step), "memory" (its state
+    elements) or "numel" (elements of the matrix)."""
     if model == "flops":
-        return m * n * (m + n) + (m**3 + n**3) / max(1, update_freq) + m * n
+        return info.flops
     if model == "memory":
-        return m * n + m * m + n * n
+        return info.elements
     if model == "numel":
-        return m * n
-    raise ValueError(f"unknown cost_model '{model}'; expected one of ['flops', 'memory', 'numel']")
+        return info.rows * info.cols
+    raise ValueError(f"unknown cost_model '{model}'; expected one of {list(COST_MODELS)}")
 
 
-def plan_owners(matrices: Sequence[MatrixInfo], world_size: int, cost_model: str = "flops", update_freq: int = 200) -> dict[str, int]:
+def plan_owners(matrices: Sequence[MatrixInfo], world_size: int, cost_model: str = "flops") -> dict[str, int]:
     """Assign each matrix to a rank: largest cost first, to the currently least-loaded rank.
 
     Ties break on rank id and the input order, so the plan is deterministic.
     """
-    order = sorted(range(len(matrices)), key=lambda i: (-matrix_cost(matrices[i], cost_model, update_freq), i))
+    order = sorted(range(len(matrices)), key=lambda i: (-matrix_cost(matrices[i], cost_model), i))
     heap = [(0.0, rank) for rank in range(world_size)]
     owners: dict[str, int] = {}
     for i in order:
         load, rank = heapq.heappop(heap)
         owners[matrices[i].name] = rank
-        heapq.heappush(heap, (load + matrix_cost(matrices[i], cost_model, update_freq), rank))
+        heapq.heappush(heap, (load + matrix_cost(matrices[i], cost_model), rank))
     return owners
 
 
 def plan_owners_local(matrices: Sequence[MatrixInfo], held: Mapping[str, Sequence[int]], world_size: int,
-                      cost_model: str = "flops", update_freq: int = 200, slack: float = 0.25) -> dict[str, int]:
+                      cost_model: str = "flops", slack: float = 0.25) -> dict[str, int]:
     """Prefer the rank that already holds most of a matrix, within a load cap; else the least loaded.
 
     ``held[name][r]`` = elements of the matrix in rank r's ZeRO partition. A matrix owned
@@ -62,7 +75,7 @@ def plan_owners_local(matrices: Sequence[MatrixInfo], held: Mapping[str, Sequenc
     keeps refresh/rotation work balanced. Largest cost first; ties break on rank id and
     input order, so every rank computes the same plan.
     """
-    costs = [matrix_cost(m, cost_model, update_freq) for m in matrices]
+    costs = [matrix_cost(m, cost_model) for m in matrices]
     cap = (1.0 + slack) * sum(costs) / max(1, world_size)
     order = sorted(range(len(matrices)), key=lambda i: (-costs[i], i))
     load = [0.0] * world_size
@@ -90,7 +103,7 @@ def loads(matrices: Sequence[MatrixInfo], owners: Mapping[str, int], world_size:
 
 
 def plan_replica_owners(matrices: Sequence[MatrixInfo], world_size: int, group_size: int, cost_model: str = "flops",
-                        update_freq: int = 200, held: Optional[Mapping[str, Sequence[int]]] = None) -> dict[str, list[int]]:
+                        held: Optional[Mapping[str, Sequence[int]]] = None) -> dict[str, list[int]]:
     """One owner per matrix in every replica group of ``group_size`` consecutive ranks.
 
     ``held`` (elements of each matrix per rank) selects the locality plan within each group;
@@ -99,10 +112,10 @@ def plan_replica_owners(matrices: Sequence[MatrixInfo], world_size: int, group_s
     out: dict[str, list[int]] = {m.name: [] for m in matrices}
     for base in range(0, world_size, group_size):
         if held is None:
-            local = plan_owners(matrices, group_size, cost_model, update_freq)
+            local = plan_owners(matrices, group_size, cost_model)
         else:
             in_group = {name: list(counts[base:base + group_size]) for name, counts in held.items()}
-            local = plan_owners_local(matrices, in_group, group_size, cost_model, update_freq)
+            local = plan_owners_local(matrices, in_group, group_size, cost_model)
         for name, rank in local.items():
             out[name].append(base + rank)
     return out

@@ -79,7 +79,7 @@ def llama_param_groups(model: str = "7b", layers: Optional[int] = None, dtype: t
     from transformers import LlamaForCausalLM
 
     import ds_structopt as dso
-    from ds_structopt.train import model_config
+    from ds_structopt.training.models import model_config
 
     cfg = model_config(model, 32000, 256)
     if layers is not None:

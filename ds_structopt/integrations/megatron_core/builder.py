@@ -19,6 +19,7 @@ from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradS
 from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from ...optim.registry import get_optimizer_class
 from ...zero.ownership import MatrixInfo, plan_owners
 from .owner_sharded import OwnerShardedOptimizer, SharedScale
 from .tp_layout import layout_of
@@ -39,12 +40,10 @@ def get_megatron_structopt_optimizer(config: OptimizerConfig, model_chunks: list
     ``options`` are ours (``update_freq``, ``betas``, ``eps``, ...). ``tp_mode``: ``"gather"``
     (exact w.r.t. TP=1) or ``"local"`` (each TP shard its own block).
     """
-    import ds_structopt as dso
-
     options = dict(options or {})
     _check(config, model_chunks, options, tp_mode)
-    cls = dso.get_optimizer_class(optimizer)
-    cls.resolve_options(dict(options))  # one-line error for a bad option, before any state is made
+    cls = get_optimizer_class(optimizer)
+    resolved = cls.resolve_options(dict(options))  # one-line error for a bad option, before any state is made
     groups = pg_collection if pg_collection is not None else ProcessGroupCollection.use_mpu_process_groups()
     dp_group, tp_group = groups.dp_cp, groups.tp
     dp_size, dp_rank = torch.distributed.get_world_size(dp_group), torch.distributed.get_rank(dp_group)
@@ -54,9 +53,8 @@ def get_megatron_structopt_optimizer(config: OptimizerConfig, model_chunks: list
     gated = any(getattr(getattr(c, "config", None), "gated_linear_unit", False) for c in model_chunks)
     matrices = [p for p in names if p.requires_grad and is_structured(p)]
     layouts = {p: layout_of(p, names[p], tp_size, tp_rank, gated) for p in matrices}
-    update_freq = int(options.get("update_freq", 200))
-    infos = [MatrixInfo(names[p], *_full_rows_cols(p, layouts[p], tp_mode)) for p in matrices]
-    matrix_owner = plan_owners(infos, dp_size, cost_model, update_freq)
+    infos = [MatrixInfo.of(names[p], *_full_rows_cols(p, layouts[p], tp_mode), cls, resolved) for p in matrices]
+    matrix_owner = plan_owners(infos, dp_size, cost_model)
 
     # matrices: megatron's param groups (lr/wd multipliers, overrides) with only them trainable
     elementwise = [p for p in names if p.requires_grad and p not in layouts]
@@ -76,7 +74,7 @@ def get_megatron_structopt_optimizer(config: OptimizerConfig, model_chunks: list
                                        use_gloo_process_groups=use_gloo_process_groups, pg_collection=pg_collection)
     inner_elementwise = [o.optimizer for o in (built.chained_optimizers if isinstance(built, ChainedOptimizer) else [built])
                          if getattr(o, "optimizer", None) is not None]
-    element_owner = plan_owners([MatrixInfo(names[p], p.numel(), 1) for p in elementwise], dp_size, "numel")
+    element_owner = plan_owners([MatrixInfo(names[p], p.numel(), 1, 0.0, 0) for p in elementwise], dp_size, "numel")
     for inner in inner_elementwise:
         for group in inner.param_groups:
             group["params"] = [p for p in group["params"] if element_owner[names[p]] == dp_rank]
