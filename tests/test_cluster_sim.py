@@ -41,7 +41,7 @@ from sim.world import (
 
 import ds_structopt as dso
 from ds_structopt import checkpoint
-from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
+from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
 
 WORLD = 64
 RANKS = (0, 1, 2, 31, 32, 63)

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ds_structopt
-from ds_structopt.integrations.deepspeed_config import DIST_DEFAULTS, OUR_BLOCK, ConfigError, parse_config
+from ds_structopt.distributed.options import DistributedOptions
+from ds_structopt.integrations.deepspeed_config import OUR_BLOCK, ConfigError, parse_config
 
 BASE = {"train_batch_size": 8, "zero_optimization": {"stage": 2},
         "optimizer": {"type": "AdaDiag++", "params": {"lr": 1e-3, "update_freq": 10}},
@@ -109,7 +110,7 @@ def culprits(edits: list) -> list[tuple]:
 # names the messages print bare (`lr must be ...`, `zero_optimization.stage must be ...`); any other key
 # (random text) must appear as its repr, the way the messages quote unknown keys
 KNOWN_NAMES = set(OPTION_NAMES) | {"optimizer", "type", "params", "zero_optimization", "stage", "offload_optimizer",
-                                   "offload_param", OUR_BLOCK, *DIST_DEFAULTS}
+                                   "offload_param", OUR_BLOCK, *DistributedOptions.keys()}
 
 
 def names(message: str, path: tuple) -> bool:
@@ -126,7 +127,7 @@ def names(message: str, path: tuple) -> bool:
 
 def usable(parsed) -> None:
     """An accepted config must give an optimizer that steps (and our block must be complete)."""
-    assert set(parsed.dist_options) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s"}
+    assert set(DistributedOptions.keys()) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s"}
     if parsed.optimizer_cls is None:
         return
     w = torch.nn.Parameter(torch.randn(6, 4))

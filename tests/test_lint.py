@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PUBLIC_API = ["ds_structopt/__init__.py", "ds_structopt/optim/__init__.py", "ds_structopt/optim/registry.py",
               "ds_structopt/optim/base.py", "ds_structopt/grouping.py", "ds_structopt/integrations/deepspeed.py",
-              "ds_structopt/integrations/torch_parallel.py", "ds_structopt/zero/ownership.py"]
+              "ds_structopt/integrations/torch_parallel.py", "ds_structopt/distributed/ownership.py"]
 
 
 def test_ruff_finds_nothing():

@@ -4,7 +4,7 @@ import random
 import pytest
 
 import ds_structopt as dso
-from ds_structopt.zero.ownership import MatrixInfo, loads, matrix_cost, plan_owners, plan_owners_local
+from ds_structopt.distributed.ownership import MatrixInfo, loads, matrix_cost, plan_owners, plan_owners_local
 
 
 def _llama_like(layers=4, h=64, i=176, family=dso.AdaDiagPP, **options):

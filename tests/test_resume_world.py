@@ -32,13 +32,13 @@ SVD of the step-21 gradient, whose nearly equal singular values make the basis s
 input noise (same-world resumes stay bitwise: tests/test_faults.py); an uninterrupted 1-rank run is
 already 5e-02 from the 2-rank one. Tolerances: WEIGHTS_BEFORE_REFRESH, WEIGHTS_FINAL, EVAL_LOSS.
 
-Found here (the first and last fixed in train.py, the middle one in zero/optimizer.py; all three now
+Found here (the first and last fixed in train.py, the middle one in distributed/optimizer.py; all three now
 asserted as plain tests):
 - metrics.csv ``train_loss`` was rank 0's share of the batch, not the global batch: its value at the
   same step on the same weights changed with the world size (3.4954 at 2 ranks, 3.3552 at 1, 3.5095
   at 4 at step 20, where the weights agree to 1e-7);
 - the elementwise (AdamW) update skipped a rank's *piece* of a parameter when that piece's gradient
-  was all zero (zero/optimizer.py ``_step_elementwise``), so the math depended on where the
+  was all zero (distributed/optimizer.py ``_step_elementwise``), so the math depended on where the
   partition boundaries fall. The embedding rows of tokens 128..256 (rare bytes) form one rank's
   piece at ZeRO-3 2 ranks and at ZeRO-2 4 ranks, but not at ZeRO-2 2 ranks or at 1 rank: at ZeRO-3
   2 ranks that half skipped steps 14 and 20 (saved ``step`` 14 beside rank 0's 15, and the resume

@@ -45,7 +45,7 @@ def _chunk(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
 def _rank(rank: int, world: int, path: str, out: str) -> None:
     from sim.world import Zero3
 
-    from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
+    from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
 
     _start(rank, world, path)
     model = build_model(0)
@@ -94,7 +94,7 @@ def _rank_zero2(rank: int, world: int, path: str, out: str) -> None:
     before its own ``step()`` call (tests/sim/world.py ``Zero12``, DeepSpeed's link_hp_params)."""
     from sim.world import Zero12
 
-    from ds_structopt.zero.optimizer import DistributedStructuredOptimizer
+    from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
 
     _start(rank, world, path)
     model = build_model(0)

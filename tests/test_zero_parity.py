@@ -118,7 +118,7 @@ def test_parity_when_a_rank_piece_of_an_elementwise_gradient_is_all_zero(tmp_pat
     whatever the partition. Weights and AdamW state (moments, ``step`` of every piece) against the
     reference at the parity tolerance. Measured (10 steps): worst relative error 7.0e-07 (2 ranks,
     embedding exp_avg), 2.7e-06 (4 ranks, ZeRO-3); while such pieces skipped their AdamW step
-    (zero/optimizer.py before the fix) their ``step`` was 5 beside 10 and the errors 1.1e-01
+    (distributed/optimizer.py before the fix) their ``step`` was 5 beside 10 and the errors 1.1e-01
     (exp_avg) and 2.1e-02 (weights) at every stage."""
     # The subject is the elementwise AdamW pieces, so the matrices run the paper's reading. With
     # AdaDiag++'s defaults the EMA factors of this tiny model are rank-deficient at their first

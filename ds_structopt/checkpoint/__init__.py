@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..zero.optimizer import DistributedStructuredOptimizer
+from ..distributed.optimizer import DistributedStructuredOptimizer
 from . import tensor_file
 from .safe_load import UnsafeCheckpointError, safe_load  # noqa: F401 (re-exported)
 from .state_io import write_text_atomic
@@ -292,10 +292,3 @@ def _covered(items: list[dict[str, Any]], start: int, numel: int,
             break
         pos = max(pos, min(end, item["start"] + _numel(value(item))))
     return pos >= end
-
-
-def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) -> None:
-    """See :mod:`.deepspeed_engine` (imported here lazily: it needs DeepSpeed)."""
-    from .deepspeed_engine import wrap_engine_checkpointing as wrap
-
-    wrap(engine, opt)

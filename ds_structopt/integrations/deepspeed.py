@@ -17,7 +17,7 @@ from ..grouping import param_groups
 from .deepspeed_config import ConfigError, StructOptConfig, parse_config
 
 if TYPE_CHECKING:
-    from ..zero.optimizer import DistributedStructuredOptimizer
+    from ..distributed.optimizer import DistributedStructuredOptimizer
 
 
 def _config_source(args: Any, config: Any, config_params: Any) -> Any:
@@ -78,13 +78,13 @@ def initialize(
                           f"'{parsed.optimizer_type}' and an optimizer object was passed too; give one of them")
     import deepspeed
 
-    from ..zero.optimizer import DistributedStructuredOptimizer
+    from ..distributed.optimizer import DistributedStructuredOptimizer
     from .deepspeed_ops import skip_unused_jit_ops
     from .launch_env import adopt_slurm_env
 
     adopt_slurm_env()
     skip_unused_jit_ops()
-    _init_distributed(parsed.dist_options["collective_timeout_s"], dist_init_required)
+    _init_distributed(parsed.dist_options.collective_timeout_s, dist_init_required)
 
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args) if not isinstance(args, argparse.Namespace) else argparse.Namespace(**vars(args))
@@ -95,9 +95,7 @@ def initialize(
         cls, options, dist_options = parsed.optimizer_cls, parsed.options, parsed.dist_options
 
         def optimizer(params: Any) -> DistributedStructuredOptimizer:
-            return DistributedStructuredOptimizer(params, cls, options, cost_model=dist_options["cost_model"],
-                                                  ownership=dist_options["ownership"],
-                                                  ownership_group_size=dist_options["ownership_group_size"])
+            return DistributedStructuredOptimizer(params, cls, options, dist_options=dist_options)
 
     result = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
@@ -114,7 +112,7 @@ def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
     ours = find_optimizer(engine)
     if ours is None or getattr(engine, "_ds_structopt_attached", False):
         return ours
-    from ..checkpoint import wrap_engine_checkpointing
+    from .deepspeed_checkpoint import wrap_engine_checkpointing
 
     if engine.dp_world_size != ours.world:
         raise RuntimeError(f"ds_structopt: DeepSpeed's data-parallel world ({engine.dp_world_size} ranks) is not the "
@@ -184,7 +182,7 @@ def zero3_layouts(zero_opt: Any) -> dict[int, list[tuple[Any, int, int, int]]]:
 
 def find_optimizer(engine: Any) -> Any:
     """Our DistributedStructuredOptimizer inside DeepSpeed's wrappers (ZeRO, fp16/bf16), or None."""
-    from ..zero.optimizer import DistributedStructuredOptimizer
+    from ..distributed.optimizer import DistributedStructuredOptimizer
 
     opt = getattr(engine, "optimizer", None)
     for _ in range(4):

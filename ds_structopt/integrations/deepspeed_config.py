@@ -15,13 +15,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+from ..distributed.options import BLOCK, DistributedOptions
 from ..optim.base import StructuredOptimizer
 from ..optim.validation import UnknownOptionError
-from ..zero.ownership import COST_MODELS
 
-OUR_BLOCK = "ds_structopt"
-DIST_DEFAULTS: dict[str, Any] = {"cost_model": "flops", "ownership": "local", "ownership_group_size": None,
-                                 "collective_timeout_s": 600}
+OUR_BLOCK = BLOCK
 # DeepSpeed's own optimizer names (deepspeed/runtime/config.py), lower-case.
 _DEEPSPEED_NAMES = ("adagrad", "adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam", "lion",
                     "muadam", "muadamw", "musgd", "muon", "cpu_adam", "fusedadam")
@@ -37,7 +35,7 @@ class StructOptConfig:
     optimizer_cls: Optional[type[StructuredOptimizer]]
     optimizer_type: Optional[str]
     options: dict[str, Any] = field(default_factory=dict)        # validated optimizer params
-    dist_options: dict[str, Any] = field(default_factory=dict)   # the "ds_structopt" block
+    dist_options: DistributedOptions = field(default_factory=DistributedOptions)  # the "ds_structopt" block
 
 
 def load_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> dict[str, Any]:
@@ -107,27 +105,11 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
     return StructOptConfig(cfg, cls, opt_type, options, dist_options)
 
 
-def _dist_options(block: Any) -> dict[str, Any]:
-    if not isinstance(block, Mapping):
-        raise ConfigError(f"'{OUR_BLOCK}' must be an object, got {block!r}")
-    for key in block:
-        if key not in DIST_DEFAULTS:
-            close = difflib.get_close_matches(key, list(DIST_DEFAULTS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{OUR_BLOCK}: unknown option {key!r}{hint}")
-    out = {**DIST_DEFAULTS, **block}
-    if out["cost_model"] not in COST_MODELS:
-        raise ConfigError(f"{OUR_BLOCK}.cost_model must be one of {list(COST_MODELS)}, got {out['cost_model']!r}")
-    if out["ownership"] not in ("local", "balanced"):
-        raise ConfigError(f"{OUR_BLOCK}.ownership must be one of ['local', 'balanced'], got {out['ownership']!r}")
-    size = out["ownership_group_size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ConfigError(f"{OUR_BLOCK}.ownership_group_size must be a positive integer (ranks per node) or null, "
-                          f"got {size!r}")
-    timeout = out["collective_timeout_s"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
-        raise ConfigError(f"{OUR_BLOCK}.collective_timeout_s must be a number of seconds > 0, got {timeout!r}")
-    return out
+def _dist_options(block: Any) -> DistributedOptions:
+    try:
+        return DistributedOptions.from_block(block)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_zero(cfg: Mapping[str, Any]) -> None:

@@ -47,14 +47,13 @@ class StructOptTrainer(Trainer):
         if self._structopt is None:
             return super().create_optimizer(model)
         if self.optimizer is None:
+            from ..distributed.optimizer import DistributedStructuredOptimizer
             from ..grouping import param_groups
-            from ..zero.optimizer import DistributedStructuredOptimizer
 
             cls, options, dist_options = self._structopt
             self.optimizer = DistributedStructuredOptimizer(
                 param_groups(model if model is not None else self.model), cls, options,
-                cost_model=dist_options["cost_model"], ownership=dist_options["ownership"],
-                ownership_group_size=dist_options["ownership_group_size"])
+                dist_options=dist_options)
         return self.optimizer
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -14,9 +14,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..distributed.optimizer import DistributedStructuredOptimizer
 from ..grouping import param_groups as default_groups
 from ..optim.registry import get_optimizer_class
-from ..zero.optimizer import DistributedStructuredOptimizer
 
 
 def distributed_optimizer(model: torch.nn.Module, optimizer: str = "AdaDiag++",

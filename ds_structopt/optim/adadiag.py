@@ -95,7 +95,7 @@ class AdaDiag(StructuredOptimizer):
         name = cls.NAME
         v.check_betas(name, "betas", group["betas"])
         v.check_nonneg(name, "eps", group["eps"])
-        v.check_int_at_least(name, "update_freq", group["update_freq"], 1)
+        v.check_refresh_options(name, group)
         v.check_choice(name, "basis", group["basis"], BASES)
         v.check_choice(name, "nonsquare", group["nonsquare"], ("both", "small_side"))
         v.check_choice(name, "decomposition", group["decomposition"], linalg.GRAD_DECOMPOSITIONS)
@@ -110,11 +110,6 @@ class AdaDiag(StructuredOptimizer):
             if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay < 0:
                 raise ValueError(f"{name}: beta2_decay must be a negative number (e.g. -0.8) or None, got {decay!r}")
         v.check_bool(name, "relative_step", group["relative_step"])
-        v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
-        v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
-        v.check_first_refresh_window(name, group.get("first_refresh_window"))
-        v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
-        v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
         if group["basis"] == "momentum" and (group["betas"][0] == 0 or group["refresh_from"] != "current"):
             raise ValueError(f"{name}: basis='momentum' needs betas[0] > 0 and refresh_from='current', got "
                              f"betas={tuple(group['betas'])}, refresh_from={group['refresh_from']!r}")

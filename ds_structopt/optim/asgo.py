@@ -104,13 +104,8 @@ class ASGO(_MomentumRMSOptimizer):
         v.check_bool(name, "cumulative", group["cumulative"])
         v.check_choice(name, "root", group["root"], ("newton_schulz", "eigh"))
         v.check_int_at_least(name, "ns_iterations", group["ns_iterations"], 1)
-        v.check_int_at_least(name, "update_freq", group["update_freq"], 1)
+        v.check_refresh_options(name, group)
         v.check_nonneg(name, "damping", group["damping"])
-        v.check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
-        v.check_bool(name, "stagger_refresh", group["stagger_refresh"])
-        v.check_first_refresh_window(name, group.get("first_refresh_window"))
-        v.check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
-        v.check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])
 
     @classmethod
     def step_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:

@@ -194,7 +194,13 @@ class StructuredOptimizer(Optimizer, abc.ABC):
             self._refresh_ahead.settle()
 
     def adam_betas(self, group: dict[str, Any]) -> tuple[float, float]:
+        """The elementwise parameters' AdamW betas: ``adam_betas``, else the family's ``betas``."""
         return tuple(group["adam_betas"] if group["adam_betas"] is not None else group["betas"])
+
+    @staticmethod
+    def adam_weight_decay(group: dict[str, Any]) -> float:
+        """The elementwise parameters' decay: ``adam_weight_decay``, else ``weight_decay``."""
+        return group["adam_weight_decay"] if group["adam_weight_decay"] is not None else group["weight_decay"]
 
     # ----- the step -------------------------------------------------------
     def is_matrix(self, param: Tensor, group: dict[str, Any]) -> bool:
@@ -231,7 +237,6 @@ class StructuredOptimizer(Optimizer, abc.ABC):
             (matrices if self.is_matrix(p, group) else elementwise).append(p)
 
         if elementwise:
-            wd = group["adam_weight_decay"] if group["adam_weight_decay"] is not None else group["weight_decay"]
             adamw_step(
                 elementwise,
                 [grad[p] for p in elementwise],
@@ -239,7 +244,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
                 lr=group["lr"],
                 betas=self.adam_betas(group),
                 eps=group["adam_eps"],
-                weight_decay=wd,
+                weight_decay=self.adam_weight_decay(group),
             )
         if matrices:
             grads = [as_matrix(grad[p].float()) for p in matrices]

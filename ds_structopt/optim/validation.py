@@ -92,3 +92,13 @@ def check_first_refresh_window(name: str, value: Any) -> None:
     """first_refresh_window: None (the default, min(update_freq, 8)) or an integer >= 1."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name}: first_refresh_window must be an integer >= 1 or None, got {value!r}")
+
+
+def check_refresh_options(name: str, group: Mapping[str, Any]) -> None:
+    """The refresh schedule options that AdaDiag and ASGO share (period, staggering, ahead, failures)."""
+    check_int_at_least(name, "update_freq", group["update_freq"], 1)
+    check_int_at_least(name, "max_decomp_failures", group["max_decomp_failures"], 1)
+    check_bool(name, "stagger_refresh", group["stagger_refresh"])
+    check_first_refresh_window(name, group.get("first_refresh_window"))
+    check_choice(name, "refresh_from", group["refresh_from"], ("current", "previous"))
+    check_ahead_steps(name, group["refresh_ahead_steps"], group["update_freq"])

@@ -53,9 +53,9 @@ def _from_deepspeed(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.deepspeed_config}: optimizer.type {parsed.optimizer_type!r} is not a ds_structopt optimizer")
     args.optimizer, args.options = parsed.optimizer_type, json.dumps(parsed.options)
     args.stage = int((raw.get("zero_optimization") or {}).get("stage", 0))
-    args.ownership = parsed.dist_options["ownership"]
-    args.cost_model = parsed.dist_options["cost_model"]
-    args.ownership_group_size = parsed.dist_options["ownership_group_size"] or args.ownership_group_size
+    args.ownership = parsed.dist_options.ownership
+    args.cost_model = parsed.dist_options.cost_model
+    args.ownership_group_size = parsed.dist_options.ownership_group_size or args.ownership_group_size
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
+from ..distributed.ownership import MatrixInfo, plan_replica_owners
 from ..optim.refresh import PhasePlanner, first_refresh_window
 from ..optim.registry import get_optimizer_class
-from ..zero.ownership import MatrixInfo, plan_replica_owners
 from .model_shapes import ParamSpec
 from .zero_layout import held_counts, holdings
 

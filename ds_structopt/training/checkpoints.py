@@ -8,7 +8,7 @@ writing rank), renames the folder to ``<root>/<tag>`` and atomically replaces
 - a crash (or a killed rank) mid-save leaves the previous checkpoint and ``latest`` untouched;
 - a save that fails on any rank (disk full mid-write, I/O error) is abandoned on every rank
   together, training goes on, and the previous checkpoint stays the newest: DeepSpeed's
-  own writes go through ``checkpoint.deepspeed_engine.SafeCheckpointEngine``, so a
+  own writes go through ``integrations.deepspeed_checkpoint.SafeCheckpointEngine``, so a
   failing rank still joins DeepSpeed's barriers instead of leaving the others in them;
 - a save that would not fit (free space below the size of the last checkpoint, on any
   rank's filesystem) is skipped up front with a warning;

@@ -19,8 +19,8 @@ from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradS
 from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from ...distributed.ownership import MatrixInfo, plan_owners
 from ...optim.registry import get_optimizer_class
-from ...zero.ownership import MatrixInfo, plan_owners
 from .owner_sharded import OwnerShardedOptimizer, SharedScale
 from .tp_layout import layout_of
 from .tp_optimizer import TP_MODES, TensorParallelStructured

@@ -35,7 +35,6 @@ Messages are ``batch_isend_irecv`` of ``isend``/``irecv`` (gloo and NCCL).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -45,35 +44,23 @@ from torch.optim import Optimizer
 
 from ..comm import comm_device
 from ..optim.adamw import adamw_step
-from ..optim.base import COUNTERS, StructuredOptimizer, grad_flags
+from ..optim.base import COUNTERS, StructuredOptimizer, apply_updates, grad_flags
+from .options import DistributedOptions
 from .ownership import MatrixInfo, plan_replica_owners
+from .pieces import (
+    Entry,
+    Piece,
+    covered,
+    cut,
+    dtensor_pieces,
+    flat_layout_piece,
+    grad_or_zeros,
+    hp_mapping_piece,
+    is_dtensor,
+    shape_numel,
+    whole_piece,
+)
 from .replicas import ReplicaGroups
-
-
-@dataclass
-class Piece:
-    """A contiguous range of a parameter (flattened) and where it lives on this rank."""
-
-    start: int     # offset in the flattened parameter
-    numel: int
-    param: Tensor  # this rank's fp32 storage of the range (a 1-D view)
-    source: Tensor  # the tensor DeepSpeed puts the gradient on (the param itself or the flat partition)
-    offset: int    # where the range starts in ``source``
-
-    def grad(self) -> Optional[Tensor]:
-        g = self.source.grad
-        if g is None:
-            return None
-        return _local(g).reshape(-1).narrow(0, self.offset, self.numel)
-
-
-@dataclass
-class Entry:
-    name: str
-    lp: Tensor                 # the model's parameter object (shape, names, _hp_mapping)
-    shape: torch.Size
-    is_matrix: bool
-    pieces: list[Piece] = field(default_factory=list)  # filled per step (views into the partition)
 
 
 class DistributedStructuredOptimizer(Optimizer):
@@ -88,7 +75,11 @@ class DistributedStructuredOptimizer(Optimizer):
         process_group: Optional[dist.ProcessGroup] = None,
         ownership: str = "local",
         ownership_group_size: Optional[int] = None,
+        dist_options: Optional[DistributedOptions] = None,
     ) -> None:
+        """``dist_options`` (a config's "ds_structopt" block) when given, else the three keywords."""
+        placement = dist_options or DistributedOptions(cost_model=cost_model, ownership=ownership,  # type: ignore[arg-type]
+                                                       ownership_group_size=ownership_group_size)
         self.math = optimizer_cls(params, **options)
         self.group = process_group
         self.rank = dist.get_rank(process_group) if dist.is_initialized() else 0
@@ -107,15 +98,13 @@ class DistributedStructuredOptimizer(Optimizer):
         self._elem_live: list[Optional[bool]] = []
         self._entry_by_param = {id(e.lp): e for es in self.entries for e in es}
         self._all_groups = list(self.param_groups)
-        self._infos = [MatrixInfo.of(e.name, e.shape[0], _numel(e.shape) // e.shape[0], optimizer_cls, g)
+        self._infos = [MatrixInfo.of(e.name, e.shape[0], shape_numel(e.shape) // e.shape[0], optimizer_cls, g)
                        for es, g in zip(self.entries, self.math.param_groups) for e in es if e.is_matrix]
-        self._cost_model = cost_model
-        if ownership not in ("local", "balanced"):
-            raise ValueError(f"ownership must be 'local' or 'balanced', got {ownership!r}")
-        self.ownership = ownership
+        self._cost_model = placement.cost_model
+        self.ownership = placement.ownership
         first = next((p for g in self.math.param_groups for p in g["params"]), None)
         self._construction_device = first.device if first is not None else torch.device("cpu")
-        self.replicas = ReplicaGroups(self.world, ownership_group_size, self.group, device=self._construction_device)
+        self.replicas = ReplicaGroups(self.world, placement.ownership_group_size, self.group, device=self._construction_device)
         self._owners: Optional[dict[str, list[int]]] = None
         self._my_owners: Optional[dict[str, int]] = None
         # ZeRO-3: flat partition (by id) -> [(model param, offset in flat, start in param, numel)],
@@ -167,18 +156,12 @@ class DistributedStructuredOptimizer(Optimizer):
         per_param = len(params) == len(entries) and all(p.shape == e.shape for p, e in zip(params, entries))
         for e, own in zip(entries, params if per_param else [None] * len(entries)):
             e.pieces = []
-            if per_param:
-                if _is_dtensor(own):  # FSDP2: this rank's rows of the parameter
-                    e.pieces.extend(_dtensor_pieces(own))
-                else:
-                    e.pieces.append(Piece(0, own.numel(), own.view(-1), own, 0))
+            if per_param:  # FSDP2: this rank's rows of the parameter; else the parameter itself
+                e.pieces.extend(dtensor_pieces(own) if is_dtensor(own) else [whole_piece(own)])
                 continue
-            flat = params[0]
-            mapping = getattr(e.lp, "_hp_mapping", None)
-            if mapping is None:
-                continue
-            lp_addr, hp_addr = mapping.lp_fragment_address, mapping.hp_fragment_address
-            e.pieces.append(Piece(lp_addr.start, lp_addr.numel, flat.narrow(0, hp_addr.start, hp_addr.numel), flat, hp_addr.start))
+            piece = hp_mapping_piece(e.lp, params[0])
+            if piece is not None:
+                e.pieces.append(piece)
         if not per_param and not any(e.pieces for e in entries) and params and params[0].numel() > 0:
             raise RuntimeError(
                 f"{self.math.NAME}: cannot map DeepSpeed's flat partition of param group {gi} back to the "
@@ -202,7 +185,8 @@ class DistributedStructuredOptimizer(Optimizer):
         members: list[Entry] = []
         for lp, offset, start, numel in self.flat_layouts[id(flat)]:
             e = by_param[id(lp)]
-            e.pieces = [Piece(start, numel, flat.narrow(0, offset, numel), flat, offset)] if numel > 0 else []
+            piece = flat_layout_piece(flat, offset, start, numel)
+            e.pieces = [piece] if piece is not None else []
             members.append(e)
         return members
 
@@ -305,7 +289,7 @@ class DistributedStructuredOptimizer(Optimizer):
                 else:
                     members, ranges = layout
                     seen.update(members)
-                    parts = _cut(grads, ranges)
+                    parts = cut(grads, ranges)
                 views += [v for v, _ in parts]
                 slots += [slot for _, slot in parts]
         n = len(self._elem_slot)
@@ -376,9 +360,8 @@ class DistributedStructuredOptimizer(Optimizer):
                 grads.append(g)
                 states.append(self.elem_state.setdefault(f"{e.name}#{piece.start}", {}))
         if params:
-            wd = group["adam_weight_decay"] if group["adam_weight_decay"] is not None else group["weight_decay"]
             adamw_step(params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
-                       eps=group["adam_eps"], weight_decay=wd)
+                       eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))
 
     def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
         """Gather owned gradients, compute updates, return them: point-to-point messages of pieces
@@ -392,7 +375,7 @@ class DistributedStructuredOptimizer(Optimizer):
         local: dict[str, Tensor] = {}
         for e in entries:
             if owners[e.name] == self.rank:
-                if _covered(holders[e.name], self.rank, _numel(e.shape)):
+                if covered(holders[e.name], self.rank, shape_numel(e.shape)):
                     local[e.name] = self._assemble_local(group, e)
                 else:
                     wanted[e.name] = e
@@ -405,13 +388,13 @@ class DistributedStructuredOptimizer(Optimizer):
         for dst in range(self.world):
             if dst == self.rank:
                 continue
-            parts = [_grad_or_zeros(piece, device) for e in entries if dst in replica_owners[e.name]
-                     and not _covered(holders[e.name], dst, _numel(e.shape)) for piece in e.pieces]
+            parts = [grad_or_zeros(piece, device) for e in entries if dst in replica_owners[e.name]
+                     and not covered(holders[e.name], dst, shape_numel(e.shape)) for piece in e.pieces]
             if parts:
                 msg = torch.cat(parts)
                 ops.append(dist.P2POp(dist.isend, msg, self._global_rank(dst), self.group, _TAG_GATHER))
                 sent.append(msg)
-        full = {name: torch.zeros(_numel(e.shape), dtype=torch.float32, device=device) for name, e in wanted.items()}
+        full = {name: torch.zeros(shape_numel(e.shape), dtype=torch.float32, device=device) for name, e in wanted.items()}
         inbox: list[tuple[int, Tensor]] = []
         for src in range(self.world):
             if src == self.rank:
@@ -495,7 +478,7 @@ class DistributedStructuredOptimizer(Optimizer):
         every rank (a reduction on the owner alone, or per replica group, would hang).
         Other matrices' owners compute it from their own pieces."""
         shared = [i for i, e in enumerate(entries)
-                  if any(not _covered(holders[e.name], o, _numel(e.shape)) for o in self.replica_owners[e.name])]
+                  if any(not covered(holders[e.name], o, shape_numel(e.shape)) for o in self.replica_owners[e.name])]
         sums = torch.zeros(len(shared), dtype=torch.float32, device=device)
         for j, i in enumerate(shared):
             for piece in entries[i].pieces:
@@ -507,7 +490,7 @@ class DistributedStructuredOptimizer(Optimizer):
         for i, e in enumerate(entries):
             if self.owners[e.name] == self.rank:
                 squares = total[i] if i in total else sum(p.param.float().square().sum() for p in e.pieces)
-                out[e.name] = (squares / _numel(e.shape)).sqrt().reshape(1)
+                out[e.name] = (squares / shape_numel(e.shape)).sqrt().reshape(1)
         return out
 
     def _owner_updates(self, group: dict[str, Any], by_name: dict[str, Entry], full_grads: dict[str, Tensor],
@@ -523,7 +506,7 @@ class DistributedStructuredOptimizer(Optimizer):
         live = [(e, g) for e, g, ok in zip(mine, grads, nonzero) if ok]
         for e, ok in zip(mine, nonzero):
             if not ok:  # skipped: step size 0 tells the holders to leave it
-                updates[e.name] = (torch.zeros(_numel(e.shape), device=grads[0].device), 0.0)
+                updates[e.name] = (torch.zeros(shape_numel(e.shape), device=grads[0].device), 0.0)
         if live:
             states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]
             weights = [weight_rms[e.name] for e, _ in live] if weight_rms is not None else [e.lp for e, _ in live]
@@ -534,11 +517,11 @@ class DistributedStructuredOptimizer(Optimizer):
 
     def _assemble_local(self, group: dict[str, Any], e: Entry) -> Tensor:
         """The full gradient of a matrix whose pieces are all on this rank (missing grad -> zeros: skipped)."""
-        if len(e.pieces) == 1 and e.pieces[0].numel == _numel(e.shape):
+        if len(e.pieces) == 1 and e.pieces[0].numel == shape_numel(e.shape):
             g = e.pieces[0].grad()
             if g is not None:
                 return g.float()
-        full = torch.zeros(_numel(e.shape), dtype=torch.float32, device=self._device(group))
+        full = torch.zeros(shape_numel(e.shape), dtype=torch.float32, device=self._device(group))
         for piece in e.pieces:
             g = piece.grad()
             if g is not None:
@@ -555,14 +538,9 @@ class DistributedStructuredOptimizer(Optimizer):
 
     @staticmethod
     def _apply_piece(piece: Piece, update: Tensor, lr: float, wd: float) -> None:
-        """W <- W (1 - lr wd) - lr U on one piece, in fp32."""
-        w = piece.param
-        w32 = w if w.dtype == torch.float32 else w.float()
-        if wd:
-            w32.mul_(1.0 - lr * wd)
-        w32.add_(update, alpha=-lr)
-        if w32 is not w:
-            w.copy_(w32)
+        """W <- W (1 - lr wd) - lr U on one piece: the single-process optimizer's own rule
+        (``apply_updates``; ``update`` is scratch and is scaled in place)."""
+        apply_updates([piece.param], [update], [lr], wd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """DeepSpeed hands us its saved base-optimizer state when it loads its own partitions
@@ -625,67 +603,3 @@ _NOT_HYPERPARAMS = {"params", "param_names"}  # group keys that are not the opti
 _TAG_GATHER, _TAG_RETURN = 7301, 7302  # distinct tags: a rank pair may exchange both in one step
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's storage of a tensor (the local shard of an FSDP2 DTensor, else the tensor)."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _dtensor_pieces(param: Tensor) -> list[Piece]:
-    """The piece of an FSDP2 parameter (sharded on dim 0, torch.chunk sizes) this rank holds."""
-    placements = param.placements
-    if len(placements) != 1 or not placements[0].is_shard() or placements[0].dim != 0:
-        raise RuntimeError(f"FSDP2 parameters must be sharded on dim 0 over one mesh dimension, got {placements}")
-    local = param.to_local()
-    if local.numel() == 0:
-        return []
-    rows = param.shape[0]
-    world = param.device_mesh.size()
-    rank = param.device_mesh.get_local_rank()
-    chunk = -(-rows // world)
-    row_size = local.numel() // local.shape[0]
-    return [Piece(rank * chunk * row_size, local.numel(), local.view(-1), param, 0)]
-
-
-def _cut(tensors: list[Tensor], ranges: list[tuple[int, int, int]]) -> list[tuple[Tensor, int]]:
-    """``tensors`` laid end to end (as DeepSpeed flattens them onto a partition), cut into views at
-    the edges of ``ranges`` ((offset, numel, slot), disjoint): [(view, slot)], slot -1 outside
-    every range. No copies (a non-contiguous tensor is flattened with one)."""
-    ranges = sorted(ranges)
-    out: list[tuple[Tensor, int]] = []
-    pos, i = 0, 0
-    for t in tensors:
-        flat = t.reshape(-1)
-        end = pos + flat.numel()
-        at = pos
-        while at < end:
-            while i < len(ranges) and ranges[i][0] + ranges[i][1] <= at:
-                i += 1
-            if i < len(ranges) and ranges[i][0] <= at:
-                stop, slot = min(end, ranges[i][0] + ranges[i][1]), ranges[i][2]
-            else:
-                stop, slot = (min(end, ranges[i][0]) if i < len(ranges) else end), -1
-            out.append((flat.narrow(0, at - pos, stop - at), slot))
-            at = stop
-        pos = end
-    return out
-
-
-def _grad_or_zeros(piece: Piece, device: torch.device) -> Tensor:
-    g = piece.grad()
-    return g.float() if g is not None else torch.zeros(piece.numel, dtype=torch.float32, device=device)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
-
-
-def _covered(holders: list[tuple[int, int, int]], rank: int, numel: int) -> bool:
-    """Does ``rank`` hold the whole parameter (pieces adding up to all of it)?"""
-    return sum(n for r, _, n in holders if r == rank) >= numel

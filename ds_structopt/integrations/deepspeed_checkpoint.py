@@ -24,10 +24,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.safe_load import safe_load
+from ..checkpoint.state_io import write_text_atomic
 from ..comm import any_rank
-from ..zero.optimizer import DistributedStructuredOptimizer
-from .safe_load import safe_load
-from .state_io import write_text_atomic
+from ..distributed.optimizer import DistributedStructuredOptimizer
 
 
 class CheckpointWriteError(OSError):
@@ -74,7 +74,7 @@ class SafeCheckpointEngine(_engine_base()):  # type: ignore[misc]
 
 def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) -> None:
     """Make ``engine.save_checkpoint``/``load_checkpoint`` also save/restore our name-keyed state."""
-    from . import load, save
+    from ..checkpoint import load, save
 
     if type(engine.checkpoint_engine) is _engine_base():
         engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
@@ -148,7 +148,7 @@ def _load_zero3(engine: Any, opt: DistributedStructuredOptimizer, directory: str
     not written), but our files hold every parameter's fp32 value by name, so weights, masters and
     state all come from them; step counters, LR scheduler and client state come from rank 0's
     model-states file of this tag."""
-    from . import load
+    from ..checkpoint import load
 
     states = os.path.join(directory, "zero_pp_rank_0_mp_rank_00_model_states.pt")
     ckpt = safe_load(states)

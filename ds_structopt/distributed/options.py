@@ -1,0 +1,57 @@
+"""How the distributed layer places and exchanges work: the ``"ds_structopt"`` block of a
+config, as one typed, frozen value validated once."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping, Optional, get_args
+
+from .ownership import COST_MODELS
+
+BLOCK = "ds_structopt"
+CostModel = Literal["flops", "memory", "numel"]
+Ownership = Literal["local", "balanced"]
+assert get_args(CostModel) == COST_MODELS
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """``cost_model``: what ownership balances (the family's flops, state memory, or elements);
+    ``ownership``: "local" keeps a matrix with the rank holding most of it (under a 1.25x load
+    cap), "balanced" is plain LPT; ``ownership_group_size``: ranks per owner group (a node), None
+    for one group; ``collective_timeout_s``: the process group's timeout (a hung rank fails the
+    job after this long)."""
+
+    cost_model: CostModel = "flops"
+    ownership: Ownership = "local"
+    ownership_group_size: Optional[int] = None
+    collective_timeout_s: float = 600
+
+    def __post_init__(self) -> None:
+        if self.cost_model not in COST_MODELS:
+            raise ValueError(f"{BLOCK}.cost_model must be one of {list(COST_MODELS)}, got {self.cost_model!r}")
+        if self.ownership not in get_args(Ownership):
+            raise ValueError(f"{BLOCK}.ownership must be one of {list(get_args(Ownership))}, got {self.ownership!r}")
+        size = self.ownership_group_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"{BLOCK}.ownership_group_size must be a positive integer (ranks per node) or null, "
+                             f"got {size!r}")
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
+            raise ValueError(f"{BLOCK}.collective_timeout_s must be a number of seconds > 0, got {timeout!r}")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_block(cls, block: Any) -> "DistributedOptions":
+        """The block as a user wrote it (JSON object); unknown keys refused with a close match."""
+        if not isinstance(block, Mapping):
+            raise ValueError(f"'{BLOCK}' must be an object, got {block!r}")
+        for key in block:
+            if key not in cls.keys():
+                close = difflib.get_close_matches(key, list(cls.keys()), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"{BLOCK}: unknown option {key!r}{hint}")
+        return cls(**block)
