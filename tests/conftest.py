@@ -33,9 +33,33 @@ def _deterministic():
     yield
 
 
+# Test tiers, mirroring the package (README "Tests"): select one with ``pytest -m unit|dist|system``.
+TIERS = {
+    # the math and pure functions, one process (optim/, data/, planning's ownership, configs, lint)
+    "unit": ("test_behavior", "test_identities", "test_linalg", "test_ownership", "test_refresh", "test_grouping",
+             "test_precision", "test_data", "test_config_fuzz", "test_lint", "test_trajectories"),
+    # distributed/ and integrations/ on real (gloo) or fake process groups, several ranks per test
+    "dist": ("test_zero_parity", "test_zero_checkpoint", "test_zero_configs", "test_zero_refresh",
+             "test_torch_parallel", "test_cluster_sim", "test_step_decision", "test_megatron", "test_resume_world",
+             "test_resume_memory", "test_checkpoint_safety", "test_checkpoint_format", "test_resume_policy",
+             "test_hf_trainer", "test_plan"),
+    # launchers, the entry point, SLURM, containers, faults, soak, prepared data, benchmarks
+    "system": ("test_launch", "test_train", "test_slurm", "test_containers", "test_soak", "test_faults",
+               "test_preemption", "test_prepared_data", "test_bench", "test_bench_launched", "test_bench_regime",
+               "test_convergence", "test_demo"),
+}
+_TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests gated on a CUDA GPU get the ``gpu`` marker (``pytest -m gpu``: scripts/gpu_check.sh runs
+    """Every test gets its tier's marker (a test file in no tier is an error: put it in one).
+    Tests gated on a CUDA GPU get the ``gpu`` marker (``pytest -m gpu``: scripts/gpu_check.sh runs
     them). ``soak`` tests (minutes long) run in CI (CI=true) or with DS_STRUCTOPT_SOAK=1; skipped otherwise."""
+    for item in items:
+        module = item.path.stem
+        if module not in _TIER_OF:
+            raise pytest.UsageError(f"{item.path}: not in a test tier; add '{module}' to TIERS in tests/conftest.py")
+        item.add_marker(getattr(pytest.mark, _TIER_OF[module]))
     for item in items:
         reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
         if any("CUDA" in r or "GPU" in r for r in reasons):
