@@ -41,12 +41,12 @@ TIERS = {
     # distributed/ and integrations/ on real (gloo) or fake process groups, several ranks per test
     "dist": ("test_zero_parity", "test_zero_checkpoint", "test_zero_configs", "test_zero_refresh",
              "test_torch_parallel", "test_cluster_sim", "test_step_decision", "test_megatron", "test_resume_world",
-             "test_resume_memory", "test_checkpoint_safety", "test_checkpoint_format", "test_resume_policy",
-             "test_hf_trainer", "test_plan"),
+             "test_resume_memory", "test_checkpoint_safety", "test_checkpoint_format", "test_hf_trainer",
+             "test_plan"),
     # launchers, the entry point, SLURM, containers, faults, soak, prepared data, benchmarks
     "system": ("test_launch", "test_train", "test_slurm", "test_containers", "test_soak", "test_faults",
                "test_preemption", "test_prepared_data", "test_bench", "test_bench_launched", "test_bench_regime",
-               "test_convergence", "test_demo"),
+               "test_convergence", "test_demo", "test_resume_policy"),
 }
 _TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 

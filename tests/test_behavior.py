@@ -293,7 +293,7 @@ def test_asgo_eigh_root_failure_chain(monkeypatch):
 
 
 # ----- bad input ---------------------------------------------------------------
-@pytest.mark.parametrize("name", ["AdaDiag", "AdaDiag++", "ASGO", "DASGO"])
+@pytest.mark.parametrize("name", list(dso.OPTIMIZERS))
 @pytest.mark.parametrize("kwargs,word", [
     ({"lr": -1.0}, "lr"),
     ({"betas": (0.9, 1.0)}, "betas"),

@@ -127,6 +127,7 @@ def names(message: str, path: tuple) -> bool:
 
 def usable(parsed) -> None:
     """An accepted config must give an optimizer that steps (and our block must be complete)."""
+    assert isinstance(parsed.dist_options, DistributedOptions)
     assert set(DistributedOptions.keys()) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s"}
     if parsed.optimizer_cls is None:
         return

@@ -15,10 +15,10 @@ from ds_structopt.planning import make_plan, model_params
 QUICK = {"hidden": 64, "layers": 2, "batch": 8, "seq_len": 32, "steps": 2, "warmup": 1, "update_freq": 2}
 
 
-@pytest.mark.parametrize("name, options", [
-    ("AdaDiag", {}), ("AdaDiag", {"basis": "ema"}), ("AdaDiag++", {}), ("AdaDiag++", {"factored": True}),
+@pytest.mark.parametrize("name, options", [(name, {}) for name in dso.OPTIMIZERS] + [
+    ("AdaDiag", {"basis": "ema"}), ("AdaDiag++", {"factored": True}),
     ("AdaDiag++", {"factored": True, "betas": (0.0, 0.999)}), ("AdaDiag++", {"max_precond_dim": 40}),
-    ("ASGO", {}), ("ASGO", {"root": "eigh"}), ("DASGO", {}),
+    ("ASGO", {"root": "eigh"}),
 ])
 def test_state_size_model_matches_real_state(name, options):
     shapes = [(24, 56), (56, 24), (32, 32), (80, 16)]

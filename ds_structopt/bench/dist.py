@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..optim.registry import get_optimizer_class
 from ..tables import markdown_table
 from . import report
 
@@ -155,7 +156,7 @@ def worker(cfg: dict[str, Any]) -> None:
     blocks = {BASELINE: {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True, "weight_decay": 0.0}}}
     for name in cfg["optimizers"]:
         block = json.loads(json.dumps(OURS[name]))
-        if name != "DASGO":
+        if "update_freq" in get_optimizer_class(block["type"]).DEFAULTS:
             block["params"]["update_freq"] = cfg["update_freq"]
             block["params"].update(cfg.get("options") or {})
         blocks[name] = block

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
+from ..distributed.options import DistributedOptions
 from ..optim.registry import OPTIMIZERS
 from .deepspeed_config import parse_config
 from .deepspeed_ops import skip_unused_jit_ops
@@ -31,7 +32,7 @@ class StructOptTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._structopt: Optional[tuple[Any, dict[str, Any], dict[str, Any]]] = None
+        self._structopt: Optional[tuple[Any, dict[str, Any], DistributedOptions]] = None
         hf_config = getattr(self.args, "hf_deepspeed_config", None)
         config = getattr(hf_config, "config", None)
         if not isinstance(config, dict):
