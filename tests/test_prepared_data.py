@@ -105,20 +105,9 @@ def test_training_from_a_prepared_folder_equals_training_from_the_raw_source(fol
 def test_a_run_killed_while_training_from_a_prepared_folder_resumes_bit_identical(folder, tmp_path, monkeypatch):
     """2 ranks under the deepspeed launcher read the memory-mapped folder; rank 1 killed at step 20,
     resumed from the step-15 checkpoint: the final weights equal the uninterrupted run's exactly."""
-    from test_train import final_weights, finished, launch
+    from test_train import killed_and_resumed_equals_uninterrupted
 
-    args = ("--data", str(folder))
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    finished(launch(full, *args, steps=30))
-    monkeypatch.setenv("DS_STRUCTOPT_FAULTS", "kill:rank=1,step=20")
-    killed = launch(cut, *args, steps=30)
-    log, _ = killed.communicate(timeout=600)
-    assert killed.returncode != 0 and "fault injection is ON" in log
-    assert (cut / "checkpoints" / "latest").read_text().strip() == "step00000015"
-    monkeypatch.delenv("DS_STRUCTOPT_FAULTS")
-    assert "resumed from" in finished(launch(cut, *args, "--resume", steps=30))
-    a, b = final_weights(full), final_weights(cut)
-    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, "--data", str(folder))
 
 
 def test_large_raw_sources_get_a_warning_to_prepare_them(tmp_path, capsys, monkeypatch):

@@ -108,6 +108,24 @@ def test_stale_jit_lock_does_not_block_start(tmp_path, monkeypatch):
     assert not list(ext_dir.rglob("*.so")), "a DeepSpeed op was JIT-compiled"
 
 
+def killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, *args, steps=30):
+    """Train ``args`` uninterrupted into ``tmp_path/full``; again into ``tmp_path/cut`` with rank 1
+    killed at step 20, then resumed from the step-15 checkpoint: the final weights must be equal
+    bit for bit. Returns the uninterrupted run's folder."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    finished(launch(full, *args, steps=steps))
+    monkeypatch.setenv("DS_STRUCTOPT_FAULTS", "kill:rank=1,step=20")
+    killed = launch(cut, *args, steps=steps)
+    log, _ = killed.communicate(timeout=600)
+    assert killed.returncode != 0 and "fault injection is ON" in log
+    assert (cut / "checkpoints" / "latest").read_text().strip() == "step00000015"
+    monkeypatch.delenv("DS_STRUCTOPT_FAULTS")
+    assert "resumed from" in finished(launch(cut, *args, "--resume", steps=steps))
+    a, b = final_weights(full), final_weights(cut)
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    return full
+
+
 @pytest.mark.slow
 def test_resume_is_exact_with_a_scheduler_and_dropout(tmp_path, monkeypatch):
     """The shipped configs' WarmupCosineLR (here total 30, warmup 5) and a model with dropout:
@@ -123,18 +141,7 @@ def test_resume_is_exact_with_a_scheduler_and_dropout(tmp_path, monkeypatch):
     model_path = tmp_path / "tiny_dropout.json"
     model_path.write_text(json.dumps(model))
     args = ("--deepspeed_config", str(cfg_path), "--model", str(model_path))
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    finished(launch(full, *args, steps=30))
-    monkeypatch.setenv("DS_STRUCTOPT_FAULTS", "kill:rank=1,step=20")
-    killed = launch(cut, *args, steps=30)
-    log, _ = killed.communicate(timeout=600)
-    assert killed.returncode != 0 and "fault injection is ON" in log
-    assert (cut / "checkpoints" / "latest").read_text().strip() == "step00000015"
-    monkeypatch.delenv("DS_STRUCTOPT_FAULTS")
-    log = finished(launch(cut, *args, "--resume", steps=30))
-    assert "resumed from" in log
-    a, b = final_weights(full), final_weights(cut)
-    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    full = killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, *args)
     again = launch(full, *args, steps=30)
     log, _ = again.communicate(timeout=600)
     assert again.returncode != 0 and "already holds checkpoints (newest: step00000030); pass --resume" in log

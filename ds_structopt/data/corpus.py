@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from . import megatron_indexed, prepared
 from .packing import PackedData, pack
-from .sources import iter_documents
+from .sources import iter_documents, source_files
 from .tokenizer import load_tokenizer
 
 
@@ -40,11 +40,4 @@ PREPARE_ABOVE_BYTES = 256 * 2**20
 
 def raw_bytes(sources: Sequence[str]) -> int:
     """Bytes of the files behind ``sources`` (directories walked; built-in corpora count 0)."""
-    total = 0
-    for s in sources:
-        p = Path(s)
-        if p.is_file():
-            total += p.stat().st_size
-        elif p.is_dir():
-            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return total
+    return sum(f.stat().st_size for s in sources if Path(s).exists() for f in source_files(Path(s)))

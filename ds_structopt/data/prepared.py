@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint.state_io import sha256_file
 from .packing import PackedData
+from .sources import source_files
 from .tokenizer import Tokenizer, token_dtype
 
 FORMAT = "ds_structopt-tokens"
@@ -127,7 +128,7 @@ def describe_inputs(sources: Optional[Sequence[str]], tokenizer: Tokenizer, toke
         if not p.exists():
             files.append([str(src), sys.version.split()[0]])  # built-in corpora: fixed per Python
             continue
-        for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())):
+        for f in source_files(p):
             st = f.stat()
             files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     return {"files": files, "tokenizer": tokenizer_id(tokenizer, tokenizer_path), "eval_every": eval_every}

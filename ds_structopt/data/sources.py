@@ -39,7 +39,7 @@ def _documents(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
         if hf_saved_dataset(path) is not None:
             yield from _hf_documents(path, text_field)
         elif path.is_dir():
-            for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            for child in source_files(path):
                 yield from _file_documents(child, text_field)
         elif path.is_file():
             yield from _file_documents(path, text_field)
@@ -69,8 +69,18 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
             raise ValueError(f"{path}: parquet file has no '{text_field}' column (columns: {source.schema_arrow.names})")
         for batch in source.iter_batches(columns=[text_field]):  # batch by batch: memory stays flat
             yield from batch.column(0).to_pylist()
-    elif suffix in _TEXT_SUFFIXES or suffix in (".py", ".html", ".csv", ".json"):
+    elif _is_text(suffix):
         yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files behind a source path: itself, or a directory's files recursively in sorted order."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _is_text(suffix: str) -> bool:
+    """Files read whole as one document."""
+    return suffix in _TEXT_SUFFIXES or suffix in (".py", ".html", ".csv", ".json")
 
 
 def hf_saved_dataset(path: Path) -> Optional[Path]:
@@ -128,8 +138,7 @@ def count_documents(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLi
                 with pa.memory_map(str(arrow)) as source:
                     total += sum(batch.num_rows for batch in pa.ipc.open_stream(source))
         else:
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            for f in files:
+            for f in source_files(path):
                 suffix = f.suffix.lower()
                 if suffix in (".jsonl", ".ndjson"):
                     with open(f, "rb") as fh:
@@ -138,7 +147,7 @@ def count_documents(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLi
                     import pyarrow.parquet as pq
 
                     total += pq.ParquetFile(f).metadata.num_rows
-                elif suffix in _TEXT_SUFFIXES or suffix in (".py", ".html", ".csv", ".json"):
+                elif _is_text(suffix):
                     total += 1
     return total
 
