@@ -45,16 +45,15 @@ from torch.optim import Optimizer
 from ..comm import comm_device
 from ..optim.adamw import adamw_step
 from ..optim.base import COUNTERS, StructuredOptimizer, apply_updates, grad_flags
+from .exchange import ExchangePlan, Links, post_gradients, post_updates, receive_gradients, received_updates
 from .options import DistributedOptions
 from .ownership import MatrixInfo, plan_replica_owners
 from .pieces import (
     Entry,
     Piece,
-    covered,
     cut,
     dtensor_pieces,
     flat_layout_piece,
-    grad_or_zeros,
     hp_mapping_piece,
     is_dtensor,
     shape_numel,
@@ -113,7 +112,8 @@ class DistributedStructuredOptimizer(Optimizer):
         self.flat_tensors: dict[int, Tensor] = {}
         self.matrix_state: dict[str, dict[str, Any]] = {}
         self.elem_state: dict[str, dict[str, Any]] = {}
-        self._holders: dict[int, dict[str, list[tuple[int, int, int]]]] = {}  # group -> name -> [(rank, start, numel)]
+        self._holders: dict[Any, dict[str, list[tuple[int, int, int]]]] = {}  # layout -> name -> [(rank, start, numel)]
+        self._plans: dict[Any, ExchangePlan] = {}  # layout -> who sends what to whom (static once owners are set)
         self.comm_bytes = 0
         self.skipped_steps = 0  # whole steps skipped for non-finite gradients (any rank)
         self._bracket: Optional[dict[str, Any]] = None  # set by optimizer_step()
@@ -364,111 +364,43 @@ class DistributedStructuredOptimizer(Optimizer):
                        eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))
 
     def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
-        """Gather owned gradients, compute updates, return them: point-to-point messages of pieces
-        only (one per rank pair and direction), posted asynchronously so an owner's math runs
-        while other pieces are in flight."""
+        """Gather owned gradients, compute updates, return them (``exchange.py``): an owner's
+        math on what it holds whole runs while the other pieces are in flight."""
         holders = self._holders[self._current_holders]
-        replica_owners, owners = self.replica_owners, self.owners
-        device = self._device(group)
         entries = [e for e in entries if holders.get(e.name)]
-        wanted = {}  # name -> this rank owns it and lacks pieces of it (owners it must receive from)
-        local: dict[str, Tensor] = {}
-        for e in entries:
-            if owners[e.name] == self.rank:
-                if covered(holders[e.name], self.rank, shape_numel(e.shape)):
-                    local[e.name] = self._assemble_local(group, e)
-                else:
-                    wanted[e.name] = e
-
+        plan = self._plan(entries, holders)
+        device = self._device(group)
+        links = Links(self.group, self.replicas.group, self._global_rank)
         # before any message is posted (a collective between posting and waiting would stall them)
-        weights = self._weight_rms(group, entries, holders, device) if group.get("relative_step") else None
+        weights = self._weight_rms(plan, entries, device) if group.get("relative_step") else None
 
         # 1. gradient pieces to every owner that lacks them (its replica owner in every group)
-        ops, sent = [], []
-        for dst in range(self.world):
-            if dst == self.rank:
-                continue
-            parts = [grad_or_zeros(piece, device) for e in entries if dst in replica_owners[e.name]
-                     and not covered(holders[e.name], dst, shape_numel(e.shape)) for piece in e.pieces]
-            if parts:
-                msg = torch.cat(parts)
-                ops.append(dist.P2POp(dist.isend, msg, self._global_rank(dst), self.group, _TAG_GATHER))
-                sent.append(msg)
-        full = {name: torch.zeros(shape_numel(e.shape), dtype=torch.float32, device=device) for name, e in wanted.items()}
-        inbox: list[tuple[int, Tensor]] = []
-        for src in range(self.world):
-            if src == self.rank:
-                continue
-            size = sum(n for e in wanted.values() for r, _, n in holders[e.name] if r == src)
-            if size:
-                buf = torch.empty(size, dtype=torch.float32, device=device)
-                ops.append(dist.P2POp(dist.irecv, buf, self._global_rank(src), self.group, _TAG_GATHER))
-                inbox.append((src, buf))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        self.comm_bytes += sum(m.numel() * 4 for m in sent)
-        for e in wanted.values():  # this rank's own pieces
-            for piece in e.pieces:
-                g = piece.grad()
-                if g is not None:
-                    full[e.name].narrow(0, piece.start, piece.numel).copy_(g)
-
+        incoming, sent = post_gradients(plan, entries, device, links)
+        self.comm_bytes += sent
         # 2. owners compute: first what is already here, then what arrives
-        by_name = {e.name: e for e in entries}
-        updates = self._owner_updates(group, by_name, local, weights)
-        for w in works:
-            w.wait()
-        for src, buf in inbox:
-            offset = 0
-            for e in wanted.values():
-                for r, start, n in holders[e.name]:
-                    if r == src:
-                        full[e.name].narrow(0, start, n).copy_(buf.narrow(0, offset, n))
-                        offset += n
-        updates.update(self._owner_updates(group, by_name, full, weights))
-
+        updates = self._owner_updates(group, entries, {i: self._assemble_local(group, entries[i]) for i in plan.local},
+                                      weights)
+        updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights))
         # 3. update slices (and step sizes) back to the other holders in this replica group
+        works, inbox, sent = post_updates(plan, updates, device, links)
+        self.comm_bytes += sent
         wd = group["weight_decay"]
-        members = self.replicas.members()
-        ops, sent, inbox = [], [], []
-        for dst in members:
-            if dst == self.rank:
-                continue
-            mats = [e for e in entries if owners[e.name] == self.rank and any(r == dst for r, _, _ in holders[e.name])]
-            if mats:
-                parts = [updates[e.name][0].narrow(0, start, n) for e in mats for r, start, n in holders[e.name] if r == dst]
-                msg = torch.cat(parts + [torch.tensor([updates[e.name][1] for e in mats], dtype=torch.float32,
-                                                      device=device)])
-                ops.append(dist.P2POp(dist.isend, msg, self._global_rank(dst), self.replicas.group, _TAG_RETURN))
-                sent.append(msg)
-        for src in members:
-            if src == self.rank:
-                continue
-            mats = [e for e in entries if owners[e.name] == src and e.pieces]
-            if mats:
-                size = sum(p.numel for e in mats for p in e.pieces) + len(mats)
-                buf = torch.empty(size, dtype=torch.float32, device=device)
-                ops.append(dist.P2POp(dist.irecv, buf, self._global_rank(src), self.replicas.group, _TAG_RETURN))
-                inbox.append((mats, buf))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        self.comm_bytes += sum(m.numel() * 4 for m in sent)
-        for e in entries:
-            if owners[e.name] == self.rank:
-                u, lr = updates[e.name]
-                self._apply(e, u, lr, wd)
-        for w in works:
-            w.wait()
-        for mats, buf in inbox:
-            lrs = buf[buf.numel() - len(mats):].tolist()
-            offset = 0
-            for e, lr in zip(mats, lrs):
-                for piece in e.pieces:
-                    chunk = buf.narrow(0, offset, piece.numel)
-                    offset += piece.numel
-                    if lr != 0.0:
-                        self._apply_piece(piece, chunk, lr, wd)
+        for i in plan.local + plan.wanted:
+            u, lr = updates[i]
+            self._apply(entries[i], u, lr, wd)
+        for piece, chunk, lr in received_updates(works, inbox, entries):
+            self._apply_piece(piece, chunk, lr, wd)
 
-    def _weight_rms(self, group: dict[str, Any], entries: list[Entry], holders: dict[str, list[tuple[int, int, int]]],
-                    device: torch.device) -> dict[str, Tensor]:
+    def _plan(self, entries: list[Entry], holders: dict[str, list[tuple[int, int, int]]]) -> ExchangePlan:
+        """The exchange plan of the current partition layout (built on its first step)."""
+        key = self._current_holders
+        if key not in self._plans:
+            self._plans[key] = ExchangePlan.build(
+                self.rank, [e.name for e in entries], [shape_numel(e.shape) for e in entries], holders,
+                self.owners, self.replica_owners, self.replicas.members())
+        return self._plans[key]
+
+    def _weight_rms(self, plan: ExchangePlan, entries: list[Entry], device: torch.device) -> dict[int, Tensor]:
         """Per owned matrix, a one-element tensor whose RMS is the whole weight's RMS (Adafactor's
         relative step needs it; an owner holds only its pieces under ZeRO/FSDP2).
 
@@ -477,42 +409,41 @@ class DistributedStructuredOptimizer(Optimizer):
         all-reduce that every rank makes, since the set of shared matrices is the same on
         every rank (a reduction on the owner alone, or per replica group, would hang).
         Other matrices' owners compute it from their own pieces."""
-        shared = [i for i, e in enumerate(entries)
-                  if any(not covered(holders[e.name], o, shape_numel(e.shape)) for o in self.replica_owners[e.name])]
-        sums = torch.zeros(len(shared), dtype=torch.float32, device=device)
-        for j, i in enumerate(shared):
+        sums = torch.zeros(len(plan.shared), dtype=torch.float32, device=device)
+        for j, i in enumerate(plan.shared):
             for piece in entries[i].pieces:
                 sums[j] += piece.param.float().square().sum()
-        if shared and self.world > 1:
+        if plan.shared and self.world > 1:
             dist.all_reduce(sums, group=self.group)
-        total = dict(zip(shared, sums))
+        total = dict(zip(plan.shared, sums))
         out = {}
-        for i, e in enumerate(entries):
-            if self.owners[e.name] == self.rank:
-                squares = total[i] if i in total else sum(p.param.float().square().sum() for p in e.pieces)
-                out[e.name] = (squares / shape_numel(e.shape)).sqrt().reshape(1)
+        for i in plan.local + plan.wanted:
+            e = entries[i]
+            squares = total[i] if i in total else sum(p.param.float().square().sum() for p in e.pieces)
+            out[i] = (squares / shape_numel(e.shape)).sqrt().reshape(1)
         return out
 
-    def _owner_updates(self, group: dict[str, Any], by_name: dict[str, Entry], full_grads: dict[str, Tensor],
-                       weight_rms: Optional[dict[str, Tensor]] = None) -> dict[str, tuple[Tensor, float]]:
-        """Updates (flat) and step sizes of owned matrices from their full gradients; 0 = skipped."""
-        updates: dict[str, tuple[Tensor, float]] = {}
-        mine = [by_name[n] for n in full_grads]
+    def _owner_updates(self, group: dict[str, Any], entries: list[Entry], full_grads: dict[int, Tensor],
+                       weight_rms: Optional[dict[int, Tensor]] = None) -> dict[int, tuple[Tensor, float]]:
+        """Updates (flat) and step sizes of owned matrices (by entry index) from their full
+        gradients; 0 = skipped."""
+        updates: dict[int, tuple[Tensor, float]] = {}
+        mine = list(full_grads)
         if not mine:
             return updates
-        grads = [full_grads[e.name].view(e.shape[0], -1) for e in mine]
+        grads = [full_grads[i].view(entries[i].shape[0], -1) for i in mine]
         # non-finite gradients skipped the whole step (_decide); all-zero ones skip the matrix
         nonzero = [flag for _, flag in grad_flags(grads)]
-        live = [(e, g) for e, g, ok in zip(mine, grads, nonzero) if ok]
-        for e, ok in zip(mine, nonzero):
+        live = [(i, g) for i, g, ok in zip(mine, grads, nonzero) if ok]
+        for i, ok in zip(mine, nonzero):
             if not ok:  # skipped: step size 0 tells the holders to leave it
-                updates[e.name] = (torch.zeros(shape_numel(e.shape), device=grads[0].device), 0.0)
+                updates[i] = (torch.zeros(shape_numel(entries[i].shape), device=grads[0].device), 0.0)
         if live:
-            states = [self.matrix_state.setdefault(e.name, {}) for e, _ in live]
-            weights = [weight_rms[e.name] for e, _ in live] if weight_rms is not None else [e.lp for e, _ in live]
+            states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
+            weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
             ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
-            for (e, _), u, lr in zip(live, ups, sizes):
-                updates[e.name] = (u.reshape(-1), lr)
+            for (i, _), u, lr in zip(live, ups, sizes):
+                updates[i] = (u.reshape(-1), lr)
         return updates
 
     def _assemble_local(self, group: dict[str, Any], e: Entry) -> Tensor:
@@ -600,6 +531,5 @@ class DistributedStructuredOptimizer(Optimizer):
 
 
 _NOT_HYPERPARAMS = {"params", "param_names"}  # group keys that are not the optimizer's values
-_TAG_GATHER, _TAG_RETURN = 7301, 7302  # distinct tags: a rank pair may exchange both in one step
 
 

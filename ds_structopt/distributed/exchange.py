@@ -1,0 +1,190 @@
+"""The exchange of one step: gradient pieces to owners, update slices back to holders.
+
+Who holds which range of every matrix (DeepSpeed's partitions) and who owns it are fixed
+after the first step, so who sends what to whom is derived once, per partition layout, as
+an :class:`ExchangePlan` (per-peer lists; building it walks each matrix's holder ranges
+once, never ranks x matrices). A step then only fills buffers and posts them:
+
+1. :func:`post_gradients` / :func:`receive_gradients`: every rank sends, in one message
+   per owner, its pieces of the matrices that owner lacks; the owner assembles full
+   gradients (what it holds whole needs no message and is computed meanwhile);
+2. :func:`post_updates` / :func:`received_updates`: every owner sends each holder in its
+   replica group the holder's slices of the updates, followed by one step size per
+   matrix, in one message.
+
+Messages are ``batch_isend_irecv`` of ``isend``/``irecv`` (gloo and NCCL); receivers size
+their buffers from the plan, so no sizes travel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .pieces import Entry, Piece, grad_or_zeros, shape_numel
+
+Ranges = list[tuple[int, int, int]]  # (rank, start, numel) of one matrix, flattened
+
+TAG_GATHER, TAG_RETURN = 7301, 7302  # distinct tags: a rank pair may exchange both in one step
+
+
+@dataclass
+class Links:
+    """Where messages go: the optimizer's process group, this rank's replica group, and the
+    map from a rank in the optimizer's group to the global rank ``P2POp`` wants."""
+
+    group: Optional[dist.ProcessGroup]
+    replica_group: Optional[dist.ProcessGroup]
+    to_global: Callable[[int], int]
+
+
+@dataclass
+class ExchangePlan:
+    """Per-peer message contents of one partition layout, as indices into its matrix entries."""
+
+    local: list[int] = field(default_factory=list)   # owned here, every piece here
+    wanted: list[int] = field(default_factory=list)  # owned here, pieces elsewhere
+    gather_sends: list[tuple[int, list[int]]] = field(default_factory=list)         # (owner, entries)
+    gather_recvs: list[tuple[int, int, Ranges]] = field(default_factory=list)       # (src, size, [(entry, start, n)])
+    return_sends: list[tuple[int, Ranges, list[int]]] = field(default_factory=list)  # (holder, ranges, entries)
+    return_recvs: list[tuple[int, int, list[int]]] = field(default_factory=list)    # (owner, size, entries)
+    shared: list[int] = field(default_factory=list)  # some replica owner lacks it whole (weight RMS)
+    gaps: set[int] = field(default_factory=set)      # holders' ranges do not cover it all (zero-fill)
+
+    @classmethod
+    def build(cls, rank: int, names: list[str], numels: list[int], holders: dict[str, Ranges],
+              owner: dict[str, int], replica_owners: dict[str, list[int]], members: range) -> "ExchangePlan":
+        """``names``/``numels``: the layout's matrices with holders, in the order every rank uses;
+        ``owner``: this rank's replica group's owner of each; ``members``: that group's ranks."""
+        plan = cls()
+        sends: dict[int, list[int]] = {}
+        recvs: dict[int, Ranges] = {}
+        back: dict[int, Ranges] = {}
+        back_mats: dict[int, list[int]] = {}
+        back_from: dict[int, list[int]] = {}
+        back_size: dict[int, int] = {}
+        for i, (name, numel) in enumerate(zip(names, numels)):
+            held: dict[int, int] = {}
+            for r, _, n in holders[name]:
+                held[r] = held.get(r, 0) + n
+            whole = {r for r, n in held.items() if n >= numel}
+            if sum(held.values()) < numel:
+                plan.gaps.add(i)
+            if any(o not in whole for o in replica_owners[name]):
+                plan.shared.append(i)
+            if rank in held:
+                for o in dict.fromkeys(replica_owners[name]):
+                    if o != rank and o not in whole:
+                        sends.setdefault(o, []).append(i)
+            mine = owner[name]
+            if mine == rank:
+                if rank in whole:
+                    plan.local.append(i)
+                else:
+                    plan.wanted.append(i)
+                    for r, start, n in holders[name]:
+                        if r != rank:
+                            recvs.setdefault(r, []).append((i, start, n))
+                for r, start, n in holders[name]:
+                    if r != rank and r in members:
+                        back.setdefault(r, []).append((i, start, n))
+                        mats = back_mats.setdefault(r, [])
+                        if not mats or mats[-1] != i:
+                            mats.append(i)
+            elif rank in held:
+                back_from.setdefault(mine, []).append(i)
+                back_size[mine] = back_size.get(mine, 0) + held[rank] + 1
+        plan.gather_sends = sorted(sends.items())
+        plan.gather_recvs = [(src, sum(n for _, _, n in rs), rs) for src, rs in sorted(recvs.items())]
+        plan.return_sends = [(dst, back[dst], back_mats[dst]) for dst in sorted(back)]
+        plan.return_recvs = [(src, back_size[src], back_from[src]) for src in sorted(back_from)]
+        return plan
+
+
+@dataclass
+class Incoming:
+    """Gradient messages in flight to this owner, and the buffers they land in."""
+
+    works: list
+    full: dict[int, Tensor]             # entry index -> its full flat gradient (being assembled)
+    inbox: list[tuple[Ranges, Tensor]]  # per source: its ranges, its message
+
+
+def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.device, links: Links) -> tuple[Incoming, int]:
+    """Post this step's gradient messages (sends of our pieces, receives of what we own) and
+    copy our own pieces of wanted matrices into their buffers; returns (in flight, bytes sent)."""
+    ops, sent = [], 0
+    for dst, mats in plan.gather_sends:
+        msg = torch.cat([grad_or_zeros(piece, device) for i in mats for piece in entries[i].pieces])
+        ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.group, TAG_GATHER))
+        sent += msg.numel() * msg.element_size()
+    inbox = []
+    for src, size, ranges in plan.gather_recvs:
+        buf = torch.empty(size, dtype=torch.float32, device=device)
+        ops.append(dist.P2POp(dist.irecv, buf, links.to_global(src), links.group, TAG_GATHER))
+        inbox.append((ranges, buf))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    full = {}
+    for i in plan.wanted:  # only where a piece is missing on this rank are the gaps zeroed
+        e = entries[i]
+        numel = shape_numel(e.shape)
+        make = torch.zeros if i in plan.gaps else torch.empty
+        full[i] = make(numel, dtype=torch.float32, device=device)
+        for piece in e.pieces:
+            g = piece.grad()
+            if g is not None:
+                full[i].narrow(0, piece.start, piece.numel).copy_(g)
+            else:
+                full[i].narrow(0, piece.start, piece.numel).zero_()
+    return Incoming(works, full, inbox), sent
+
+
+def receive_gradients(incoming: Incoming) -> dict[int, Tensor]:
+    """Wait for the gradient messages and place each range: entry index -> full flat gradient."""
+    for w in incoming.works:
+        w.wait()
+    for ranges, buf in incoming.inbox:
+        offset = 0
+        for i, start, n in ranges:
+            incoming.full[i].narrow(0, start, n).copy_(buf.narrow(0, offset, n))
+            offset += n
+    return incoming.full
+
+
+def post_updates(plan: ExchangePlan, updates: dict[int, tuple[Tensor, float]], device: torch.device,
+                 links: Links) -> tuple[list, list[tuple[list[int], Tensor]], int]:
+    """Send each holder its slices of our updates, then one step size per matrix; post the
+    receives of ours. ``updates``: entry index -> (flat update, step size; 0 = skipped).
+    Returns (works, [(entries, message)] received, bytes sent)."""
+    ops, sent = [], 0
+    for dst, ranges, mats in plan.return_sends:
+        parts = [updates[i][0].narrow(0, start, n) for i, start, n in ranges]
+        sizes = torch.tensor([updates[i][1] for i in mats], dtype=torch.float32, device=device)
+        msg = torch.cat(parts + [sizes])
+        ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.replica_group, TAG_RETURN))
+        sent += msg.numel() * msg.element_size()
+    inbox = []
+    for src, size, mats in plan.return_recvs:
+        buf = torch.empty(size, dtype=torch.float32, device=device)
+        ops.append(dist.P2POp(dist.irecv, buf, links.to_global(src), links.replica_group, TAG_RETURN))
+        inbox.append((mats, buf))
+    return (dist.batch_isend_irecv(ops) if ops else []), inbox, sent
+
+
+def received_updates(works: list, inbox: list[tuple[list[int], Tensor]], entries: list[Entry]
+                     ) -> Iterator[tuple[Piece, Tensor, float]]:
+    """After the messages arrive: (our piece, its update slice, the matrix's step size) for
+    every piece of a matrix that was not skipped."""
+    for w in works:
+        w.wait()
+    for mats, buf in inbox:
+        sizes = buf[buf.numel() - len(mats):].tolist()
+        offset = 0
+        for i, lr in zip(mats, sizes):
+            for piece in entries[i].pieces:
+                if lr != 0.0:
+                    yield piece, buf.narrow(0, offset, piece.numel), lr
+                offset += piece.numel
