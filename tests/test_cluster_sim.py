@@ -2,14 +2,14 @@
 
 Each simulated rank is this process as rank r of a "fake" process group, with LLaMA-7B
 shaped bf16 parameters as fake CUDA tensors (no memory, no values) laid out as DeepSpeed
-ZeRO-1/2, ZeRO-3, DDP or FSDP2 lay them out (tests/sim/world.py), and every
-torch.distributed call checked (tests/sim/collectives.py): each tensor handed to a
+ZeRO-1/2, ZeRO-3, DDP or FSDP2 lay them out (ds_structopt/sim/world.py), and every
+torch.distributed call checked (ds_structopt/sim/collectives.py): each tensor handed to a
 collective or a message is on the rank's own GPU and fp32 (NCCL would crash on a CPU
 tensor), the ranks simulated make the same collectives in the same order on every
 group they share, their point-to-point messages pair up, and no group is first used
 by point-to-point messages (NCCL's lazy communicator creation would hang). Owned state
 ends up fp32 on the rank's GPU. Values are not simulated: data-dependent reads answer
-"finite, non-zero, converged" (tests/sim/collectives.py: HostSyncs).
+"finite, non-zero, converged" (ds_structopt/sim/collectives.py: HostSyncs).
 
 Boundary: DeepSpeed's engine does not run here (its reductions, overflow check and
 checkpoint writer); the layout classes stand where its ZeRO optimizer calls ours, with
@@ -25,8 +25,12 @@ from typing import Optional
 
 import pytest
 import torch
-from sim.collectives import mismatches
-from sim.world import (
+
+import ds_structopt as dso
+from ds_structopt import checkpoint
+from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
+from ds_structopt.sim.collectives import mismatches
+from ds_structopt.sim.world import (
     FSDP2,
     Replicated,
     Zero3,
@@ -38,10 +42,6 @@ from sim.world import (
     simulated_rank,
     state_problems,
 )
-
-import ds_structopt as dso
-from ds_structopt import checkpoint
-from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
 
 WORLD = 64
 RANKS = (0, 1, 2, 31, 32, 63)

@@ -2,7 +2,7 @@
 
 Two real gloo ranks drive our optimizer the way DeepSpeed's ZeRO-1/2 (one ``step()`` per param
 group) and ZeRO-3 (one per sub-group) do, each gradient handed over at its turn
-(tests/sim/world.py ``Zero12``/``Zero3`` with real CPU tensors), against the single-process
+(ds_structopt/sim/world.py ``Zero12``/``Zero3`` with real CPU tensors), against the single-process
 optimizer on the same global gradients:
 
 - a NaN in rank 1's share of the LAST (sub-)group skips the whole step on both ranks (no
@@ -43,9 +43,8 @@ def _chunk(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
 
 
 def _rank(rank: int, world: int, path: str, out: str) -> None:
-    from sim.world import Zero3
-
     from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
+    from ds_structopt.sim.world import Zero3
 
     _start(rank, world, path)
     model = build_model(0)
@@ -91,10 +90,9 @@ def _rank(rank: int, world: int, path: str, out: str) -> None:
 
 def _rank_zero2(rank: int, world: int, path: str, out: str) -> None:
     """The same at ZeRO-1/2: one flat partition per param group, group i's gradient put on it just
-    before its own ``step()`` call (tests/sim/world.py ``Zero12``, DeepSpeed's link_hp_params)."""
-    from sim.world import Zero12
-
+    before its own ``step()`` call (ds_structopt/sim/world.py ``Zero12``, DeepSpeed's link_hp_params)."""
     from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
+    from ds_structopt.sim.world import Zero12
 
     _start(rank, world, path)
     model = build_model(0)

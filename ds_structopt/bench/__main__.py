@@ -6,7 +6,9 @@ and whole training-step time, memory, state bytes at LLaMA shapes), ``dist``
 vs DeepSpeed's AdamW), ``refresh`` (step-time spikes of basis refreshes: synchronous,
 staggered, staggered + refresh-ahead, 2 and 4 ranks), ``regime`` (the convergence suite at the
 papers' ratios of tokens per step, tokens and refreshes per run, several seeds, bracketed lrs,
-resumable). Each writes ``<suite>.json``, ``<suite>.md`` and PNGs to
+resumable), ``scale`` (our distributed step as sampled ranks of 8-1024-GPU worlds, simulated with
+fake CUDA tensors and a fake process group: host syncs, Python time, live bytes, messages, load
+balance, next to the planner; resumable). Each writes ``<suite>.json``, ``<suite>.md`` and PNGs to
 ``--out``; ``--quick`` is the CI smoke size (each suite under 5 minutes here).
 """
 from __future__ import annotations
@@ -15,16 +17,16 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-SUITES = ("convergence", "regime", "step", "dist", "refresh")
+SUITES = ("convergence", "regime", "step", "dist", "refresh", "scale")
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    from . import convergence, dist, refresh, regime, step
+    from . import convergence, dist, refresh, regime, scale, step
 
     p = argparse.ArgumentParser(prog="ds-structopt bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="suite", required=True)
     for name, module in (("convergence", convergence), ("regime", regime), ("step", step), ("dist", dist),
-                         ("refresh", refresh)):
+                         ("refresh", refresh), ("scale", scale)):
         sp = sub.add_parser(name, help=module.__doc__.splitlines()[0])
         sp.add_argument("--out", default=f"runs/bench/{name}", help="output folder (regime: a rerun skips its finished runs)")
         sp.add_argument("--quick", action="store_true", help="CI smoke size")
@@ -53,6 +55,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from . import refresh
 
             result = refresh.run_cli(args)
+        elif args.suite == "scale":
+            from . import scale
+
+            result = scale.run_cli(args)
         else:
             from . import dist
 

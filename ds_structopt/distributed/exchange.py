@@ -18,7 +18,7 @@ their buffers from the plan, so no sizes travel.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -154,16 +154,30 @@ def receive_gradients(incoming: Incoming) -> dict[int, Tensor]:
     return incoming.full
 
 
-def post_updates(plan: ExchangePlan, updates: dict[int, tuple[Tensor, float]], device: torch.device,
+def device_vector(values: list[Union[float, Tensor]], device: torch.device) -> Tensor:
+    """Step sizes (floats, or one-element device tensors) as one fp32 vector on ``device``,
+    without a host-to-device copy: one fill for the most common float, then one small op per
+    value that differs (a skipped matrix's 0, a relative step's tensor)."""
+    floats = [v for v in values if not isinstance(v, Tensor)]
+    common = max(set(floats), key=floats.count) if floats else 0.0
+    out = torch.full((len(values),), common, dtype=torch.float32, device=device)
+    for k, v in enumerate(values):
+        if isinstance(v, Tensor):
+            out[k].copy_(v.reshape(()))
+        elif v != common:
+            out[k].fill_(v)
+    return out
+
+
+def post_updates(plan: ExchangePlan, updates: dict[int, tuple[Tensor, Tensor]], device: torch.device,
                  links: Links) -> tuple[list, list[tuple[list[int], Tensor]], int]:
     """Send each holder its slices of our updates, then one step size per matrix; post the
-    receives of ours. ``updates``: entry index -> (flat update, step size; 0 = skipped).
-    Returns (works, [(entries, message)] received, bytes sent)."""
+    receives of ours. ``updates``: entry index -> (flat update, step size: a one-element
+    device tensor, 0 = skipped). Returns (works, [(entries, message)] received, bytes sent)."""
     ops, sent = [], 0
     for dst, ranges, mats in plan.return_sends:
         parts = [updates[i][0].narrow(0, start, n) for i, start, n in ranges]
-        sizes = torch.tensor([updates[i][1] for i in mats], dtype=torch.float32, device=device)
-        msg = torch.cat(parts + [sizes])
+        msg = torch.cat(parts + [torch.stack([updates[i][1] for i in mats])])
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.replica_group, TAG_RETURN))
         sent += msg.numel() * msg.element_size()
     inbox = []
@@ -175,16 +189,16 @@ def post_updates(plan: ExchangePlan, updates: dict[int, tuple[Tensor, float]], d
 
 
 def received_updates(works: list, inbox: list[tuple[list[int], Tensor]], entries: list[Entry]
-                     ) -> Iterator[tuple[Piece, Tensor, float]]:
-    """After the messages arrive: (our piece, its update slice, the matrix's step size) for
-    every piece of a matrix that was not skipped."""
+                     ) -> Iterator[tuple[Piece, Tensor, Tensor, int]]:
+    """After the messages arrive: (our piece, its update slice, the matrix's step size as a
+    device tensor, the matrix's entry index) for every piece received; nothing is read to the
+    host (a skipped matrix's slice is zeros with step size 0: applying it changes nothing)."""
     for w in works:
         w.wait()
     for mats, buf in inbox:
-        sizes = buf[buf.numel() - len(mats):].tolist()
+        sizes = buf.narrow(0, buf.numel() - len(mats), len(mats)).unbind()
         offset = 0
-        for i, lr in zip(mats, sizes):
+        for k, i in enumerate(mats):
             for piece in entries[i].pieces:
-                if lr != 0.0:
-                    yield piece, buf.narrow(0, offset, piece.numel), lr
+                yield piece, buf.narrow(0, offset, piece.numel), sizes[k], i
                 offset += piece.numel

@@ -35,7 +35,7 @@ Messages are ``batch_isend_irecv`` of ``isend``/``irecv`` (gloo and NCCL).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,15 @@ from torch.optim import Optimizer
 from ..comm import comm_device
 from ..optim.adamw import adamw_step
 from ..optim.base import COUNTERS, StructuredOptimizer, apply_updates, grad_flags
-from .exchange import ExchangePlan, Links, post_gradients, post_updates, receive_gradients, received_updates
+from .exchange import (
+    ExchangePlan,
+    Links,
+    device_vector,
+    post_gradients,
+    post_updates,
+    receive_gradients,
+    received_updates,
+)
 from .options import DistributedOptions
 from .ownership import MatrixInfo, plan_replica_owners
 from .pieces import (
@@ -91,10 +99,11 @@ class DistributedStructuredOptimizer(Optimizer):
             self.entries.append([Entry(n, p, p.ds_shape if hasattr(p, "ds_shape") else p.shape, self.math.is_matrix(p, g))
                                  for n, p in zip(names, g["params"])])
         self._group_index = {id(g): i for i, g in enumerate(self.param_groups)}
-        # Every elementwise parameter's slot in _decide's flag vector (the same order on every rank),
-        # and what the last decision found: its whole gradient not all zero (None: not seen then).
-        self._elem_slot = {id(e): k for k, e in enumerate(e for es in self.entries for e in es if not e.is_matrix)}
-        self._elem_live: list[Optional[bool]] = []
+        # Every parameter's slot in _decide's flag vector (the same order on every rank), and what
+        # the last decision found: its whole gradient not all zero (None: not seen then).
+        self._slot = {id(e): k for k, e in enumerate(e for es in self.entries for e in es)}
+        self._live: list[Optional[bool]] = []
+        self._index: Optional[tuple[Any, Tensor]] = None  # _decide's slot index on the device, per layout
         self._entry_by_param = {id(e.lp): e for es in self.entries for e in es}
         self._all_groups = list(self.param_groups)
         self._infos = [MatrixInfo.of(e.name, e.shape[0], shape_numel(e.shape) // e.shape[0], optimizer_cls, g)
@@ -255,8 +264,8 @@ class DistributedStructuredOptimizer(Optimizer):
 
     def _decide(self, work: list) -> str:
         """"step", "skip" (a non-finite gradient on any rank) or "idle" (every gradient on every rank
-        is zero: DeepSpeed's state-initialising call). Also sets ``_elem_live``: per elementwise
-        parameter, whether its whole gradient (every rank's pieces) is not all zero, the
+        is zero: DeepSpeed's state-initialising call). Also sets ``_live``: per parameter
+        (elementwise ones and matrices), whether its whole gradient (every rank's pieces) is not all zero, the
         single-process optimizer's rule for stepping it (a piece's own gradient may be all zero
         while the parameter's is not: the embedding rows of tokens absent from the batch).
 
@@ -270,7 +279,7 @@ class DistributedStructuredOptimizer(Optimizer):
         seen: set[int] = set()    # slots of parameters all of whose pieces are looked at (alike on every rank)
         for gi, group in work:
             for e in self._pieces(gi, group):
-                slot = self._elem_slot.get(id(e), -1)
+                slot = self._slot.get(id(e), -1)
                 if slot >= 0:
                     seen.add(slot)
                 for piece in e.pieces:
@@ -292,13 +301,13 @@ class DistributedStructuredOptimizer(Optimizer):
                     parts = cut(grads, ranges)
                 views += [v for v, _ in parts]
                 slots += [slot for _, slot in parts]
-        n = len(self._elem_slot)
+        n = len(self._slot)
         near = views[0].device if views else None
         device = comm_device(self.group, near) if self.world > 1 else (near or torch.device("cpu"))
         if views:
             maxes = torch.stack([m.float().to(device) for m in torch._foreach_norm(views, float("inf"))])
             nonzero = (maxes != 0).float()
-            index = torch.tensor([slot if slot >= 0 else n for slot in slots], device=device)
+            index = self._slot_index(slots, n, device)
             per_param = torch.zeros(n + 1, device=device).scatter_reduce_(0, index, nonzero, "amax")[:n]
             flags = torch.cat([(~torch.isfinite(maxes)).any().float().reshape(1), nonzero.max().reshape(1), per_param])
         else:
@@ -308,7 +317,7 @@ class DistributedStructuredOptimizer(Optimizer):
         # read back as "finite everywhere", "non-zero somewhere", each parameter "non-zero somewhere"
         # (flags are exactly 0 or 1): one host read
         finite, live, *per_param_live = torch.cat([flags[:1] == 0, flags[1:] != 0]).tolist()
-        self._elem_live = [bool(per_param_live[k]) if k in seen else None for k in range(n)]
+        self._live = [bool(per_param_live[k]) if k in seen else None for k in range(n)]
         decision = "skip" if not finite else ("step" if live else "idle")
         if decision == "skip":
             self.skipped_steps += 1  # the whole step, on every rank: no state or weight changes
@@ -335,8 +344,21 @@ class DistributedStructuredOptimizer(Optimizer):
                 mapping = getattr(e.lp, "_hp_mapping", None)
                 hp = mapping.hp_fragment_address if mapping is not None else None
                 members.append((e, hp.start, hp.numel) if hp is not None else (e, 0, 0))
-        slots = [(self._elem_slot[id(e)], offset, numel) for e, offset, numel in members if id(e) in self._elem_slot]
+        slots = [(self._slot[id(e)], offset, numel) for e, offset, numel in members]
         return [slot for slot, _, _ in slots], [(offset, numel, slot) for slot, offset, numel in slots if numel > 0]
+
+    def _slot_index(self, slots: list[int], n: int, device: torch.device) -> Tensor:
+        """The decision's scatter index on the device, built once per layout: the same gradient
+        views come every step, so no host-to-device copy after the first."""
+        key = (tuple(slots), device)
+        if self._index is None or self._index[0] != key:
+            self._index = (key, torch.tensor([slot if slot >= 0 else n for slot in slots], device=device))
+        return self._index[1]
+
+    def _live_of(self, e: Entry) -> Optional[bool]:
+        """Whether the step's decision found ``e``'s whole gradient not all zero (None: not seen)."""
+        slot = self._slot.get(id(e))
+        return self._live[slot] if slot is not None and slot < len(self._live) else None
 
     def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
         """AdamW on this rank's pieces of the parameters whose whole gradient is not all zero
@@ -344,8 +366,7 @@ class DistributedStructuredOptimizer(Optimizer):
         stepped, whatever its own gradient: the single-process optimizer's step of the whole."""
         params, grads, states = [], [], []
         for e in entries:
-            slot = self._elem_slot.get(id(e))
-            live = self._elem_live[slot] if slot is not None and slot < len(self._elem_live) else None
+            live = self._live_of(e)
             if live is False:
                 continue
             for piece in e.pieces:
@@ -381,15 +402,18 @@ class DistributedStructuredOptimizer(Optimizer):
         updates = self._owner_updates(group, entries, {i: self._assemble_local(group, entries[i]) for i in plan.local},
                                       weights)
         updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights))
+        owned = plan.local + plan.wanted
+        # step sizes stay on the device (one fp32 vector): owners and holders apply the same values
+        sizes = dict(zip(owned, device_vector([updates[i][1] for i in owned], device).unbind())) if owned else {}
         # 3. update slices (and step sizes) back to the other holders in this replica group
-        works, inbox, sent = post_updates(plan, updates, device, links)
+        works, inbox, sent = post_updates(plan, {i: (updates[i][0], sizes[i]) for i in owned}, device, links)
         self.comm_bytes += sent
-        wd = group["weight_decay"]
-        for i in plan.local + plan.wanted:
-            u, lr = updates[i]
-            self._apply(entries[i], u, lr, wd)
-        for piece, chunk, lr in received_updates(works, inbox, entries):
-            self._apply_piece(piece, chunk, lr, wd)
+        mine = [(piece, updates[i][0].narrow(0, piece.start, piece.numel), sizes[i])
+                for i in owned if not _skipped(updates[i][1]) for piece in entries[i].pieces]
+        self._apply_pieces(mine, group["weight_decay"])
+        received = [(piece, chunk, size) for piece, chunk, size, i in received_updates(works, inbox, entries)
+                    if self._live_of(entries[i]) is not False]
+        self._apply_pieces(received, group["weight_decay"])
 
     def _plan(self, entries: list[Entry], holders: dict[str, list[tuple[int, int, int]]]) -> ExchangePlan:
         """The exchange plan of the current partition layout (built on its first step)."""
@@ -424,16 +448,20 @@ class DistributedStructuredOptimizer(Optimizer):
         return out
 
     def _owner_updates(self, group: dict[str, Any], entries: list[Entry], full_grads: dict[int, Tensor],
-                       weight_rms: Optional[dict[int, Tensor]] = None) -> dict[int, tuple[Tensor, float]]:
+                       weight_rms: Optional[dict[int, Tensor]] = None) -> dict[int, tuple[Tensor, Union[float, Tensor]]]:
         """Updates (flat) and step sizes of owned matrices (by entry index) from their full
-        gradients; 0 = skipped."""
-        updates: dict[int, tuple[Tensor, float]] = {}
+        gradients; a step size of 0.0 = skipped (its whole gradient is all zero)."""
+        updates: dict[int, tuple[Tensor, Union[float, Tensor]]] = {}
         mine = list(full_grads)
         if not mine:
             return updates
         grads = [full_grads[i].view(entries[i].shape[0], -1) for i in mine]
-        # non-finite gradients skipped the whole step (_decide); all-zero ones skip the matrix
-        nonzero = [flag for _, flag in grad_flags(grads)]
+        # non-finite gradients skipped the whole step (_decide), which also found the all-zero ones;
+        # a matrix it did not see (pending gradients not described to it) is read here
+        nonzero = [self._live_of(entries[i]) for i in mine]
+        unseen = [k for k, flag in enumerate(nonzero) if flag is None]
+        for k, (_, flag) in zip(unseen, grad_flags([grads[k] for k in unseen])):
+            nonzero[k] = flag
         live = [(i, g) for i, g, ok in zip(mine, grads, nonzero) if ok]
         for i, ok in zip(mine, nonzero):
             if not ok:  # skipped: step size 0 tells the holders to leave it
@@ -442,7 +470,8 @@ class DistributedStructuredOptimizer(Optimizer):
             states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
             weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
             ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
-            for (i, _), u, lr in zip(live, ups, sizes):
+            per_matrix = sizes.unbind() if isinstance(sizes, Tensor) else sizes
+            for (i, _), u, lr in zip(live, ups, per_matrix):
                 updates[i] = (u.reshape(-1), lr)
         return updates
 
@@ -459,19 +488,13 @@ class DistributedStructuredOptimizer(Optimizer):
                 full.narrow(0, piece.start, piece.numel).copy_(g)
         return full
 
-    @classmethod
-    def _apply(cls, e: Entry, update: Tensor, lr: float, wd: float) -> None:
-        """Apply a whole matrix's flat update to this rank's pieces of it."""
-        if lr == 0.0:
-            return
-        for piece in e.pieces:
-            cls._apply_piece(piece, update.narrow(0, piece.start, piece.numel), lr, wd)
-
     @staticmethod
-    def _apply_piece(piece: Piece, update: Tensor, lr: float, wd: float) -> None:
-        """W <- W (1 - lr wd) - lr U on one piece: the single-process optimizer's own rule
-        (``apply_updates``; ``update`` is scratch and is scaled in place)."""
-        apply_updates([piece.param], [update], [lr], wd)
+    def _apply_pieces(pieces: list[tuple[Piece, Tensor, Tensor]], wd: float) -> None:
+        """W <- W (1 - lr wd) - lr U on each (piece, its update slice, the matrix's step size on
+        the device): the single-process rule (``apply_updates``; slices are scratch, scaled in place)."""
+        if pieces:
+            apply_updates([p.param for p, _, _ in pieces], [u for _, u, _ in pieces],
+                          torch.stack([lr for _, _, lr in pieces]), wd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """DeepSpeed hands us its saved base-optimizer state when it loads its own partitions
@@ -528,6 +551,11 @@ class DistributedStructuredOptimizer(Optimizer):
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for st in list(self.matrix_state.values()) + list(self.elem_state.values())
                    for t in st.values() if isinstance(t, Tensor))
+
+
+def _skipped(step_size: Union[float, Tensor]) -> bool:
+    """A step size of exactly 0.0 on the host: nothing to apply (a device tensor is never read)."""
+    return not isinstance(step_size, Tensor) and step_size == 0.0
 
 
 _NOT_HYPERPARAMS = {"params", "param_names"}  # group keys that are not the optimizer's values

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import linalg
 from . import validation as v
-from .base import StructuredOptimizer
+from .base import StepSizes, StructuredOptimizer
 from .batching import buckets, chunks, stack
 from .moments import adam_directions, factored_directions
 from .refresh import DECOMP_FLOPS_PER_CUBE, first_refresh_window, refresh_due
@@ -177,7 +177,7 @@ class AdaDiag(StructuredOptimizer):
         grads: Sequence[Tensor],
         states: Sequence[State],
         weights: Optional[Sequence[Tensor]] = None,
-    ) -> tuple[list[Tensor], list[float]]:
+    ) -> tuple[list[Tensor], StepSizes]:
         for g, st in zip(grads, states):
             self._init_state(st, g, group)
             st["step"] += 1
@@ -253,15 +253,16 @@ class AdaDiag(StructuredOptimizer):
         tensors = inputs if group["basis"] == "grad" else [s[k] for s in snapshots for k in ("L", "R", "P", "Q")]
         self.refresh_ahead.submit(targets, compute, grads[due[0]].device, inputs=tensors)
 
-    def _step_sizes(self, group: dict[str, Any], states: Sequence[State], weights: Optional[Sequence[Tensor]]) -> list[float]:
+    def _step_sizes(self, group: dict[str, Any], states: Sequence[State], weights: Optional[Sequence[Tensor]]
+                    ) -> StepSizes:
         lr = group["lr"]
         if not group["relative_step"]:
             return [lr] * len(states)
         if weights is None:
             raise ValueError(f"{self.NAME}: relative_step=True needs the weights to size the step")
-        # Adafactor: min(lr, 1/sqrt(t)) * max(1e-3, RMS(W)); one sync for all matrices.
-        rms = torch.stack([w.float().square().mean().sqrt() for w in weights]).clamp_min(1e-3).tolist()
-        return [min(lr, st["step"] ** -0.5) * r for st, r in zip(states, rms)]
+        # Adafactor: min(lr, 1/sqrt(t)) * max(1e-3, RMS(W)), left on the device (no host read)
+        rms = [w.float().square().mean().sqrt().clamp_min(1e-3) for w in weights]
+        return torch.stack([r * min(lr, st["step"] ** -0.5) for st, r in zip(states, rms)])
 
     # ----- bases ----------------------------------------------------------
     def _accumulate_factors(self, grads: Sequence[Tensor], states: Sequence[State], beta: float) -> None:

@@ -230,12 +230,12 @@ class ASGO(_MomentumRMSOptimizer):
             for part in chunks(idx, 4 * 6 * d * d):
                 precond = stack([states[i]["precond"] for i in part])
                 result, fell_back = linalg.newton_schulz_inverse_root(precond, group["ns_iterations"], group["eps"], group["damping"])
+                fell = fell_back.float()  # counted on the device: no host read per step
                 for j, i in enumerate(part):
                     roots[i] = result[j]
                     states[i]["refreshes"] += 1
-                    if fell_back[j]:
-                        states[i]["decomp_failures"] += 1
-                        states[i]["identity_fallbacks"] += 1
+                    states[i]["decomp_failures"] = fell[j] + states[i]["decomp_failures"]
+                    states[i]["identity_fallbacks"] = fell[j] + states[i]["identity_fallbacks"]
         return roots
 
     def _eigh_roots(self, states: Sequence[State], group: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, MutableMapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, MutableMapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -129,8 +129,10 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         grads: Sequence[Tensor],
         states: Sequence[MutableMapping[str, Any]],
         weights: Optional[Sequence[Tensor]] = None,
-    ) -> tuple[list[Tensor], list[float]]:
+    ) -> tuple[list[Tensor], StepSizes]:
         """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U.
+        Step sizes are Python floats, or one fp32 tensor on the gradients' device (one entry
+        per matrix) where they depend on tensor values, so that nobody reads them to the host.
 
         Runs the family's math with full-precision fp32 matmuls whatever the user's
         TF32 setting, restored on return (also when the math raises).
@@ -145,7 +147,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         grads: Sequence[Tensor],
         states: Sequence[MutableMapping[str, Any]],
         weights: Optional[Sequence[Tensor]] = None,
-    ) -> tuple[list[Tensor], list[float]]:
+    ) -> tuple[list[Tensor], StepSizes]:
         """The family's math behind :meth:`matrix_updates` (called with fp32 matmuls pinned)."""
 
     @classmethod
@@ -285,12 +287,25 @@ class StructuredOptimizer(Optimizer, abc.ABC):
             }
 
 
-def apply_updates(params: Sequence[Tensor], updates: Sequence[Tensor], step_sizes: Sequence[float], weight_decay: float) -> None:
-    """W <- W (1 - lr_i wd) - lr_i U_i in fp32 (updates are owned scratch tensors, scaled in place)."""
+StepSizes = Union[list[float], Tensor]  # see StructuredOptimizer.matrix_updates
+
+
+def apply_updates(params: Sequence[Tensor], updates: Sequence[Tensor], step_sizes: Union[Sequence[float], Tensor],
+                  weight_decay: float) -> None:
+    """W <- W (1 - lr_i wd) - lr_i U_i in fp32 (updates are owned scratch tensors, scaled in place).
+
+    ``step_sizes``: Python floats, or one fp32 device tensor with an entry per parameter (sizes
+    that live on the device, e.g. Adafactor's relative step or an owner's message: applied
+    without reading them back to the host)."""
     weights32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-    if weight_decay != 0:
-        torch._foreach_mul_(weights32, [1.0 - lr * weight_decay for lr in step_sizes])
-    torch._foreach_mul_(list(updates), [-lr for lr in step_sizes])
+    if isinstance(step_sizes, Tensor):
+        if weight_decay != 0:
+            torch._foreach_mul_(weights32, list((1.0 - step_sizes * weight_decay).unbind()))
+        torch._foreach_mul_(list(updates), list((-step_sizes).unbind()))
+    else:
+        if weight_decay != 0:
+            torch._foreach_mul_(weights32, [1.0 - lr * weight_decay for lr in step_sizes])
+        torch._foreach_mul_(list(updates), [-lr for lr in step_sizes])
     torch._foreach_add_(weights32, [u.view_as(w) for u, w in zip(updates, weights32)])
     for p, w in zip(params, weights32):
         if w is not p:

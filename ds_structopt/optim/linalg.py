@@ -251,7 +251,7 @@ def eigh_inverse_root(stack: Tensor, damping: float) -> list[Optional[Tensor]]:
 
 def newton_schulz_inverse_root(
     stack: Tensor, iterations: int = 10, eps: float = 1e-10, damping: float = 0.0
-) -> tuple[Tensor, list[bool]]:
+) -> tuple[Tensor, Tensor]:
     """Approximate V^{-1/2} with a coupled Newton-Schulz iteration (matmuls only).
 
     Y0 = V/s, Z0 = I, then T = a I + b ZY + c (ZY)^2, Y <- Y T, Z <- T Z with the
@@ -265,7 +265,7 @@ def newton_schulz_inverse_root(
     undamped low-rank V can diverge; a relative shift of ~1e-6 prevents it.
     A matrix whose
     result is not finite gets the identity, as in the reference code; the
-    second return value flags those matrices.
+    second return value flags those matrices (a bool tensor, left on the device).
     """
     k, d, _ = stack.shape
     eye = torch.eye(d, dtype=stack.dtype, device=stack.device).expand(k, d, d)
@@ -283,4 +283,4 @@ def newton_schulz_inverse_root(
     root = z / scale.sqrt().view(k, 1, 1)
     finite = torch.isfinite(root.flatten(1)).all(dim=1)
     root = torch.where(finite.view(k, 1, 1), root, eye)  # no mask indexing: no extra sync on a GPU
-    return root, [not ok for ok in finite.tolist()]
+    return root, ~finite

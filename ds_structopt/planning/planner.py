@@ -38,6 +38,7 @@ class Plan:
     owned_matrices_per_rank: list[int]
     our_bytes_per_step: int                 # handed to collectives by our step, summed over ranks
     our_bytes_per_step_inter_node: int      # the part on collectives that span nodes
+    our_bytes_sent_per_rank: list[int] = field(repr=False)  # what each rank sends in our step
     deepspeed_bytes_per_step: int           # DeepSpeed's own collectives (model), summed over ranks
     refresh_flops_per_step: list[list[float]] = field(repr=False)  # [rank][step in window]
     rotation_flops_per_step: list[float] = field(repr=False)       # [rank]
@@ -64,6 +65,7 @@ class Plan:
         out.pop("rotation_flops_per_step")
         out["state_bytes_per_rank"] = _summary(self.state_bytes_per_rank)
         out["owned_matrices_per_rank"] = _summary(self.owned_matrices_per_rank)
+        out["our_bytes_sent_per_rank"] = _summary(self.our_bytes_sent_per_rank)
         return out
 
 
@@ -124,22 +126,23 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
             window[r][0] = sum(costs[r])
             first[r][0] = sum(costs[r])
 
-    ours, inter = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node)
+    ours, inter, sent = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node)
     return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
                 update_freq=update_freq, stagger=stagger, ahead_steps=ahead_steps, params=sum(p.numel for p in all_params), matrices=len(mats),
                 state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,
-                our_bytes_per_step_inter_node=inter, deepspeed_bytes_per_step=deepspeed_bytes(groups, world, stage),
+                our_bytes_per_step_inter_node=inter, our_bytes_sent_per_rank=sent, deepspeed_bytes_per_step=deepspeed_bytes(groups, world, stage),
                 refresh_flops_per_step=window, rotation_flops_per_step=rotation, first_window=first_window,
                 first_refresh_flops_per_step=first)
 
 
 def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],
-              world: int, group_size: int, ranks_per_node: int) -> tuple[int, int]:
+              world: int, group_size: int, ranks_per_node: int) -> tuple[int, int, list[int]]:
     """Bytes our step sends, summed over ranks (as ``DistributedStructuredOptimizer.comm_bytes``):
     every piece of a matrix to each of its owners that does not hold it whole, then each owner's
     update slices, plus one step size per matrix, to the other holders in its replica group.
-    Returns (all, between ranks on different nodes)."""
+    Returns (all, between ranks on different nodes, sent by each rank)."""
     total = inter = 0
+    sent = [0] * world
     for p in mats:
         held: dict[int, int] = {}
         for r, _, n in pieces[p.name]:
@@ -154,10 +157,12 @@ def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, 
                 if held.get(owner, 0) < p.numel:  # gather: r's pieces to the owner
                     total += FP32 * n
                     inter += FP32 * n if crosses else 0
+                    sent[r] += FP32 * n
                 if base <= r < base + group_size:  # return: r's slices and the step size
                     total += FP32 * (n + 1)
                     inter += FP32 * (n + 1) if crosses else 0
-    return total, inter
+                    sent[owner] += FP32 * (n + 1)
+    return total, inter, sent
 
 
 def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> int:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -164,19 +165,94 @@ def _short(group: tuple[int, ...]) -> str:
 
 
 class HostSyncs(TorchDispatchMode):
-    """Answers ``_local_scalar_dense`` on fake tensors with the nominal value and counts the reads
-    (enter it inside the FakeTensorMode so it sees the op first)."""
+    """Counts host-device synchronisations a real GPU would make, and answers the reads that fake
+    tensors refuse (``aten._local_scalar_dense``) with the nominal value (True, 1.0, 1: finite,
+    non-zero, converged). Enter it inside the FakeTensorMode (it sees ops first), together with
+    its :attr:`reads` function mode.
+
+    One sync is one of: a Python read of a CUDA tensor's value (``.item()``, ``.tolist()``,
+    ``bool()``, ``int()``, ``float()``: one each, however many elements; the fake tensor reads
+    them one by one, and those are not counted again), a data-dependent read inside an op, a
+    blocking copy from the GPU to the host, or a blocking copy from host memory to the GPU
+    (``torch.tensor(list, device="cuda")``). ``sites`` counts them by the first line of
+    ds_structopt outside this package that asked."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
-        self.sites: list[str] = []
+        self.sites: dict[str, int] = {}
+        self.reads = _PythonReads(self)
+        self._inside = 0  # > 0 while a counted Python-level read runs
+
+    def record(self) -> None:
+        self.count += 1
+        site = _caller()
+        self.sites[site] = self.sites.get(site, 0) + 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
+            if not self._inside:
+                self.record()
             dtype = args[0].dtype
             if dtype == torch.bool:
                 return True
             return 1.0 if dtype.is_floating_point else 1
+        if not self._inside and func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst_device = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device", src.device)
+            crosses = {torch.device(dst_device).type, src.device.type} == {"cpu", "cuda"}
+            if crosses and not kwargs.get("non_blocking", False) and not (len(args) > 2 and args[2]):
+                self.record()
+        return func(*args, **kwargs)
+
+
+class _PythonReads(TorchFunctionMode):
+    """The Python-level reads of :class:`HostSyncs` (one sync per call, whatever its size)."""
+
+    READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+    def __init__(self, syncs: HostSyncs) -> None:
+        super().__init__()
+        self.syncs = syncs
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in self.READS and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cuda":
+            return self.one_read(func, *args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+    def one_read(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.syncs._inside:
+            self.syncs.record()
+        self.syncs._inside += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.syncs._inside -= 1
+
+    def __enter__(self) -> "_PythonReads":
+        # FakeTensor.tolist is Python (unbind, then item per element): make the call one read
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        self._tolist = FakeTensor.__dict__.get("tolist")
+        if self._tolist is not None:
+            original = self._tolist
+            FakeTensor.tolist = lambda t: self.one_read(original, t) if t.device.type == "cuda" else original(t)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if self._tolist is not None:
+            FakeTensor.tolist = self._tolist
+        super().__exit__(*exc)
+
+
+def _caller() -> str:
+    """file:line of the innermost ds_structopt frame outside ds_structopt/sim."""
+    for frame in reversed(traceback.extract_stack(limit=40)):
+        path = frame.filename.replace("\\", "/")
+        if "/ds_structopt/" in path and "/ds_structopt/sim/" not in path:
+            return f"{path.split('/ds_structopt/')[-1]}:{frame.lineno} {frame.name}"
+    return "?"

@@ -83,7 +83,8 @@ class DispatchingMethods(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if name in _SPECIAL:
                 return _SPECIAL[name](*args, **kwargs)
-            op = getattr(aten, _ALIASES.get(name, name.strip("_")), None)
+            dunder = name.startswith("__") and name.endswith("__")
+            op = getattr(aten, _ALIASES.get(name, name[2:-2] if dunder else name), None)  # copy_ stays in place
             if op is None:
                 raise
             return op(*args, **kwargs)

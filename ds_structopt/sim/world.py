@@ -24,6 +24,7 @@ run here; these classes stand where its ZeRO optimizer calls ours.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -34,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .collectives import CollectiveChecker, HostSyncs
 from .cuda_runtime import SerialWorker, SimCudaRuntime
 from .fake_cuda import DispatchingMethods
+from .memory import LiveBytes
 
 
 def rank_device(rank: int, gpus_per_node: int = 8) -> torch.device:
@@ -46,6 +48,7 @@ class Rank:
     checker: CollectiveChecker
     syncs: HostSyncs
     cuda: SimCudaRuntime
+    memory: LiveBytes
 
 
 @contextlib.contextmanager
@@ -56,17 +59,17 @@ def simulated_rank(rank: int, world: int, oracle: Any = None,
 
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     checker = CollectiveChecker(rank_device(rank), dtypes=dtypes, oracle=oracle)
-    syncs = HostSyncs()
+    syncs, memory = HostSyncs(), LiveBytes()
     fake, methods = FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods()
-    cuda = SimCudaRuntime([fake, methods, syncs])
+    cuda = SimCudaRuntime([fake, methods, syncs.reads, syncs, memory])
     from unittest import mock
 
     from ds_structopt.optim import refresh
 
     try:
-        with fake, methods, syncs, checker, cuda, mock.patch.object(refresh, "ThreadPoolExecutor", SerialWorker):
+        with fake, methods, syncs.reads, syncs, memory, checker, cuda, mock.patch.object(refresh, "ThreadPoolExecutor", SerialWorker):
             cuda.set_device(rank_device(rank))  # what the launcher's LOCAL_RANK and the engine do
-            yield Rank(checker, syncs, cuda)
+            yield Rank(checker, syncs, cuda, memory)
     finally:
         dist.destroy_process_group()
 
@@ -76,6 +79,22 @@ def llama_param_groups(model: str = "7b", layers: Optional[int] = None, dtype: t
     """``ds_structopt.param_groups`` of a LLaMA config (real names, groups and order) with each
     parameter replaced by a zero tensor on ``device`` (call inside the FakeTensorMode).
     ``shape_of(shape)`` gives the tensor's own shape (ZeRO-3: ``(0,)``)."""
+    groups = []
+    for g, shapes in _llama_skeleton(model, layers):
+        params = []
+        for shape in shapes:
+            t = torch.nn.Parameter(torch.zeros(shape_of(shape) if shape_of else shape, dtype=dtype, device=device),
+                                   requires_grad=False)  # autograd metadata needs a real CUDA build
+            t.sim_shape = shape
+            params.append(t)
+        groups.append({**g, "params": params})
+    return groups
+
+
+@functools.lru_cache(maxsize=4)
+def _llama_skeleton(model: str, layers: Optional[int]) -> list[tuple[dict[str, Any], list[tuple[int, ...]]]]:
+    """(group options and names, parameter shapes) of ``ds_structopt.param_groups`` of a LLaMA
+    config, built once on the meta device (a 70B model takes seconds to build)."""
     from transformers import LlamaForCausalLM
 
     import ds_structopt as dso
@@ -86,16 +105,8 @@ def llama_param_groups(model: str = "7b", layers: Optional[int] = None, dtype: t
         cfg.num_hidden_layers = layers
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
-    groups = []
-    for g in dso.param_groups(net):
-        params = []
-        for p in g["params"]:
-            t = torch.nn.Parameter(torch.zeros(shape_of(p.shape) if shape_of else p.shape, dtype=dtype, device=device),
-                                   requires_grad=False)  # autograd metadata needs a real CUDA build
-            t.sim_shape = tuple(p.shape)
-            params.append(t)
-        groups.append({**g, "params": params})
-    return groups
+    return [({k: v for k, v in g.items() if k != "params"}, [tuple(p.shape) for p in g["params"]])
+            for g in dso.param_groups(net)]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
