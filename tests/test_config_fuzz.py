@@ -40,7 +40,7 @@ EDITS = st.one_of(
     st.tuples(st.just(("zero_optimization", "stage")), JSON | st.just(DELETE)),
     st.tuples(st.just(("zero_optimization",)), JSON),
     st.tuples(st.sampled_from(["offload_optimizer", "offload_param"]).map(lambda k: ("zero_optimization", k)), JSON),
-    st.tuples(st.sampled_from(["cost_model", "ownership", "ownership_group_size", "collective_timeout_s", "owner"]).map(
+    st.tuples(st.sampled_from(list(DistributedOptions.keys()) + ["owner"]).map(
         lambda k: (OUR_BLOCK, k)), JSON | st.just(DELETE)),
     st.tuples(st.just((OUR_BLOCK,)), JSON),
 )
@@ -128,7 +128,8 @@ def names(message: str, path: tuple) -> bool:
 def usable(parsed) -> None:
     """An accepted config must give an optimizer that steps (and our block must be complete)."""
     assert isinstance(parsed.dist_options, DistributedOptions)
-    assert set(DistributedOptions.keys()) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s"}
+    assert set(DistributedOptions.keys()) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s",
+                                              "comm_dtype"}
     if parsed.optimizer_cls is None:
         return
     w = torch.nn.Parameter(torch.randn(6, 4))

@@ -1,4 +1,5 @@
 """Ownership plans: LPT balance, and the locality plan that keeps matrices where DeepSpeed put them."""
+import itertools
 import random
 
 import pytest
@@ -59,18 +60,53 @@ def test_local_plan_owns_matrices_where_they_live_and_stays_balanced():
                            and held[m.name][owners[m.name]] != m.rows * m.cols]
         per_rank = loads(mats, owners, world)
         mean = sum(per_rank) / world
-        assert max(per_rank) <= 1.25 * mean + 1e-9
+        assert max(per_rank) <= 1.1 * mean + 1e-9
         assert len(whole_elsewhere) <= len(mats) // 4, whole_elsewhere  # most stay with their holder
 
 
-def test_local_plan_is_lpt_when_every_rank_holds_the_same():
+def test_local_plan_is_as_balanced_as_the_balanced_plan_when_every_rank_holds_the_same():
     """Stage 0 (replicated) and ZeRO-3 (every param split evenly): locality is moot, balance decides."""
     mats = _llama_like()
     for world in (2, 4):
         held = {m.name: [m.rows * m.cols // world] * world for m in mats}
         local = loads(mats, plan_owners_local(mats, held, world), world)
-        lpt = loads(mats, plan_owners(mats, world), world)
-        assert max(local) == max(lpt)
+        balanced = loads(mats, plan_owners(mats, world), world)
+        assert max(local) <= max(max(balanced), 1.1 * sum(balanced) / world) + 1e-9
+
+
+def _lpt_max(costs: list[float], world: int) -> float:
+    load = [0.0] * world
+    for c in sorted(costs, reverse=True):
+        load[load.index(min(load))] += c
+    return max(load)
+
+
+def _optimal_max(costs: list[float], world: int) -> float:
+    """The best possible max load, by trying every assignment (small instances only)."""
+    best = float("inf")
+    for assignment in itertools.product(range(world), repeat=len(costs) - 1):
+        load = [0.0] * world
+        load[0] = costs[0]  # symmetry: the first matrix on rank 0
+        for c, r in zip(costs[1:], assignment):
+            load[r] += c
+        best = min(best, max(load))
+    return best
+
+
+def test_balanced_plan_beats_lpt_and_is_near_optimal():
+    """LPT is up to 4/3 off the optimum (5,5,4,4,3,3,3 on 3 ranks: 11 vs 9); the packing
+    search finds the optimum there, is never worse than LPT, and stays within MULTIFIT's
+    bound on random instances."""
+    classic = [MatrixInfo(f"m{i}", 1, 1, float(c), 1) for i, c in enumerate([5, 5, 4, 4, 3, 3, 3])]
+    assert max(loads(classic, plan_owners(classic, 3), 3)) == 9.0
+    rng = random.Random(1)
+    for _ in range(40):
+        world = rng.choice([2, 3])
+        costs = [float(rng.randint(1, 40)) for _ in range(rng.randint(3, 8))]
+        mats = [MatrixInfo(f"m{i}", 1, 1, c, 1) for i, c in enumerate(costs)]
+        got = max(loads(mats, plan_owners(mats, world), world))
+        assert got <= _lpt_max(costs, world) + 1e-9
+        assert got <= 1.22 * _optimal_max(costs, world) + 1e-9
 
 
 def test_local_plan_moves_work_off_an_overloaded_holder():
@@ -79,6 +115,7 @@ def test_local_plan_moves_work_off_an_overloaded_holder():
     held = {m.name: [128 * 128, 0] for m in mats}  # rank 0 holds everything
     owners = plan_owners_local(mats, held, 2, slack=0.25)
     assert sorted(owners.values()).count(1) >= 3  # capped at 1.25 x mean: rank 1 takes the rest
+    assert sorted(plan_owners_local(mats, held, 2).values()).count(1) == 4  # the default 1.1: an even split
 
 
 def test_plans_are_deterministic():

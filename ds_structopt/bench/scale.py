@@ -8,7 +8,9 @@ Fake tensors make the math free, so what is measured is what the step costs besi
 the math, per simulated rank:
 
 - host-device synchronisations per step (reads of a CUDA tensor's value);
-- Python wall time per step (our overhead plus fake-tensor dispatch, an upper bound);
+- Python time per step: wall time minus the time inside torch calls (fake-tensor dispatch
+  and the simulation's modes, which a GPU does not run), and the number of torch calls
+  (what a GPU would launch);
 - peak live tensor bytes (parameters, partitions, gradients, state and transients) and
   the transient part (peak minus what was alive when the step began);
 - bytes and messages our step sends, and to how many peers;
@@ -123,15 +125,18 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
             syncs, calls, sent = sim.syncs.count, len(sim.checker.calls), opt.comm_bytes
             sites = dict(sim.syncs.sites)
             live = sim.memory.reset_peak()
+            in_torch, ops = sim.torch_time.seconds, sim.torch_time.calls
             start = time.perf_counter()
             layout.step(opt)
             seconds = time.perf_counter() - start
+            in_torch, ops = sim.torch_time.seconds - in_torch, sim.torch_time.calls - ops
             mine = sim.checker.calls[calls:]
             peers: dict[int, int] = {}
             for c in mine:
                 if c.kind == "send":
                     peers[c.peer] = peers.get(c.peer, 0) + c.numel * _width(c.dtype)
-            steps.append({"syncs": sim.syncs.count - syncs, "ms": 1e3 * seconds, "live": live,
+            steps.append({"syncs": sim.syncs.count - syncs, "ms": 1e3 * (seconds - in_torch), "wall_ms": 1e3 * seconds,
+                          "torch_calls": ops, "live": live,
                           "sites": {k: v - sites.get(k, 0) for k, v in sim.syncs.sites.items() if v > sites.get(k, 0)},
                           "peak": sim.memory.peak, "sent": opt.comm_bytes - sent,
                           "received": sum(c.numel * _width(c.dtype) for c in mine if c.kind == "recv"),
@@ -153,6 +158,8 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
         "host_sync_sites": {**steps[REFRESH_STEP - 1]["sites"], **plain[-1]["sites"]},
         "host_syncs_first_step": steps[0]["syncs"], "host_syncs_refresh_step": steps[REFRESH_STEP - 1]["syncs"],
         "python_ms_per_step": statistics.median(s["ms"] for s in plain),
+        "simulated_wall_ms_per_step": statistics.median(s["wall_ms"] for s in plain),
+        "torch_calls_per_step": plain[-1]["torch_calls"],
         "python_ms_refresh_step": steps[REFRESH_STEP - 1]["ms"], "python_ms_first_step": steps[0]["ms"],
         "peak_bytes": max(s["peak"] for s in steps),
         "transient_bytes": max(s["peak"] - s["live"] for s in steps),

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .pieces import Entry, Piece, grad_or_zeros, shape_numel
+from .pieces import Entry, Piece, grad_or_zeros, local, shape_numel
 
 Ranges = list[tuple[int, int, int]]  # (rank, start, numel) of one matrix, flattened
 
@@ -50,7 +50,7 @@ class ExchangePlan:
     gather_sends: list[tuple[int, list[int]]] = field(default_factory=list)         # (owner, entries)
     gather_recvs: list[tuple[int, int, Ranges]] = field(default_factory=list)       # (src, size, [(entry, start, n)])
     return_sends: list[tuple[int, Ranges, list[int]]] = field(default_factory=list)  # (holder, ranges, entries)
-    return_recvs: list[tuple[int, int, list[int]]] = field(default_factory=list)    # (owner, size, entries)
+    return_recvs: list[tuple[int, int, list[int]]] = field(default_factory=list)    # (owner, slices' size, entries)
     shared: list[int] = field(default_factory=list)  # some replica owner lacks it whole (weight RMS)
     gaps: set[int] = field(default_factory=set)      # holders' ranges do not cover it all (zero-fill)
 
@@ -96,7 +96,7 @@ class ExchangePlan:
                             mats.append(i)
             elif rank in held:
                 back_from.setdefault(mine, []).append(i)
-                back_size[mine] = back_size.get(mine, 0) + held[rank] + 1
+                back_size[mine] = back_size.get(mine, 0) + held[rank]
         plan.gather_sends = sorted(sends.items())
         plan.gather_recvs = [(src, sum(n for _, _, n in rs), rs) for src, rs in sorted(recvs.items())]
         plan.return_sends = [(dst, back[dst], back_mats[dst]) for dst in sorted(back)]
@@ -110,36 +110,56 @@ class Incoming:
 
     works: list
     full: dict[int, Tensor]             # entry index -> its full flat gradient (being assembled)
-    inbox: list[tuple[Ranges, Tensor]]  # per source: its ranges, its message
+    inbox: list[tuple[Ranges, Tensor]]  # per source whose message needs placing: its ranges, its message
 
 
-def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.device, links: Links) -> tuple[Incoming, int]:
+def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.device, links: Links,
+                   dtype: torch.dtype = torch.float32) -> tuple[Incoming, int]:
     """Post this step's gradient messages (sends of our pieces, receives of what we own) and
-    copy our own pieces of wanted matrices into their buffers; returns (in flight, bytes sent)."""
+    copy our own pieces of wanted matrices into their buffers; returns (in flight, bytes sent).
+
+    No copies where none are needed (fp32 messages): a message whose pieces lie end to end
+    in one partition is sent as a view of it, and a message carrying one range is received
+    straight into the owner's gradient buffer."""
+    full = {}
+    for i in plan.wanted:  # only where the holders leave a gap is the buffer zeroed
+        make = torch.zeros if i in plan.gaps else torch.empty
+        full[i] = make(shape_numel(entries[i].shape), dtype=torch.float32, device=device)
     ops, sent = [], 0
     for dst, mats in plan.gather_sends:
-        msg = torch.cat([grad_or_zeros(piece, device) for i in mats for piece in entries[i].pieces])
+        msg = _message([p for i in mats for p in entries[i].pieces], device, dtype)
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.group, TAG_GATHER))
         sent += msg.numel() * msg.element_size()
     inbox = []
     for src, size, ranges in plan.gather_recvs:
-        buf = torch.empty(size, dtype=torch.float32, device=device)
+        if len(ranges) == 1 and dtype == torch.float32:
+            i, start, n = ranges[0]
+            buf = full[i].narrow(0, start, n)
+        else:
+            buf = torch.empty(size, dtype=dtype, device=device)
+            inbox.append((ranges, buf))
         ops.append(dist.P2POp(dist.irecv, buf, links.to_global(src), links.group, TAG_GATHER))
-        inbox.append((ranges, buf))
     works = dist.batch_isend_irecv(ops) if ops else []
-    full = {}
-    for i in plan.wanted:  # only where a piece is missing on this rank are the gaps zeroed
-        e = entries[i]
-        numel = shape_numel(e.shape)
-        make = torch.zeros if i in plan.gaps else torch.empty
-        full[i] = make(numel, dtype=torch.float32, device=device)
-        for piece in e.pieces:
+    for i in plan.wanted:  # this rank's own pieces
+        for piece in entries[i].pieces:
             g = piece.grad()
-            if g is not None:
-                full[i].narrow(0, piece.start, piece.numel).copy_(g)
-            else:
-                full[i].narrow(0, piece.start, piece.numel).zero_()
+            target = full[i].narrow(0, piece.start, piece.numel)
+            target.copy_(g) if g is not None else target.zero_()
     return Incoming(works, full, inbox), sent
+
+
+def _message(pieces: list[Piece], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The gradients of ``pieces`` end to end: a view when they already are (one piece, or
+    neighbours in one partition), else one copy; in ``dtype``."""
+    grads = [p.grad() for p in pieces]
+    if all(g is not None for g in grads) and all(
+            b.source is a.source and b.offset == a.offset + a.numel for a, b in zip(pieces, pieces[1:])):
+        first = grads[0]
+        assert first is not None
+        whole = first if len(pieces) == 1 else local(pieces[0].source.grad).reshape(-1).narrow(
+            0, pieces[0].offset, sum(p.numel for p in pieces))
+        return whole if whole.dtype == dtype else whole.to(dtype)
+    return torch.cat([grad_or_zeros(p, device).to(dtype) for p in pieces])
 
 
 def receive_gradients(incoming: Incoming) -> dict[int, Tensor]:
@@ -152,6 +172,46 @@ def receive_gradients(incoming: Incoming) -> dict[int, Tensor]:
             incoming.full[i].narrow(0, start, n).copy_(buf.narrow(0, offset, n))
             offset += n
     return incoming.full
+
+
+def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional[dict[int, Tensor]],
+                 device: torch.device, links: Links, dtype: torch.dtype = torch.float32
+                 ) -> tuple[list, list[tuple[list[int], Tensor]], int]:
+    """Send each holder its slices of our updates (``updates``: entry index -> flat update),
+    followed, when ``sizes`` is given, by one step size per matrix (a one-element device
+    tensor; 0 = skipped); post the receives of ours. A message of one slice is a view of the
+    update (callers must not change updates until the works are done). Returns (works,
+    [(entries, message)] to receive, bytes sent)."""
+    ops, sent = [], 0
+    for dst, ranges, mats in plan.return_sends:
+        parts = [updates[i].narrow(0, start, n) for i, start, n in ranges]
+        if sizes is not None:
+            parts.append(torch.stack([sizes[i] for i in mats]))
+        msg = parts[0] if len(parts) == 1 else torch.cat([p.to(dtype) for p in parts])
+        msg = msg if msg.dtype == dtype else msg.to(dtype)
+        ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.replica_group, TAG_RETURN))
+        sent += msg.numel() * msg.element_size()
+    inbox = []
+    for src, size, mats in plan.return_recvs:
+        buf = torch.empty(size + (len(mats) if sizes is not None else 0), dtype=dtype, device=device)
+        ops.append(dist.P2POp(dist.irecv, buf, links.to_global(src), links.replica_group, TAG_RETURN))
+        inbox.append((mats, buf))
+    return (dist.batch_isend_irecv(ops) if ops else []), inbox, sent
+
+
+def received_updates(inbox: list[tuple[list[int], Tensor]], entries: list[Entry], with_sizes: bool
+                     ) -> Iterator[tuple[Piece, Tensor, Optional[Tensor], int]]:
+    """Once the messages are in: (our piece, its update slice in fp32, the matrix's step size
+    as a device tensor or None when messages carry none, the matrix's entry index) for every
+    piece received. Nothing is read to the host."""
+    for mats, buf in inbox:
+        buf = buf if buf.dtype == torch.float32 else buf.float()
+        sizes = buf.narrow(0, buf.numel() - len(mats), len(mats)).unbind() if with_sizes else None
+        offset = 0
+        for k, i in enumerate(mats):
+            for piece in entries[i].pieces:
+                yield piece, buf.narrow(0, offset, piece.numel), (sizes[k] if sizes is not None else None), i
+                offset += piece.numel
 
 
 def device_vector(values: list[Union[float, Tensor]], device: torch.device) -> Tensor:
@@ -167,38 +227,3 @@ def device_vector(values: list[Union[float, Tensor]], device: torch.device) -> T
         elif v != common:
             out[k].fill_(v)
     return out
-
-
-def post_updates(plan: ExchangePlan, updates: dict[int, tuple[Tensor, Tensor]], device: torch.device,
-                 links: Links) -> tuple[list, list[tuple[list[int], Tensor]], int]:
-    """Send each holder its slices of our updates, then one step size per matrix; post the
-    receives of ours. ``updates``: entry index -> (flat update, step size: a one-element
-    device tensor, 0 = skipped). Returns (works, [(entries, message)] received, bytes sent)."""
-    ops, sent = [], 0
-    for dst, ranges, mats in plan.return_sends:
-        parts = [updates[i][0].narrow(0, start, n) for i, start, n in ranges]
-        msg = torch.cat(parts + [torch.stack([updates[i][1] for i in mats])])
-        ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.replica_group, TAG_RETURN))
-        sent += msg.numel() * msg.element_size()
-    inbox = []
-    for src, size, mats in plan.return_recvs:
-        buf = torch.empty(size, dtype=torch.float32, device=device)
-        ops.append(dist.P2POp(dist.irecv, buf, links.to_global(src), links.replica_group, TAG_RETURN))
-        inbox.append((mats, buf))
-    return (dist.batch_isend_irecv(ops) if ops else []), inbox, sent
-
-
-def received_updates(works: list, inbox: list[tuple[list[int], Tensor]], entries: list[Entry]
-                     ) -> Iterator[tuple[Piece, Tensor, Tensor, int]]:
-    """After the messages arrive: (our piece, its update slice, the matrix's step size as a
-    device tensor, the matrix's entry index) for every piece received; nothing is read to the
-    host (a skipped matrix's slice is zeros with step size 0: applying it changes nothing)."""
-    for w in works:
-        w.wait()
-    for mats, buf in inbox:
-        sizes = buf.narrow(0, buf.numel() - len(mats), len(mats)).unbind()
-        offset = 0
-        for k, i in enumerate(mats):
-            for piece in entries[i].pieces:
-                yield piece, buf.narrow(0, offset, piece.numel), sizes[k], i
-                offset += piece.numel

@@ -24,8 +24,8 @@ optimizer step, after DeepSpeed's reduction, overflow check and clipping:
 
 Owners are planned once, on first use, from where DeepSpeed put the pieces
 (``ownership="local"``: the rank holding most of a matrix owns it unless that
-breaks a 1.25x load cap), so at ZeRO-1/2 steps 1 and 3 only move the matrices
-that partition boundaries cut; ``"balanced"`` is plain LPT over the cost model.
+breaks a 1.1x load cap), so at ZeRO-1/2 steps 1 and 3 only move the matrices
+that partition boundaries cut; ``"balanced"`` packs for the lowest maximum load over the cost model.
 With ``ownership_group_size`` every node-sized group of ranks has its own
 owners (``replicas.py``) and updates never leave the group.
 
@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 
 from ..comm import comm_device
 from ..optim.adamw import adamw_step
-from ..optim.base import COUNTERS, StructuredOptimizer, apply_updates, grad_flags
+from ..optim.base import StructuredOptimizer, apply_updates, grad_flags, state_bytes, sum_counters
 from .exchange import (
     ExchangePlan,
     Links,
@@ -109,6 +109,7 @@ class DistributedStructuredOptimizer(Optimizer):
         self._infos = [MatrixInfo.of(e.name, e.shape[0], shape_numel(e.shape) // e.shape[0], optimizer_cls, g)
                        for es, g in zip(self.entries, self.math.param_groups) for e in es if e.is_matrix]
         self._cost_model = placement.cost_model
+        self._comm_dtype = torch.bfloat16 if placement.comm_dtype == "bf16" else torch.float32
         self.ownership = placement.ownership
         first = next((p for g in self.math.param_groups for p in g["params"]), None)
         self._construction_device = first.device if first is not None else torch.device("cpu")
@@ -396,24 +397,41 @@ class DistributedStructuredOptimizer(Optimizer):
         weights = self._weight_rms(plan, entries, device) if group.get("relative_step") else None
 
         # 1. gradient pieces to every owner that lacks them (its replica owner in every group)
-        incoming, sent = post_gradients(plan, entries, device, links)
+        dtype = self._comm_dtype
+        incoming, sent = post_gradients(plan, entries, device, links, dtype)
         self.comm_bytes += sent
         # 2. owners compute: first what is already here, then what arrives
         updates = self._owner_updates(group, entries, {i: self._assemble_local(group, entries[i]) for i in plan.local},
                                       weights)
         updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights))
         owned = plan.local + plan.wanted
-        # step sizes stay on the device (one fp32 vector): owners and holders apply the same values
-        sizes = dict(zip(owned, device_vector([updates[i][1] for i in owned], device).unbind())) if owned else {}
-        # 3. update slices (and step sizes) back to the other holders in this replica group
-        works, inbox, sent = post_updates(plan, {i: (updates[i][0], sizes[i]) for i in owned}, device, links)
+        flat = {i: updates[i][0] for i in owned}
+        if dtype != torch.float32:  # owners apply exactly what holders receive (replicas stay equal)
+            for u in flat.values():
+                u.copy_(u.to(dtype))
+        # 3. update slices back to the other holders in this replica group, with the step sizes
+        # where holders cannot know them (they stay on the device: one vector, never read)
+        sizes: Optional[dict[int, Tensor]] = None
+        if self._sizes_travel(group, entries):
+            vector = device_vector([updates[i][1] for i in owned], device)
+            sizes = dict(zip(owned, (vector if dtype == torch.float32 else vector.to(dtype).float()).unbind()))
+        works, inbox, sent = post_updates(plan, flat, sizes, device, links, dtype)
         self.comm_bytes += sent
-        mine = [(piece, updates[i][0].narrow(0, piece.start, piece.numel), sizes[i])
-                for i in owned if not _skipped(updates[i][1]) for piece in entries[i].pieces]
-        self._apply_pieces(mine, group["weight_decay"])
-        received = [(piece, chunk, size) for piece, chunk, size, i in received_updates(works, inbox, entries)
-                    if self._live_of(entries[i]) is not False]
-        self._apply_pieces(received, group["weight_decay"])
+        for w in works:  # sends read the updates, which the apply scales in place
+            w.wait()
+        lr = group["lr"]
+        pieces = [(piece, flat[i].narrow(0, piece.start, piece.numel), lr if sizes is None else sizes[i])
+                  for i in owned if not _skipped(updates[i][1]) for piece in entries[i].pieces]
+        pieces += [(piece, chunk, lr if size is None else size)
+                   for piece, chunk, size, i in received_updates(inbox, entries, sizes is not None)
+                   if self._live_of(entries[i]) is not False]
+        self._apply_pieces(pieces, group["weight_decay"])
+
+    def _sizes_travel(self, group: dict[str, Any], entries: list[Entry]) -> bool:
+        """Whether update messages carry step sizes: when the family's sizes are not simply the
+        group's lr, or when the step's decision did not see whether some matrix was skipped.
+        Alike on every rank (the decision is)."""
+        return not self.math.step_size_is_lr(group) or any(self._live_of(e) is None for e in entries)
 
     def _plan(self, entries: list[Entry], holders: dict[str, list[tuple[int, int, int]]]) -> ExchangePlan:
         """The exchange plan of the current partition layout (built on its first step)."""
@@ -489,12 +507,15 @@ class DistributedStructuredOptimizer(Optimizer):
         return full
 
     @staticmethod
-    def _apply_pieces(pieces: list[tuple[Piece, Tensor, Tensor]], wd: float) -> None:
-        """W <- W (1 - lr wd) - lr U on each (piece, its update slice, the matrix's step size on
-        the device): the single-process rule (``apply_updates``; slices are scratch, scaled in place)."""
-        if pieces:
-            apply_updates([p.param for p, _, _ in pieces], [u for _, u, _ in pieces],
-                          torch.stack([lr for _, _, lr in pieces]), wd)
+    def _apply_pieces(pieces: list[tuple[Piece, Tensor, Union[float, Tensor]]], wd: float) -> None:
+        """W <- W (1 - lr wd) - lr U on each (piece, its update slice, the matrix's step size: the
+        group's lr, or a device tensor): the single-process rule (``apply_updates``; slices are
+        scratch, scaled in place)."""
+        if not pieces:
+            return
+        sizes = [lr for _, _, lr in pieces]
+        apply_updates([p.param for p, _, _ in pieces], [u for _, u, _ in pieces],
+                      torch.stack(sizes) if isinstance(sizes[0], Tensor) else sizes, wd)  # type: ignore[arg-type]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """DeepSpeed hands us its saved base-optimizer state when it loads its own partitions
@@ -538,10 +559,8 @@ class DistributedStructuredOptimizer(Optimizer):
     # ----- introspection --------------------------------------------------
     def metrics(self) -> dict[str, float]:
         """Per-rank counters: state bytes, refreshes, failed decompositions, bytes moved by our step."""
-        out = {k: 0 for k in COUNTERS}
-        for st in list(self.matrix_state.values()) + list(self.elem_state.values()):
-            for k in COUNTERS:
-                out[k] += int(st.get(k, 0))
+        states = list(self.matrix_state.values()) + list(self.elem_state.values())
+        out: dict[str, float] = {**sum_counters(states)}
         out["state_bytes"] = self.state_bytes()
         out["owned_matrices"] = len(self.matrix_state)
         out["skipped_steps"] = self.skipped_steps
@@ -549,8 +568,7 @@ class DistributedStructuredOptimizer(Optimizer):
         return out
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in list(self.matrix_state.values()) + list(self.elem_state.values())
-                   for t in st.values() if isinstance(t, Tensor))
+        return state_bytes(list(self.matrix_state.values()) + list(self.elem_state.values()))
 
 
 def _skipped(step_size: Union[float, Tensor]) -> bool:

@@ -11,21 +11,26 @@ from .ownership import COST_MODELS
 BLOCK = "ds_structopt"
 CostModel = Literal["flops", "memory", "numel"]
 Ownership = Literal["local", "balanced"]
+CommDtype = Literal["fp32", "bf16"]
 assert get_args(CostModel) == COST_MODELS
 
 
 @dataclass(frozen=True)
 class DistributedOptions:
     """``cost_model``: what ownership balances (the family's flops, state memory, or elements);
-    ``ownership``: "local" keeps a matrix with the rank holding most of it (under a 1.25x load
-    cap), "balanced" is plain LPT; ``ownership_group_size``: ranks per owner group (a node), None
+    ``ownership``: "local" keeps a matrix with the rank holding most of it (under a 1.1x load
+    cap, or the balanced plan's maximum where that is higher), "balanced" packs for the lowest
+    maximum load (better of LPT and a MULTIFIT-style search); ``ownership_group_size``: ranks per owner group (a node), None
     for one group; ``collective_timeout_s``: the process group's timeout (a hung rank fails the
-    job after this long)."""
+    job after this long); ``comm_dtype``: the dtype of the gradient pieces and update slices our
+    step sends: "fp32" (default: the same updates as one process, to round-off) or "bf16" (half
+    the bytes; gradients and updates rounded to bf16 on the wire, applied alike on every rank)."""
 
     cost_model: CostModel = "flops"
     ownership: Ownership = "local"
     ownership_group_size: Optional[int] = None
     collective_timeout_s: float = 600
+    comm_dtype: CommDtype = "fp32"
 
     def __post_init__(self) -> None:
         if self.cost_model not in COST_MODELS:
@@ -36,6 +41,8 @@ class DistributedOptions:
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"{BLOCK}.ownership_group_size must be a positive integer (ranks per node) or null, "
                              f"got {size!r}")
+        if self.comm_dtype not in get_args(CommDtype):
+            raise ValueError(f"{BLOCK}.comm_dtype must be one of {list(get_args(CommDtype))}, got {self.comm_dtype!r}")
         timeout = self.collective_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
             raise ValueError(f"{BLOCK}.collective_timeout_s must be a number of seconds > 0, got {timeout!r}")

@@ -10,6 +10,7 @@ holds how much of each matrix), so every rank computes the same plan.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -50,33 +51,81 @@ def matrix_cost(info: MatrixInfo, model: str) -> float:
 
 
 def plan_owners(matrices: Sequence[MatrixInfo], world_size: int, cost_model: str = "flops") -> dict[str, int]:
-    """Assign each matrix to a rank: largest cost first, to the currently least-loaded rank.
+    """Assign each matrix to a rank so that the most loaded rank carries as little as possible.
 
-    Ties break on rank id and the input order, so the plan is deterministic.
+    The better of two deterministic plans: LPT (largest cost first, to the least-loaded
+    rank) and MULTIFIT-style packing (the smallest per-rank capacity, found by bisection,
+    into which best-fit-decreasing packs everything). LPT alone stays up to 4/3 off the
+    optimum and is ~1.2x off at 70B shapes on 128-256 ranks, where a few hundred large
+    MLP matrices meet many small ones; the packing closes most of that gap.
     """
-    order = sorted(range(len(matrices)), key=lambda i: (-matrix_cost(matrices[i], cost_model), i))
+    costs = [matrix_cost(m, cost_model) for m in matrices]
+    order = sorted(range(len(matrices)), key=lambda i: (-costs[i], i))
+    best = _lpt(order, costs, world_size)
+    hi = _max_load(best, costs, world_size)
+    lo = max(sum(costs) / max(1, world_size), max(costs, default=0.0))
+    for _ in range(30):
+        if hi - lo <= 1e-3 * hi:
+            break
+        mid = (lo + hi) / 2
+        packed = _best_fit(order, costs, world_size, mid)
+        if packed is None:
+            lo = mid
+        else:
+            best, hi = packed, _max_load(packed, costs, world_size)
+    return {matrices[i].name: best[i] for i in range(len(matrices))}
+
+
+def _lpt(order: list[int], costs: list[float], world_size: int) -> list[int]:
     heap = [(0.0, rank) for rank in range(world_size)]
-    owners: dict[str, int] = {}
+    owner = [0] * len(costs)
     for i in order:
         load, rank = heapq.heappop(heap)
-        owners[matrices[i].name] = rank
-        heapq.heappush(heap, (load + matrix_cost(matrices[i], cost_model), rank))
-    return owners
+        owner[i] = rank
+        heapq.heappush(heap, (load + costs[i], rank))
+    return owner
+
+
+def _best_fit(order: list[int], costs: list[float], world_size: int, capacity: float) -> Optional[list[int]]:
+    """Each matrix, largest first, onto the fullest rank it still fits under ``capacity``;
+    None when one does not fit anywhere."""
+    bins = [(0.0, rank) for rank in range(world_size)]  # sorted by (load, rank)
+    owner = [0] * len(costs)
+    for i in order:
+        at = bisect.bisect_right(bins, (capacity - costs[i], world_size)) - 1
+        if at < 0:
+            return None
+        load, rank = bins.pop(at)
+        owner[i] = rank
+        bisect.insort(bins, (load + costs[i], rank))
+    return owner
+
+
+def _max_load(owner: list[int], costs: list[float], world_size: int) -> float:
+    load = [0.0] * world_size
+    for rank, c in zip(owner, costs):
+        load[rank] += c
+    return max(load, default=0.0)
 
 
 def plan_owners_local(matrices: Sequence[MatrixInfo], held: Mapping[str, Sequence[int]], world_size: int,
-                      cost_model: str = "flops", slack: float = 0.25) -> dict[str, int]:
-    """Prefer the rank that already holds most of a matrix, within a load cap; else the least loaded.
+                      cost_model: str = "flops", slack: float = 0.1) -> dict[str, int]:
+    """Prefer the rank that already holds most of a matrix, within a load cap; else the fullest
+    rank it fits on under the cap.
 
     ``held[name][r]`` = elements of the matrix in rank r's ZeRO partition. A matrix owned
     where it lives needs no gradient gather and no update return, so at ZeRO-1/2 (where
     DeepSpeed's partitions keep most matrices whole) communication drops to the few
-    matrices cut by partition boundaries. The cap, (1 + slack) x the mean cost per rank,
-    keeps refresh/rotation work balanced. Largest cost first; ties break on rank id and
-    input order, so every rank computes the same plan.
+    matrices cut by partition boundaries. The cap, (1 + slack) x the mean cost per rank
+    (or the balanced plan's maximum where that is higher: large matrices on many ranks),
+    keeps refresh/rotation work balanced; if locality cannot meet it, the balanced plan
+    (:func:`plan_owners`) is used. Largest cost first; ties break on rank id and input
+    order, so every rank computes the same plan.
     """
+    balanced = plan_owners(matrices, world_size, cost_model)
     costs = [matrix_cost(m, cost_model) for m in matrices]
-    cap = (1.0 + slack) * sum(costs) / max(1, world_size)
+    cap = max((1.0 + slack) * sum(costs) / max(1, world_size),
+              _max_load([balanced[m.name] for m in matrices], costs, world_size))
     order = sorted(range(len(matrices)), key=lambda i: (-costs[i], i))
     load = [0.0] * world_size
     owners: dict[str, int] = {}
@@ -85,10 +134,13 @@ def plan_owners_local(matrices: Sequence[MatrixInfo], held: Mapping[str, Sequenc
         counts = list(held.get(name, ())) + [0] * world_size
         most = max(counts[:world_size])
         # among the ranks holding the most of it (all of them when replicated, as at stage 0
-        # or with ZeRO-3's even split) the least loaded: that is plain LPT when locality is moot
+        # or with ZeRO-3's even split) the least loaded
         best = min((r for r in range(world_size) if counts[r] == most), key=lambda r: (load[r], r))
         if most == 0 or load[best] + costs[i] > cap:
-            best = min(range(world_size), key=lambda r: (load[r], r))
+            fitting = [r for r in range(world_size) if load[r] + costs[i] <= cap]
+            if not fitting:
+                return balanced
+            best = max(fitting, key=lambda r: (load[r], -r))
         owners[name] = best
         load[best] += costs[i]
     return owners
@@ -107,7 +159,7 @@ def plan_replica_owners(matrices: Sequence[MatrixInfo], world_size: int, group_s
     """One owner per matrix in every replica group of ``group_size`` consecutive ranks.
 
     ``held`` (elements of each matrix per rank) selects the locality plan within each group;
-    None is plain LPT. With one group (``group_size == world_size``) this is the flat plan.
+    None is the balanced plan (``plan_owners``). With one group (``group_size == world_size``) this is the flat plan.
     """
     out: dict[str, list[int]] = {m.name: [] for m in matrices}
     for base in range(0, world_size, group_size):

@@ -26,7 +26,7 @@ identity_fallbacks, nonfinite_skips, rotate_left/rotate_right.
 from __future__ import annotations
 
 import warnings
-from typing import Any, MutableMapping, Optional, Sequence
+from typing import Any, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -252,6 +252,10 @@ class AdaDiag(StructuredOptimizer):
             compute = lambda: self._factor_bases(snapshots, group["power_qr"])  # noqa: E731
         tensors = inputs if group["basis"] == "grad" else [s[k] for s in snapshots for k in ("L", "R", "P", "Q")]
         self.refresh_ahead.submit(targets, compute, grads[due[0]].device, inputs=tensors)
+
+    @classmethod
+    def step_size_is_lr(cls, group: Mapping[str, Any]) -> bool:
+        return not group["relative_step"]
 
     def _step_sizes(self, group: dict[str, Any], states: Sequence[State], weights: Optional[Sequence[Tensor]]
                     ) -> StepSizes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, MutableMapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, MutableMapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -140,6 +140,12 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         with full_fp32_matmul():
             return self._matrix_updates(group, grads, states, weights)
 
+    @classmethod
+    def step_size_is_lr(cls, group: Mapping[str, Any]) -> bool:
+        """Whether ``matrix_updates``' step sizes are always ``group["lr"]`` for this group
+        (then a rank applying an owner's update needs only the update)."""
+        return True
+
     @abc.abstractmethod
     def _matrix_updates(
         self,
@@ -257,15 +263,10 @@ class StructuredOptimizer(Optimizer, abc.ABC):
     # ----- introspection --------------------------------------------------
     def stats(self) -> dict[str, int]:
         """Counters summed over all parameters, plus the optimizer-state size in bytes."""
-        out = {k: 0 for k in COUNTERS}
-        for st in self.state.values():
-            for k in COUNTERS:
-                out[k] += int(st.get(k, 0))
-        out["state_bytes"] = self.state_bytes()
-        return out
+        return {**sum_counters(self.state.values()), "state_bytes": self.state_bytes()}
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values() if isinstance(t, Tensor))
+        return state_bytes(self.state.values())
 
     # ----- checkpoints ----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -285,6 +286,33 @@ class StructuredOptimizer(Optimizer, abc.ABC):
                 k: (val.to(device=p.device).clone() if isinstance(val, Tensor) else copy.deepcopy(val))
                 for k, val in saved_state[pid].items()
             }
+
+
+def sum_counters(states: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """COUNTERS summed over per-parameter states. A counter kept on the device (ASGO's
+    Newton-Schulz fallbacks, counted without a host read each step) is read here, all of
+    them in one host read."""
+    out = {k: 0 for k in COUNTERS}
+    on_device: dict[str, list[Tensor]] = {k: [] for k in COUNTERS}
+    for st in states:
+        for k in COUNTERS:
+            v = st.get(k, 0)
+            if isinstance(v, Tensor):
+                on_device[k].append(v.reshape(()).float())
+            else:
+                out[k] += int(v)
+    keys = [k for k in COUNTERS if on_device[k]]
+    if keys:
+        totals = torch.stack([torch.stack(on_device[k]).sum() for k in keys]).tolist()
+        for k, t in zip(keys, totals):
+            out[k] += int(round(t))
+    return out
+
+
+def state_bytes(states: Iterable[Mapping[str, Any]]) -> int:
+    """Bytes of the state tensors (counters are bookkeeping, not state, wherever they live)."""
+    return sum(t.numel() * t.element_size() for st in states for k, t in st.items()
+               if isinstance(t, Tensor) and k not in COUNTERS)
 
 
 StepSizes = Union[list[float], Tensor]  # see StructuredOptimizer.matrix_updates

@@ -126,7 +126,8 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
             window[r][0] = sum(costs[r])
             first[r][0] = sum(costs[r])
 
-    ours, inter, sent = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node)
+    ours, inter, sent = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node,
+                                  sizes_travel=not cls.step_size_is_lr(opts))
     return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
                 update_freq=update_freq, stagger=stagger, ahead_steps=ahead_steps, params=sum(p.numel for p in all_params), matrices=len(mats),
                 state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,
@@ -136,10 +137,11 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
 
 
 def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],
-              world: int, group_size: int, ranks_per_node: int) -> tuple[int, int, list[int]]:
+              world: int, group_size: int, ranks_per_node: int, sizes_travel: bool = False) -> tuple[int, int, list[int]]:
     """Bytes our step sends, summed over ranks (as ``DistributedStructuredOptimizer.comm_bytes``):
     every piece of a matrix to each of its owners that does not hold it whole, then each owner's
-    update slices, plus one step size per matrix, to the other holders in its replica group.
+    update slices to the other holders in its replica group, plus one step size per matrix
+    where they travel (``sizes_travel``: the family's step sizes are not just the lr).
     Returns (all, between ranks on different nodes, sent by each rank)."""
     total = inter = 0
     sent = [0] * world
@@ -158,10 +160,11 @@ def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, 
                     total += FP32 * n
                     inter += FP32 * n if crosses else 0
                     sent[r] += FP32 * n
-                if base <= r < base + group_size:  # return: r's slices and the step size
-                    total += FP32 * (n + 1)
-                    inter += FP32 * (n + 1) if crosses else 0
-                    sent[owner] += FP32 * (n + 1)
+                if base <= r < base + group_size:  # return: r's slices (and the step size)
+                    size = FP32 * (n + (1 if sizes_travel else 0))
+                    total += size
+                    inter += size if crosses else 0
+                    sent[owner] += size
     return total, inter, sent
 
 

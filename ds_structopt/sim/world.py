@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .clock import TorchTime
 from .collectives import CollectiveChecker, HostSyncs
 from .cuda_runtime import SerialWorker, SimCudaRuntime
 from .fake_cuda import DispatchingMethods
@@ -49,6 +50,7 @@ class Rank:
     syncs: HostSyncs
     cuda: SimCudaRuntime
     memory: LiveBytes
+    torch_time: TorchTime
 
 
 @contextlib.contextmanager
@@ -59,7 +61,7 @@ def simulated_rank(rank: int, world: int, oracle: Any = None,
 
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     checker = CollectiveChecker(rank_device(rank), dtypes=dtypes, oracle=oracle)
-    syncs, memory = HostSyncs(), LiveBytes()
+    syncs, memory, torch_time = HostSyncs(), LiveBytes(), TorchTime()
     fake, methods = FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods()
     cuda = SimCudaRuntime([fake, methods, syncs.reads, syncs, memory])
     from unittest import mock
@@ -67,9 +69,9 @@ def simulated_rank(rank: int, world: int, oracle: Any = None,
     from ds_structopt.optim import refresh
 
     try:
-        with fake, methods, syncs.reads, syncs, memory, checker, cuda, mock.patch.object(refresh, "ThreadPoolExecutor", SerialWorker):
+        with fake, methods, syncs.reads, syncs, memory, torch_time, checker, cuda, mock.patch.object(refresh, "ThreadPoolExecutor", SerialWorker):
             cuda.set_device(rank_device(rank))  # what the launcher's LOCAL_RANK and the engine do
-            yield Rank(checker, syncs, cuda, memory)
+            yield Rank(checker, syncs, cuda, memory, torch_time)
     finally:
         dist.destroy_process_group()
 

@@ -140,6 +140,9 @@ def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
     else:
         params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     result = {"params": params, "metrics": gathered, "losses": losses, "wrapper": type(engine.optimizer).__name__}
+    if case.get("replica_params"):  # every rank's own copy (stage 0 replicas must stay equal)
+        result["replicas"] = [None] * world
+        torch.distributed.all_gather_object(result["replicas"], {n: t.cpu() for n, t in params.items()})
     if case.get("elem_state"):  # every rank's AdamW state of its pieces: {"name#start": {"step", "exp_avg", ...}}
         mine = {k: {n: (v.detach().float().cpu().clone() if torch.is_tensor(v) else v) for n, v in st.items()}
                 for k, st in inner.elem_state.items()}
