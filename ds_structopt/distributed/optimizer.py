@@ -404,6 +404,7 @@ class DistributedStructuredOptimizer(Optimizer):
         updates = self._owner_updates(group, entries, {i: self._assemble_local(group, entries[i]) for i in plan.local},
                                       weights)
         updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights))
+        del incoming  # the assembled gradients and their messages: freed before the return phase
         owned = plan.local + plan.wanted
         flat = {i: updates[i][0] for i in owned}
         if dtype != torch.float32:  # owners apply exactly what holders receive (replicas stay equal)

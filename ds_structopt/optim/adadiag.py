@@ -205,6 +205,7 @@ class AdaDiag(StructuredOptimizer):
             )
         else:
             directions = adam_directions(rotated, states, tuple(group["betas"]), group["eps"])
+        del rotated  # freed before the rotation back allocates the updates (transient memory)
         updates = rotate(directions, states, to_basis=False)
         if group["refresh_from"] == "previous":
             self._submit_ahead(grads, states, group)

@@ -36,9 +36,10 @@ def adam_directions(
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(denom, eps)
-    out = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_div_(out, [1.0 - beta1**t for t in steps])
-    return out
+    for m, d in zip(exp_avgs, denom):  # the quotient in the denominator's memory: one m x n less at peak
+        torch.div(m, d, out=d)
+    torch._foreach_div_(denom, [1.0 - beta1**t for t in steps])
+    return denom
 
 
 def factored_directions(
