@@ -123,7 +123,8 @@ class DistributedStructuredOptimizer(Optimizer):
         self.matrix_state: dict[str, dict[str, Any]] = {}
         self.elem_state: dict[str, dict[str, Any]] = {}
         self._holders: dict[Any, dict[str, list[tuple[int, int, int]]]] = {}  # layout -> name -> [(rank, start, numel)]
-        self._plans: dict[Any, ExchangePlan] = {}  # layout -> who sends what to whom (static once owners are set)
+        self._plans: dict[Any, ExchangePlan] = {}
+        self._piece_cache: dict[Any, Any] = {}  # partition -> its pieces (see _cached_pieces)  # layout -> who sends what to whom (static once owners are set)
         self.comm_bytes = 0
         self.skipped_steps = 0  # whole steps skipped for non-finite gradients (any rank)
         self._bracket: Optional[dict[str, Any]] = None  # set by optimizer_step()
@@ -164,14 +165,15 @@ class DistributedStructuredOptimizer(Optimizer):
         # One tensor per parameter: the model's own (fp32, no ZeRO) or DeepSpeed's fp32 master
         # copies (FP16_UnfusedOptimizer for bf16/fp16 at stage 0).
         per_param = len(params) == len(entries) and all(p.shape == e.shape for p, e in zip(params, entries))
-        for e, own in zip(entries, params if per_param else [None] * len(entries)):
-            e.pieces = []
-            if per_param:  # FSDP2: this rank's rows of the parameter; else the parameter itself
-                e.pieces.extend(dtensor_pieces(own) if is_dtensor(own) else [whole_piece(own)])
-                continue
-            piece = hp_mapping_piece(e.lp, params[0])
-            if piece is not None:
-                e.pieces.append(piece)
+        if per_param:  # FSDP2: this rank's rows of the parameter; else the parameter itself
+            for e, own in zip(entries, params):
+                e.pieces = dtensor_pieces(own) if is_dtensor(own) else [whole_piece(own)]
+        else:  # a ZeRO-1/2 flat partition: views of it, made once while it keeps its storage
+            def build() -> list[list[Piece]]:
+                return [[p] if (p := hp_mapping_piece(e.lp, params[0])) is not None else [] for e in entries]
+
+            for e, mine in zip(entries, self._cached_pieces(("zero12", gi), params[0], build)):
+                e.pieces = mine
         if not per_param and not any(e.pieces for e in entries) and params and params[0].numel() > 0:
             raise RuntimeError(
                 f"{self.math.NAME}: cannot map DeepSpeed's flat partition of param group {gi} back to the "
@@ -191,14 +193,29 @@ class DistributedStructuredOptimizer(Optimizer):
         return out
 
     def _attach_layout(self, flat: Tensor, by_param: dict[int, Entry]) -> list[Entry]:
-        """Attach the pieces of one ZeRO-3 sub-group partition; returns that sub-group's entries."""
-        members: list[Entry] = []
-        for lp, offset, start, numel in self.flat_layouts[id(flat)]:
-            e = by_param[id(lp)]
-            piece = flat_layout_piece(flat, offset, start, numel)
-            e.pieces = [piece] if piece is not None else []
-            members.append(e)
+        """Attach the pieces of one ZeRO-3 sub-group partition; returns that sub-group's entries.
+        The pieces are views of the partition, made once while it keeps its storage."""
+        def build() -> tuple[list[Entry], list[list[Piece]]]:
+            members, pieces = [], []
+            for lp, offset, start, numel in self.flat_layouts[id(flat)]:
+                piece = flat_layout_piece(flat, offset, start, numel)
+                members.append(by_param[id(lp)])
+                pieces.append([piece] if piece is not None else [])
+            return members, pieces
+
+        members, pieces = self._cached_pieces(("zero3", id(flat)), flat, build)
+        for e, mine in zip(members, pieces):
+            e.pieces = mine
         return members
+
+    def _cached_pieces(self, key: Any, partition: Tensor, build: Callable[[], Any]) -> Any:
+        """``build()``'s pieces of ``partition``, rebuilt only when the partition is another tensor
+        or its storage moved (views made earlier would then point at the old memory)."""
+        where = (partition, partition.untyped_storage()._cdata, partition.storage_offset(), tuple(partition.shape))
+        cached = self._piece_cache.get(key)
+        if cached is None or cached[0][0] is not partition or cached[0][1:] != where[1:]:
+            cached = self._piece_cache[key] = (where, build())
+        return cached[1]
 
     def _layout_pieces(self, gi: int, flat: Tensor, entries: list[Entry]) -> list[Entry]:
         """Pieces of a ZeRO-3 sub-group partition: only this sub-group's entries are returned."""

@@ -52,6 +52,7 @@ class CollectiveChecker:
         self.calls: list[Call] = []
         self.problems: list[str] = []
         self._saved: dict[str, Any] = {}
+        self.clock: Any = None  # a sim.clock.TorchTime: time inside torch.distributed is billed to it
 
     # ----- recording ------------------------------------------------------
     def _ranks(self, group: Any) -> tuple[int, ...]:
@@ -120,6 +121,9 @@ class CollectiveChecker:
         dist.all_gather_object = self._all_gather_object
         self._saved["broadcast_object_list"] = dist.broadcast_object_list
         dist.broadcast_object_list = self._broadcast_object_list
+        if self.clock is not None:  # the communication library's host time is not the caller's
+            for name in self._saved:
+                setattr(dist, name, self.clock.excluded(getattr(dist, name)))
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -62,6 +62,7 @@ def simulated_rank(rank: int, world: int, oracle: Any = None,
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     checker = CollectiveChecker(rank_device(rank), dtypes=dtypes, oracle=oracle)
     syncs, memory, torch_time = HostSyncs(), LiveBytes(), TorchTime()
+    checker.clock = torch_time
     fake, methods = FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods()
     cuda = SimCudaRuntime([fake, methods, syncs.reads, syncs, memory])
     from unittest import mock
