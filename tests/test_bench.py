@@ -76,6 +76,19 @@ def test_refresh_quick(tmp_path):
     assert (tmp_path / "refresh_step_times.png").exists()
 
 
+def test_scale_quick(tmp_path):
+    """The simulated large-world step (ds-structopt bench scale --quick): every row meets the
+    host-sync target and its bytes and state equal the planner's."""
+    assert bench(["scale", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scale.json").read_text())
+    assert {(r["ranks"], r["stage"]) for r in rows} == {(8, 2), (8, 3), (64, 2), (64, 3)}
+    for r in rows:
+        assert r["problems"] == [] and r["host_syncs_per_step"] <= 2, r
+        assert r["bytes_per_step"] == r["planner_bytes_per_step"] and r["state_bytes"] == r["planner_state_bytes"], r
+        assert _finite(r["python_ms_per_step"], r["peak_bytes"], r["load_max_over_mean"]), r
+    assert (tmp_path / "scale_python_ms.png").exists() and "| 64 | 7b | 3 |" in (tmp_path / "scale.md").read_text()
+
+
 def test_unknown_optimizer_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ds_structopt.bench", "convergence", "--quick", "--out", str(tmp_path),
                            "--optimizers", "AdamW", "Lion"], capture_output=True, text=True, timeout=120)

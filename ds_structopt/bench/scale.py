@@ -11,8 +11,9 @@ the math, per simulated rank:
 - Python time per step: wall time minus the time inside torch calls (fake-tensor dispatch
   and the simulation's modes, which a GPU does not run), and the number of torch calls
   (what a GPU would launch);
-- peak live tensor bytes (parameters, partitions, gradients, state and transients) and
-  the transient part (peak minus what was alive when the step began);
+- peak bytes of our optimizer (its state plus what the step allocates on top of what was
+  alive when it began: ``peak_bytes``), the transient part alone, and the whole simulated
+  rank's peak (bf16 parameters, DeepSpeed's fp32 partitions and gradient partitions too);
 - bytes and messages our step sends, and to how many peers;
 - compute load: the family's own FLOPs of what each rank owns, max/mean over all ranks
   (from the ownership plan every rank computes);
@@ -125,7 +126,7 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
             layout.fill_grads()
             syncs, calls, sent = sim.syncs.count, len(sim.checker.calls), opt.comm_bytes
             sites = dict(sim.syncs.sites)
-            live = sim.memory.reset_peak()
+            live, state_before = sim.memory.reset_peak(), opt.state_bytes()
             in_torch, ops = sim.torch_time.seconds, sim.torch_time.calls
             start = time.perf_counter()
             layout.step(opt)
@@ -138,7 +139,7 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
                     peers[c.peer] = peers.get(c.peer, 0) + c.numel * _width(c.dtype)
             steps.append({"syncs": sim.syncs.count - syncs, "ms": 1e3 * (seconds - in_torch - ops * bias),
                           "wall_ms": 1e3 * seconds,
-                          "torch_calls": ops, "live": live,
+                          "torch_calls": ops, "live": live, "ours": sim.memory.peak - live + state_before,
                           "sites": {k: v - sites.get(k, 0) for k, v in sim.syncs.sites.items() if v > sites.get(k, 0)},
                           "peak": sim.memory.peak, "sent": opt.comm_bytes - sent,
                           "received": sum(c.numel * _width(c.dtype) for c in mine if c.kind == "recv"),
@@ -163,7 +164,8 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
         "simulated_wall_ms_per_step": statistics.median(s["wall_ms"] for s in plain),
         "torch_calls_per_step": plain[-1]["torch_calls"],
         "python_ms_refresh_step": steps[REFRESH_STEP - 1]["ms"], "python_ms_first_step": steps[0]["ms"],
-        "peak_bytes": max(s["peak"] for s in steps),
+        "peak_bytes": max(s["ours"] for s in steps),
+        "rank_peak_bytes": max(s["peak"] for s in steps),
         "transient_bytes": max(s["peak"] - s["live"] for s in steps),
         "transient_bytes_plain": max(s["peak"] - s["live"] for s in plain),
         "state_bytes": state,
@@ -252,24 +254,63 @@ def run(todo: list[Config], out: str) -> list[dict[str, Any]]:
 
 
 def write_report(rows: list[dict[str, Any]], out: str) -> None:
-    """``scale.md``: per configuration the worst sampled rank of each figure, and the planner's."""
+    """``scale.md``: per configuration the worst sampled rank of each figure, and the planner's
+    (bytes are per rank, the rank that sends most); ``scale_python_ms.png``, ``scale_peak.png``."""
     lines = ["# Scale: the distributed step as sampled ranks of large worlds (simulated)", "",
-             "Worst sampled rank per configuration. Bytes are what our step sends; planner = `ds-structopt plan`.", ""]
+             "Worst sampled rank per configuration (ranks 0, N-1 and the most loaded owner). Python = wall time "
+             "minus torch's own; peak = our state + what the step allocates; planner = `ds-structopt plan`.", ""]
     table = []
     for key in dict.fromkeys(r["config"] for r in rows):
         rs = [r for r in rows if r["config"] == key]
         r0 = rs[0]
+        sender = max(rs, key=lambda r: r["bytes_per_step"])
         table.append([r0["ranks"], r0["model"], r0["stage"], r0["ownership"], r0["optimizer"],
                       max(r["host_syncs_per_step"] for r in rs), max(r["host_syncs_refresh_step"] for r in rs),
                       f"{max(r['python_ms_per_step'] for r in rs):.0f}",
-                      _mib(max(r["peak_bytes"] for r in rs)),
-                      f"{max(r['transient_bytes'] / max(r['state_bytes'], 1) for r in rs):.2f}",
-                      _mib(max(r["bytes_per_step"] for r in rs)), _mib(max(r["planner_bytes_per_step"] for r in rs)),
+                      _mib(max(r["peak_bytes"] for r in rs)), _mib(max(r["state_bytes"] for r in rs)),
+                      _mib(max(r["planner_state_bytes"] for r in rs)),
+                      f"{max(r['transient_bytes_plain'] / max(r['state_bytes'], 1) for r in rs if r['state_bytes']):.2f}"
+                      if any(r["state_bytes"] for r in rs) else "-",
+                      _mib(sender["bytes_per_step"]), _mib(sender["planner_bytes_per_step"]),
                       f"{r0['load_max_over_mean']:.2f}"])
     lines.append(markdown_table(
         ["ranks", "model", "ZeRO", "owners", "optimizer", "syncs/step", "syncs/refresh", "Python ms/step",
-         "peak MiB", "transient/state", "sent MiB/step", "planner MiB/step", "load max/mean"], table))
+         "our peak MiB", "state MiB", "planner state MiB", "plain transient/state", "sent MiB/step",
+         "planner sent MiB/step", "load max/mean"], table))
     Path(out, "scale.md").write_text("\n".join(lines) + "\n")
+    _plots(rows, out)
+
+
+def _plots(rows: list[dict[str, Any]], out: str) -> None:
+    """Python ms per step and our peak bytes against the world size (worst sampled rank), one
+    line per (model, stage, optimizer) with flat ownership."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, dict[int, tuple[float, float]]] = {}
+    for r in rows:
+        if r["ownership"] != "flat":
+            continue
+        key = (r["model"], r["stage"], r["optimizer"])
+        ms, peak = series.setdefault(key, {}).get(r["ranks"], (0.0, 0.0))
+        series[key][r["ranks"]] = (max(ms, r["python_ms_per_step"]), max(peak, r["peak_bytes"]))
+    for index, (name, label) in enumerate((("python_ms", "Python ms per step"), ("peak", "our peak GiB"))):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (model, stage, optimizer), points in sorted(series.items()):
+            worlds = sorted(points)
+            ys = [points[w][index] / (1 if index == 0 else 2**30) for w in worlds]
+            ax.plot(worlds, ys, marker="o", label=f"{model} ZeRO-{stage} {optimizer}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ranks (simulated)")
+        ax.set_ylabel(label)
+        if index == 0:
+            ax.axhline(50, color="grey", linestyle="--", linewidth=1)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(Path(out, f"scale_{name}.png"), dpi=110)
+        plt.close(fig)
 
 
 def _mib(n: float) -> str:
