@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .pieces import Entry, Piece, grad_or_zeros, local, shape_numel
+from .pieces import Entry, Piece, local, shape_numel
 
 Ranges = list[tuple[int, int, int]]  # (rank, start, numel) of one matrix, flattened
 
@@ -126,8 +126,17 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
         make = torch.zeros if i in plan.gaps else torch.empty
         full[i] = make(shape_numel(entries[i].shape), dtype=torch.float32, device=device)
     ops, sent = [], 0
+    grads: dict[int, Optional[Tensor]] = {}  # each piece's gradient (in dtype), looked up once per step
+
+    def grad_of(piece: Piece) -> Optional[Tensor]:
+        if id(piece) not in grads:
+            g = piece.grad()
+            grads[id(piece)] = g if g is None or g.dtype == dtype else g.to(dtype)
+        return grads[id(piece)]
+
     for dst, mats in plan.gather_sends:
-        msg = _message([p for i in mats for p in entries[i].pieces], device, dtype)
+        pieces = [p for i in mats for p in entries[i].pieces]
+        msg = _message(pieces, [grad_of(p) for p in pieces], device, dtype)
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.group, TAG_GATHER))
         sent += msg.numel() * msg.element_size()
     inbox = []
@@ -148,18 +157,16 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
     return Incoming(works, full, inbox), sent
 
 
-def _message(pieces: list[Piece], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The gradients of ``pieces`` end to end: a view when they already are (one piece, or
-    neighbours in one partition), else one copy; in ``dtype``."""
-    grads = [p.grad() for p in pieces]
-    if all(g is not None for g in grads) and all(
+def _message(pieces: list[Piece], grads: list[Optional[Tensor]], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The gradients (``grads``, in ``dtype``) of ``pieces`` end to end: a view when they already
+    are (one piece, or neighbours in one fp32 partition), else one copy."""
+    if len(grads) == 1 and grads[0] is not None:
+        return grads[0]
+    if dtype == torch.float32 and all(g is not None for g in grads) and all(
             b.source is a.source and b.offset == a.offset + a.numel for a, b in zip(pieces, pieces[1:])):
-        first = grads[0]
-        assert first is not None
-        whole = first if len(pieces) == 1 else local(pieces[0].source.grad).reshape(-1).narrow(
-            0, pieces[0].offset, sum(p.numel for p in pieces))
-        return whole if whole.dtype == dtype else whole.to(dtype)
-    return torch.cat([grad_or_zeros(p, device).to(dtype) for p in pieces])
+        return local(pieces[0].source.grad).reshape(-1).narrow(0, pieces[0].offset, sum(p.numel for p in pieces))
+    return torch.cat([g if g is not None else torch.zeros(p.numel, dtype=dtype, device=device)
+                      for p, g in zip(pieces, grads)])
 
 
 def receive_gradients(incoming: Incoming) -> dict[int, Tensor]:

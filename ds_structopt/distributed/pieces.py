@@ -114,11 +114,6 @@ def cut(tensors: list[Tensor], ranges: list[tuple[int, int, int]]) -> list[tuple
     return out
 
 
-def grad_or_zeros(piece: Piece, device: torch.device) -> Tensor:
-    g = piece.grad()
-    return g.float() if g is not None else torch.zeros(piece.numel, dtype=torch.float32, device=device)
-
-
 def shape_numel(shape: Iterable[int]) -> int:
     out = 1
     for s in shape:
