@@ -26,6 +26,7 @@ several invocations).
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import statistics
@@ -128,9 +129,14 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
             sites = dict(sim.syncs.sites)
             live, state_before = sim.memory.reset_peak(), opt.state_bytes()
             in_torch, ops = sim.torch_time.seconds, sim.torch_time.calls
+            gc.collect()  # the simulator's own garbage (fake tensors, finalizers) is not ours to time
+            gc.disable()
             start = time.perf_counter()
-            layout.step(opt)
-            seconds = time.perf_counter() - start
+            try:
+                layout.step(opt)
+            finally:
+                seconds = time.perf_counter() - start
+                gc.enable()
             in_torch, ops = sim.torch_time.seconds - in_torch, sim.torch_time.calls - ops
             mine = sim.checker.calls[calls:]
             peers: dict[int, int] = {}
