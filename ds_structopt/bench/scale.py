@@ -305,15 +305,19 @@ def _plots(rows: list[dict[str, Any]], out: str) -> None:
         series[key][r["ranks"]] = (max(ms, r["python_ms_per_step"]), max(peak, r["peak_bytes"]))
     for index, (name, label) in enumerate((("python_ms", "Python ms per step"), ("peak", "our peak GiB"))):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = {name: f"C{k}" for k, name in enumerate(VARIANTS)}  # colour: optimizer
         for (model, stage, optimizer), points in sorted(series.items()):
             worlds = sorted(points)
             ys = [points[w][index] / (1 if index == 0 else 2**30) for w in worlds]
-            ax.plot(worlds, ys, marker="o", label=f"{model} ZeRO-{stage} {optimizer}")
+            ax.plot(worlds, ys, color=colors.get(optimizer, "k"), linestyle="-" if model == "70b" else ":",
+                    marker="s" if stage == 3 else "o", label=f"{model} ZeRO-{stage} {optimizer}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ranks (simulated)")
         ax.set_ylabel(label)
         if index == 0:
-            ax.axhline(50, color="grey", linestyle="--", linewidth=1)
+            ax.axhline(50, color="grey", linestyle="--", linewidth=1)  # the 50 ms target
+        else:
+            ax.set_yscale("log")
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(Path(out, f"scale_{name}.png"), dpi=110)

@@ -16,11 +16,19 @@ optimizer step, after DeepSpeed's reduction, overflow check and clipping:
 2. owners compute updates with the single-process math
    (``StructuredOptimizer.matrix_updates``), state kept only there; what an
    owner holds whole is computed while its other pieces are in flight;
-3. each holder gets back only its slices of the updates (and per-matrix step
-   sizes; 0 = skipped) and applies W <- W (1 - lr wd) - lr U to its pieces;
+3. each holder gets back only its slices of the updates (step sizes travel only
+   where they are not the group's lr: ``step_size_is_lr``) and applies
+   W <- W (1 - lr wd) - lr U to its pieces; a matrix whose whole gradient is all zero
+   is skipped everywhere;
 4. elementwise parameters run AdamW on this rank's pieces only: every piece of a parameter
    whose whole gradient (all ranks' pieces) is not all zero, as the single-process optimizer
-   steps the whole parameter (per-parameter flags ride on the step's one all-reduce).
+   steps the whole parameter.
+
+Before 1, one small all-reduce decides for every rank together (``_decide``): skip the step
+(a non-finite gradient anywhere), or take it, and which parameters (matrices too) have a
+non-zero gradient somewhere. Its read-back is the step's one host-device synchronisation;
+nothing else in a plain step reads a device value. Who sends what (``exchange.py``) is
+planned once per partition layout, and a partition's pieces are views made once.
 
 Owners are planned once, on first use, from where DeepSpeed put the pieces
 (``ownership="local"``: the rank holding most of a matrix owns it unless that
