@@ -52,6 +52,9 @@ class ExchangePlan:
     return_sends: list[tuple[int, Ranges, list[int]]] = field(default_factory=list)  # (holder, ranges, entries)
     return_recvs: list[tuple[int, int, list[int]]] = field(default_factory=list)    # (owner, slices' size, entries)
     shared: list[int] = field(default_factory=list)  # some replica owner lacks it whole (weight RMS)
+    gather_sent: int = 0  # elements this rank sends in gradient messages
+    return_sent: int = 0  # elements of update slices this rank sends (step sizes not included)
+    return_sent_mats: int = 0  # matrices in those messages (one step size each, where sizes travel)
     gaps: set[int] = field(default_factory=set)      # holders' ranges do not cover it all (zero-fill)
 
     @classmethod
@@ -98,8 +101,12 @@ class ExchangePlan:
                 back_from.setdefault(mine, []).append(i)
                 back_size[mine] = back_size.get(mine, 0) + held[rank]
         plan.gather_sends = sorted(sends.items())
+        mine_held = {i: sum(n for r, _, n in holders[names[i]] if r == rank) for i in range(len(names))}
+        plan.gather_sent = sum(mine_held[i] for _, mats in plan.gather_sends for i in mats)
         plan.gather_recvs = [(src, sum(n for _, _, n in rs), rs) for src, rs in sorted(recvs.items())]
         plan.return_sends = [(dst, back[dst], back_mats[dst]) for dst in sorted(back)]
+        plan.return_sent = sum(n for _, ranges, _ in plan.return_sends for _, _, n in ranges)
+        plan.return_sent_mats = sum(len(mats) for _, _, mats in plan.return_sends)
         plan.return_recvs = [(src, back_size[src], back_from[src]) for src in sorted(back_from)]
         return plan
 
@@ -125,7 +132,7 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
     for i in plan.wanted:  # only where the holders leave a gap is the buffer zeroed
         make = torch.zeros if i in plan.gaps else torch.empty
         full[i] = make(shape_numel(entries[i].shape), dtype=torch.float32, device=device)
-    ops, sent = [], 0
+    ops = []
     grads: dict[int, Optional[Tensor]] = {}  # each piece's gradient (in dtype), looked up once per step
 
     def grad_of(piece: Piece) -> Optional[Tensor]:
@@ -138,7 +145,7 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
         pieces = [p for i in mats for p in entries[i].pieces]
         msg = _message(pieces, [grad_of(p) for p in pieces], device, dtype)
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.group, TAG_GATHER))
-        sent += msg.numel() * msg.element_size()
+    sent = plan.gather_sent * _width(dtype)
     inbox = []
     for src, size, ranges in plan.gather_recvs:
         if len(ranges) == 1 and dtype == torch.float32:
@@ -189,15 +196,17 @@ def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional
     tensor; 0 = skipped); post the receives of ours. A message of one slice is a view of the
     update (callers must not change updates until the works are done). Returns (works,
     [(entries, message)] to receive, bytes sent)."""
-    ops, sent = [], 0
+    ops = []
     for dst, ranges, mats in plan.return_sends:
         parts = [updates[i].narrow(0, start, n) for i, start, n in ranges]
         if sizes is not None:
             parts.append(torch.stack([sizes[i] for i in mats]))
-        msg = parts[0] if len(parts) == 1 else torch.cat([p.to(dtype) for p in parts])
-        msg = msg if msg.dtype == dtype else msg.to(dtype)
+        if len(parts) > 1:
+            msg = torch.cat([p.to(dtype) for p in parts])
+        else:  # updates are fp32
+            msg = parts[0] if dtype == torch.float32 else parts[0].to(dtype)
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.replica_group, TAG_RETURN))
-        sent += msg.numel() * msg.element_size()
+    sent = (plan.return_sent + (plan.return_sent_mats if sizes is not None else 0)) * _width(dtype)
     inbox = []
     for src, size, mats in plan.return_recvs:
         buf = torch.empty(size + (len(mats) if sizes is not None else 0), dtype=dtype, device=device)
@@ -234,3 +243,7 @@ def device_vector(values: list[Union[float, Tensor]], device: torch.device) -> T
         elif v != common:
             out[k].fill_(v)
     return out
+
+
+def _width(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
