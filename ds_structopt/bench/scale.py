@@ -193,9 +193,10 @@ def bench_options(cls: Any, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _width(dtype: str) -> int:
-    import torch
+    """Bytes per element of a recorded dtype name ("torch.float32"; "-" for none)."""
+    import torch  # the bench module stays importable without torch loaded at import time
 
-    return torch.empty(0, dtype=getattr(torch, dtype.replace("torch.", ""))).element_size() if dtype != "-" else 0
+    return 0 if dtype == "-" else getattr(torch, dtype.replace("torch.", "")).itemsize
 
 
 def _loads(opt: Any, world: int) -> list[float]:

@@ -9,8 +9,8 @@ once, never ranks x matrices). A step then only fills buffers and posts them:
    per owner, its pieces of the matrices that owner lacks; the owner assembles full
    gradients (what it holds whole needs no message and is computed meanwhile);
 2. :func:`post_updates` / :func:`received_updates`: every owner sends each holder in its
-   replica group the holder's slices of the updates, followed by one step size per
-   matrix, in one message.
+   replica group the holder's slices of the updates in one message, followed by one step
+   size per matrix only where holders cannot know them (``relative_step``).
 
 Messages are ``batch_isend_irecv`` of ``isend``/``irecv`` (gloo and NCCL); receivers size
 their buffers from the plan, so no sizes travel.
@@ -57,6 +57,11 @@ class ExchangePlan:
     return_sent_mats: int = 0  # matrices in those messages (one step size each, where sizes travel)
     gaps: set[int] = field(default_factory=set)      # holders' ranges do not cover it all (zero-fill)
 
+    @property
+    def owned(self) -> list[int]:
+        """Every matrix this rank owns: first those it holds whole."""
+        return self.local + self.wanted
+
     @classmethod
     def build(cls, rank: int, names: list[str], numels: list[int], holders: dict[str, Ranges],
               owner: dict[str, int], replica_owners: dict[str, list[int]], members: range) -> "ExchangePlan":
@@ -82,6 +87,7 @@ class ExchangePlan:
                 for o in dict.fromkeys(replica_owners[name]):
                     if o != rank and o not in whole:
                         sends.setdefault(o, []).append(i)
+                        plan.gather_sent += held[rank]
             mine = owner[name]
             if mine == rank:
                 if rank in whole:
@@ -101,8 +107,6 @@ class ExchangePlan:
                 back_from.setdefault(mine, []).append(i)
                 back_size[mine] = back_size.get(mine, 0) + held[rank]
         plan.gather_sends = sorted(sends.items())
-        mine_held = {i: sum(n for r, _, n in holders[names[i]] if r == rank) for i in range(len(names))}
-        plan.gather_sent = sum(mine_held[i] for _, mats in plan.gather_sends for i in mats)
         plan.gather_recvs = [(src, sum(n for _, _, n in rs), rs) for src, rs in sorted(recvs.items())]
         plan.return_sends = [(dst, back[dst], back_mats[dst]) for dst in sorted(back)]
         plan.return_sent = sum(n for _, ranges, _ in plan.return_sends for _, _, n in ranges)
@@ -145,7 +149,7 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
         pieces = [p for i in mats for p in entries[i].pieces]
         msg = _message(pieces, [grad_of(p) for p in pieces], device, dtype)
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.group, TAG_GATHER))
-    sent = plan.gather_sent * _width(dtype)
+    sent = plan.gather_sent * dtype.itemsize
     inbox = []
     for src, size, ranges in plan.gather_recvs:
         if len(ranges) == 1 and dtype == torch.float32:
@@ -206,7 +210,7 @@ def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional
         else:  # updates are fp32
             msg = parts[0] if dtype == torch.float32 else parts[0].to(dtype)
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.replica_group, TAG_RETURN))
-    sent = (plan.return_sent + (plan.return_sent_mats if sizes is not None else 0)) * _width(dtype)
+    sent = (plan.return_sent + (plan.return_sent_mats if sizes is not None else 0)) * dtype.itemsize
     inbox = []
     for src, size, mats in plan.return_recvs:
         buf = torch.empty(size + (len(mats) if sizes is not None else 0), dtype=dtype, device=device)
@@ -244,6 +248,3 @@ def device_vector(values: list[Union[float, Tensor]], device: torch.device) -> T
             out[k].fill_(v)
     return out
 
-
-def _width(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8

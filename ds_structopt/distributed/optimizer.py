@@ -131,8 +131,8 @@ class DistributedStructuredOptimizer(Optimizer):
         self.matrix_state: dict[str, dict[str, Any]] = {}
         self.elem_state: dict[str, dict[str, Any]] = {}
         self._holders: dict[Any, dict[str, list[tuple[int, int, int]]]] = {}  # layout -> name -> [(rank, start, numel)]
-        self._plans: dict[Any, ExchangePlan] = {}
-        self._piece_cache: dict[Any, Any] = {}  # partition -> its pieces (see _cached_pieces)  # layout -> who sends what to whom (static once owners are set)
+        self._plans: dict[Any, ExchangePlan] = {}  # layout -> who sends what to whom (static once owners are set)
+        self._piece_cache: dict[Any, Any] = {}  # partition -> its pieces (see _cached_pieces)
         self.comm_bytes = 0
         self.skipped_steps = 0  # whole steps skipped for non-finite gradients (any rank)
         self._bracket: Optional[dict[str, Any]] = None  # set by optimizer_step()
@@ -169,7 +169,7 @@ class DistributedStructuredOptimizer(Optimizer):
         entries = self.entries[gi]
         params = group["params"]
         if len(params) == 1 and id(params[0]) in self.flat_layouts:
-            return self._layout_pieces(gi, params[0], entries)
+            return self._layout_pieces(gi, params[0])
         # One tensor per parameter: the model's own (fp32, no ZeRO) or DeepSpeed's fp32 master
         # copies (FP16_UnfusedOptimizer for bf16/fp16 at stage 0).
         per_param = len(params) == len(entries) and all(p.shape == e.shape for p, e in zip(params, entries))
@@ -192,22 +192,21 @@ class DistributedStructuredOptimizer(Optimizer):
     def entries_with_pieces(self) -> list[Entry]:
         """Every parameter with this rank's pieces attached (for checkpoints; no communication)."""
         if self.flat_layouts:
-            by_param = {id(e.lp): e for es in self.entries for e in es}
-            return [e for flat_id in self.flat_layouts for e in self._attach_layout(self.flat_tensors[flat_id], by_param)]
+            return [e for flat_id in self.flat_layouts for e in self._attach_layout(self.flat_tensors[flat_id])]
         out = []
         for gi, group in enumerate(self.param_groups):
             if group["params"]:
                 out.extend(self._pieces(gi, group))
         return out
 
-    def _attach_layout(self, flat: Tensor, by_param: dict[int, Entry]) -> list[Entry]:
+    def _attach_layout(self, flat: Tensor) -> list[Entry]:
         """Attach the pieces of one ZeRO-3 sub-group partition; returns that sub-group's entries.
         The pieces are views of the partition, made once while it keeps its storage."""
         def build() -> tuple[list[Entry], list[list[Piece]]]:
             members, pieces = [], []
             for lp, offset, start, numel in self.flat_layouts[id(flat)]:
                 piece = flat_layout_piece(flat, offset, start, numel)
-                members.append(by_param[id(lp)])
+                members.append(self._entry_by_param[id(lp)])
                 pieces.append([piece] if piece is not None else [])
             return members, pieces
 
@@ -219,15 +218,15 @@ class DistributedStructuredOptimizer(Optimizer):
     def _cached_pieces(self, key: Any, partition: Tensor, build: Callable[[], Any]) -> Any:
         """``build()``'s pieces of ``partition``, rebuilt only when the partition is another tensor
         or its storage moved (views made earlier would then point at the old memory)."""
-        where = (partition, partition.untyped_storage()._cdata, partition.storage_offset(), tuple(partition.shape))
+        storage = (partition.untyped_storage()._cdata, partition.storage_offset(), tuple(partition.shape))
         cached = self._piece_cache.get(key)
-        if cached is None or cached[0][0] is not partition or cached[0][1:] != where[1:]:
-            cached = self._piece_cache[key] = (where, build())
-        return cached[1]
+        if cached is None or cached[0] is not partition or cached[1] != storage:
+            cached = self._piece_cache[key] = (partition, storage, build())
+        return cached[2]
 
-    def _layout_pieces(self, gi: int, flat: Tensor, entries: list[Entry]) -> list[Entry]:
+    def _layout_pieces(self, gi: int, flat: Tensor) -> list[Entry]:
         """Pieces of a ZeRO-3 sub-group partition: only this sub-group's entries are returned."""
-        members = self._attach_layout(flat, {id(e.lp): e for e in entries})
+        members = self._attach_layout(flat)
         self._gather_holders((gi, id(flat)), members)
         return members
 
@@ -296,12 +295,12 @@ class DistributedStructuredOptimizer(Optimizer):
         while the parameter's is not: the embedding rows of tokens absent from the batch).
 
         One small all-reduce per optimizer step, made by every rank of the group, and one host
-        read: [non-finite here, non-zero here, per elementwise parameter: non-zero here], MAX."""
+        read: [non-finite here, non-zero here, per parameter: non-zero here], MAX."""
         bracket = self._bracket
         if bracket is not None and bracket["decision"] is not None:
             return bracket["decision"]
         views: list[Tensor] = []  # every gradient tensor looked at (pieces, or parts of pending ones)
-        slots: list[int] = []     # each one's elementwise parameter slot, -1 for none
+        slots: list[int] = []     # each one's parameter slot, -1 for none
         seen: set[int] = set()    # slots of parameters all of whose pieces are looked at (alike on every rank)
         for gi, group in work:
             for e in self._pieces(gi, group):
@@ -352,7 +351,7 @@ class DistributedStructuredOptimizer(Optimizer):
         return decision
 
     def _pending_layout(self, flat: Optional[Tensor]) -> Optional[tuple[list[int], list[tuple[int, int, int]]]]:
-        """For a partition whose gradient is still pending: the slots of the elementwise parameters
+        """For a partition whose gradient is still pending: the slots of the parameters
         it has pieces of (on any rank: the same on every rank) and this rank's pieces of them as
         (offset in the partition, numel, slot); None for a partition we do not know."""
         if flat is None:
@@ -430,7 +429,7 @@ class DistributedStructuredOptimizer(Optimizer):
                                       weights)
         updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights))
         del incoming  # the assembled gradients and their messages: freed before the return phase
-        owned = plan.local + plan.wanted
+        owned = plan.owned
         flat = {i: updates[i][0] for i in owned}
         if dtype != torch.float32:  # owners apply exactly what holders receive (replicas stay equal)
             for u in flat.values():
@@ -485,7 +484,7 @@ class DistributedStructuredOptimizer(Optimizer):
             dist.all_reduce(sums, group=self.group)
         total = dict(zip(plan.shared, sums))
         out = {}
-        for i in plan.local + plan.wanted:
+        for i in plan.owned:
             e = entries[i]
             squares = total[i] if i in total else sum(p.param.float().square().sum() for p in e.pieces)
             out[i] = (squares / shape_numel(e.shape)).sqrt().reshape(1)
