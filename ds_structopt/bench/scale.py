@@ -161,6 +161,7 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
     plain = [steps[s - 1] for s in PLAIN_STEPS]
     mean = sum(loads) / len(loads)
     projected = planned(cfg)
+    projected_peaks = planned_peaks(cfg, rank)
     return {
         "config": cfg.key, **asdict(cfg), "rank": rank,
         "host_syncs_per_step": max(s["syncs"] for s in plain),
@@ -180,7 +181,8 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
         "max_bytes_per_peer": plain[-1]["max_per_peer"],
         "load_flops": loads[rank], "load_max_over_mean": (max(loads) / mean) if mean else 1.0,
         "planner_state_bytes": projected["state_bytes"][rank],
-        "planner_peak_bytes": None,
+        "peak_bytes_by_step": [s["ours"] for s in steps],
+        "planner_peak_bytes": max(projected_peaks), "planner_peak_bytes_by_step": projected_peaks,
         "planner_bytes_per_step": projected["bytes_per_rank"][rank],
         "problems": problems[:3],
         "_loads": loads,
@@ -231,8 +233,22 @@ def planned(cfg: Config) -> dict[str, Any]:
         groups = model_params(model, family, options)
         plan = make_plan(groups, family, options, cfg.ranks, min(cfg.stage, 3),
                          ranks_per_node=GPUS_PER_NODE, group_size=GPUS_PER_NODE if cfg.ownership == "node" else None)
-        _PLANS[cfg.key] = {"state_bytes": plan.state_bytes_per_rank, "bytes_per_rank": plan.our_bytes_sent_per_rank}
+        _PLANS[cfg.key] = {"state_bytes": plan.state_bytes_per_rank, "bytes_per_rank": plan.our_bytes_sent_per_rank,
+                           "plan": plan, "groups": groups, "options": options}
     return _PLANS[cfg.key]
+
+
+def planned_peaks(cfg: Config, rank: int) -> list[int]:
+    """The planner's projected peak bytes of each of ``rank``'s steps 1-5 (``planning.step_memory``)."""
+    from ..optim.registry import get_optimizer_class
+    from ..planning.step_memory import rank_step_peaks
+
+    p = planned(cfg)
+    plan = p["plan"]
+    peaks = rank_step_peaks(p["groups"], get_optimizer_class(VARIANTS[cfg.optimizer][0]), p["options"], cfg.ranks,
+                            cfg.stage, rank, plan.replica_owners, plan.group_size, plan.state_bytes_per_rank[rank],
+                            steps=range(1, STEPS + 1))
+    return [peaks.per_step[s] for s in range(1, STEPS + 1)]
 
 
 # ----- the sweep -------------------------------------------------------------

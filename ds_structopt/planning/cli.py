@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from ..tables import markdown_table
 from .model_shapes import model_params
 from .planner import make_plan, projection
+from .step_memory import sampled_peaks
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -75,15 +76,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 proj = projection(plan, args.tokens_per_step, args.device_tflops * 1e12, args.mfu,
                                   args.matmul_tflops * 1e12, args.decomp_tflops * 1e12,
                                   args.intra_node_gbps * 1e9, args.inter_node_gbps * 1e9)
-                rows.append([model, world, f"{plan.params / 1e9:.2f}B", max(plan.state_bytes_per_rank) / 2**30,
+                peaks = sampled_peaks(plan, groups, options)
+                peak = max(p.peak for p in peaks.values())
+                rows.append([model, world, f"{plan.params / 1e9:.2f}B", max(plan.state_bytes_per_rank) / 2**30, peak / 2**30,
                              plan.refresh_max / 1e12, plan.refresh_mean / 1e12,
                              plan.our_bytes_per_step / world / 2**30, plan.deepspeed_bytes_per_step / world / 2**30,
                              proj["adamw_step_s"], f"{proj['overhead_mean']:.1%}", f"{proj['overhead_worst_step']:.1%}"])
-                dumps.append({"model": model, **plan.as_dict(), "projection": proj})
+                dumps.append({"model": model, **plan.as_dict(), "projection": proj,
+                              "peak_bytes_sampled": {r: p.per_step for r, p in peaks.items()}})
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    headers = ["model", "ranks", "params", "state GiB/rank (max)", "refresh TFLOP/step max", "refresh TFLOP/step mean",
+    headers = ["model", "ranks", "params", "state GiB/rank (max)", "step peak GiB/rank (max of sampled)", "refresh TFLOP/step max", "refresh TFLOP/step mean",
                "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "overhead (mean)", "overhead (worst step)"]
     print(f"{args.optimizer} {args.options}, ZeRO-{args.stage}, {args.ranks_per_node} ranks/node, "
           f"ownership {args.ownership} by {args.cost_model}" + (f" in groups of {args.ownership_group_size}" if args.ownership_group_size else "")

@@ -44,6 +44,7 @@ class Plan:
     rotation_flops_per_step: list[float] = field(repr=False)       # [rank]
     first_window: int = 1                    # steps the first bases are spread over (1: all at step 1)
     first_refresh_flops_per_step: list[list[float]] = field(default_factory=list, repr=False)  # [rank][step < W]
+    replica_owners: dict[str, list[int]] = field(default_factory=dict, repr=False)  # matrix -> owner per group
 
     @property
     def refresh_max(self) -> float:
@@ -63,6 +64,7 @@ class Plan:
         out.update(refresh_flops_max=self.refresh_max, refresh_flops_mean=self.refresh_mean,
                    max_state_bytes=max(self.state_bytes_per_rank), rotation_flops_max=max(self.rotation_flops_per_step))
         out.pop("rotation_flops_per_step")
+        out.pop("replica_owners")
         out["state_bytes_per_rank"] = _summary(self.state_bytes_per_rank)
         out["owned_matrices_per_rank"] = _summary(self.owned_matrices_per_rank)
         out["our_bytes_sent_per_rank"] = _summary(self.our_bytes_sent_per_rank)
@@ -133,7 +135,7 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
                 state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,
                 our_bytes_per_step_inter_node=inter, our_bytes_sent_per_rank=sent, deepspeed_bytes_per_step=deepspeed_bytes(groups, world, stage),
                 refresh_flops_per_step=window, rotation_flops_per_step=rotation, first_window=first_window,
-                first_refresh_flops_per_step=first)
+                first_refresh_flops_per_step=first, replica_owners=owners)
 
 
 def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],

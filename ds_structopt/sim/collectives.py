@@ -41,6 +41,22 @@ class Call:
     tag: int = 0
 
 
+class StashedWork:
+    """A posted point-to-point work that keeps its tensors alive until it is waited on, as
+    ProcessGroupNCCL does (a message copy is GPU memory until then; the fake backend drops
+    it at once, which would understate the step's peak)."""
+
+    def __init__(self, work: Any, tensors: list[torch.Tensor]) -> None:
+        self._work, self._tensors = work, tensors
+
+    def wait(self, *args: Any) -> Any:
+        self._tensors = []
+        return self._work.wait(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
 class CollectiveChecker:
     """Patches torch.distributed for the duration of a ``with`` block (see module docstring)."""
 
@@ -87,7 +103,8 @@ class CollectiveChecker:
         for op in ops:
             kind = "send" if op.op in (dist.isend, dist.send) else "recv"
             self._record(kind, op.group, [op.tensor], peer=op.peer, tag=op.tag)
-        return self._saved["batch_isend_irecv"](ops)
+        works = self._saved["batch_isend_irecv"](ops)
+        return [StashedWork(w, [op.tensor for op in ops]) for w in works]
 
     def _wrap_p2p(self, kind: str, original: Callable) -> Callable:
         def call(tensor: torch.Tensor, peer: Optional[int] = None, group: Any = None, tag: int = 0, **kw: Any) -> Any:

@@ -53,6 +53,33 @@ class Rank:
     torch_time: TorchTime
 
 
+@dataclass
+class FakeGpu:
+    syncs: HostSyncs
+    cuda: SimCudaRuntime
+    memory: LiveBytes
+    torch_time: TorchTime
+
+
+@contextlib.contextmanager
+def fake_gpu(device: torch.device, extra_modes: tuple = ()) -> Iterator[FakeGpu]:
+    """This process as one GPU ``device`` with fake tensors: every host read counted and
+    answered, live bytes tracked, refresh-ahead workers run inline (no process group)."""
+    syncs, memory, torch_time = HostSyncs(), LiveBytes(), TorchTime()
+    fake, methods = FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods()
+    cuda = SimCudaRuntime([fake, methods, syncs.reads, syncs, memory])
+    from unittest import mock
+
+    from ds_structopt.optim import refresh
+
+    with contextlib.ExitStack() as stack:
+        for mode in (fake, methods, syncs.reads, syncs, memory, torch_time, *extra_modes, cuda,
+                     mock.patch.object(refresh, "ThreadPoolExecutor", SerialWorker)):
+            stack.enter_context(mode)
+        cuda.set_device(device)  # what the launcher's LOCAL_RANK and the engine do
+        yield FakeGpu(syncs, cuda, memory, torch_time)
+
+
 @contextlib.contextmanager
 def simulated_rank(rank: int, world: int, oracle: Any = None,
                    dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> Iterator[Rank]:
@@ -61,18 +88,10 @@ def simulated_rank(rank: int, world: int, oracle: Any = None,
 
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     checker = CollectiveChecker(rank_device(rank), dtypes=dtypes, oracle=oracle)
-    syncs, memory, torch_time = HostSyncs(), LiveBytes(), TorchTime()
-    checker.clock = torch_time
-    fake, methods = FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods()
-    cuda = SimCudaRuntime([fake, methods, syncs.reads, syncs, memory])
-    from unittest import mock
-
-    from ds_structopt.optim import refresh
-
     try:
-        with fake, methods, syncs.reads, syncs, memory, torch_time, checker, cuda, mock.patch.object(refresh, "ThreadPoolExecutor", SerialWorker):
-            cuda.set_device(rank_device(rank))  # what the launcher's LOCAL_RANK and the engine do
-            yield Rank(checker, syncs, cuda, memory, torch_time)
+        with fake_gpu(rank_device(rank), extra_modes=(checker,)) as gpu:
+            checker.clock = gpu.torch_time  # time inside torch.distributed is not ours
+            yield Rank(checker, gpu.syncs, gpu.cuda, gpu.memory, gpu.torch_time)
     finally:
         dist.destroy_process_group()
 
