@@ -62,10 +62,12 @@ class FakeGpu:
 
 
 @contextlib.contextmanager
-def fake_gpu(device: torch.device, extra_modes: tuple = ()) -> Iterator[FakeGpu]:
+def fake_gpu(device: torch.device, extra_modes: tuple = (), torch_time: Optional[TorchTime] = None
+             ) -> Iterator[FakeGpu]:
     """This process as one GPU ``device`` with fake tensors: every host read counted and
-    answered, live bytes tracked, refresh-ahead workers run inline (no process group)."""
-    syncs, memory, torch_time = HostSyncs(), LiveBytes(), TorchTime()
+    answered, live bytes tracked, refresh-ahead workers run inline (no process group).
+    ``extra_modes`` are entered after the timing mode ``torch_time`` (made here if None)."""
+    syncs, memory, torch_time = HostSyncs(), LiveBytes(), torch_time or TorchTime()
     fake, methods = FakeTensorMode(allow_non_fake_inputs=True), DispatchingMethods()
     cuda = SimCudaRuntime([fake, methods, syncs.reads, syncs, memory])
     from unittest import mock
@@ -88,9 +90,9 @@ def simulated_rank(rank: int, world: int, oracle: Any = None,
 
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     checker = CollectiveChecker(rank_device(rank), dtypes=dtypes, oracle=oracle)
+    checker.clock = TorchTime()  # set before the checker is entered: time inside torch.distributed is not ours
     try:
-        with fake_gpu(rank_device(rank), extra_modes=(checker,)) as gpu:
-            checker.clock = gpu.torch_time  # time inside torch.distributed is not ours
+        with fake_gpu(rank_device(rank), extra_modes=(checker,), torch_time=checker.clock) as gpu:
             yield Rank(checker, gpu.syncs, gpu.cuda, gpu.memory, gpu.torch_time)
     finally:
         dist.destroy_process_group()
