@@ -266,7 +266,8 @@ def _skipped(engine: Any, ours: Any) -> int:
 
 
 def _health(ours: Any, device: Any) -> dict[str, Any]:
-    """Decomposition-failure counters summed over ranks; every rank's RSS (``rss_mb``: rank 0's,
+    """Decomposition-failure counters summed over ranks; the last step's structured updates
+    (summed over one replica group's owners: the model's count) and AdamW updates; every rank's RSS (``rss_mb``: rank 0's,
     ``rss_mb_max``: the largest, ``rss_mb_ranks``: all, space-separated in rank order) and rank 0's
     open files. One all-reduce carries it all: rank r fills slot r of an RSS vector, zeros elsewhere."""
     import torch.distributed as dist
@@ -278,13 +279,19 @@ def _health(ours: Any, device: Any) -> dict[str, Any]:
             rss_kb: Optional[int] = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     except (OSError, StopIteration):  # not Linux
         rss_kb = None
-    slots = [float(values.get("decomp_failures", 0)), float(values.get("identity_fallbacks", 0))] + [0.0] * world
-    slots[2 + rank] = float(rss_kb if rss_kb is not None else -1)  # KiB: exact in float64
+    counted = ("decomp_failures", "identity_fallbacks", "structured_updates", "structured_updates_total")
+    slots = [float(values.get(k, 0)) for k in counted] + [0.0] * world
+    slots[len(counted) + rank] = float(rss_kb if rss_kb is not None else -1)  # KiB: exact in float64
     vector = torch.tensor(slots, dtype=torch.float64, device=device)  # all-reduced: on the rank's GPU under NCCL
     if dist.is_initialized():
         dist.all_reduce(vector)
-    failures, fallbacks, *rss_ranks_kb = vector.tolist()
+    failures, fallbacks, structured, structured_total, *rss_ranks_kb = vector.tolist()
     out: dict[str, Any] = {"decomp_failures": int(failures), "identity_fallbacks": int(fallbacks)}
+    if values:  # each matrix is counted by its owner in every replica group; AdamW's count is the model's
+        replicas = int(values.get("replica_groups", 1))
+        out.update(structured_updates=int(structured) // replicas, eligible_matrices=int(values["eligible_matrices"]),
+                   elementwise_updates=int(values["elementwise_updates"]),
+                   structured_updates_total=int(structured_total) // replicas)
     if rss_kb is None:
         return out
     ranks_mb = [round(kb / 1024, 1) for kb in rss_ranks_kb]

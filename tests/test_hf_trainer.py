@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from counting import assert_structured_every_step
 
 WORKER = Path(__file__).parent / "dist" / "hf_worker.py"
 MATRICES = 14  # 2 layers x (q, k, v, o, gate, up, down)
@@ -34,6 +35,7 @@ def test_trainer_trains_with_our_optimizer_at_zero_2_and_3(tmp_path):
     for stage, r in runs.items():
         assert r["losses"][-1] < r["losses"][0] - 1.0, (stage, r["losses"])  # it learns
         assert sum(m["owned_matrices"] for m in r["metrics"]) == MATRICES, stage  # every matrix owned once
+        assert_structured_every_step(r["metrics"], MATRICES, None, name=f"zero{stage}")  # no silent fallback to Adam
         assert all(m["refreshes"] > 0 for m in r["metrics"]), stage  # our optimizer did the steps
         assert r["final_lrs"] and all(lr == 0.0 for lr in r["final_lrs"]), r["final_lrs"]  # Trainer's linear schedule
     assert runs[3]["metrics"][0]["comm_bytes"] > 0  # ZeRO-3 splits every matrix: pieces moved

@@ -129,6 +129,23 @@ def test_ownership_splits_state_over_dp(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name,tp", [("adadiag-dp2", 1), ("asgo-dp2", 1), ("adadiag-tp2", 2), ("asgo-tp2", 2),
+                                     ("local-tp2", 2), ("bf16-tp2", 2)])
+def test_every_matrix_gets_the_structured_update_every_step(runs, name, tp):
+    """The guard against a silent fallback to Adam: data-parallel owners together, and each
+    tensor-parallel rank for its gathered matrix (gather) or its own block (local), update every
+    matrix with the structured math once per optimizer step."""
+    ranks = runs[name]["ranks"]
+    steps = len(runs[name]["losses"])
+    matrices = ranks[0]["matrices"]
+    assert matrices > 0 and all(r["optimizer_steps"] == steps for r in ranks), ranks
+    groups = [ranks] if tp == 1 else [[r] for r in ranks]  # tp ranks each compute every matrix they own
+    for group in groups:
+        assert sum(r["structured_updates"] for r in group) == matrices, (name, ranks)
+        assert sum(r["structured_updates_total"] for r in group) == matrices * steps, (name, ranks)
+
+
+@pytest.mark.slow
 def test_local_mode_and_bf16_train(runs):
     for name in ("local-tp2", "bf16-tp2"):
         losses = runs[name]["losses"]

@@ -3,6 +3,7 @@ partitioning, on 2 real gloo ranks, against the single-process optimizer on the 
 from pathlib import Path
 
 import pytest
+from counting import assert_structured_every_step
 from dist.launch import run_ranks
 from test_zero_parity import BATCH, OPTIMIZERS, STEPS, reference
 
@@ -21,6 +22,7 @@ def test_ddp_and_fsdp2_match_single_process(tmp_path):
         errors[c["name"]] = max(((got[n] - r).norm() / r.norm()).item() for n, r in ref.items())
         owned = [m["owned_matrices"] for m in results[c["name"]]["metrics"]]
         assert sum(owned) == 4 and all(o > 0 for o in owned), (c["name"], owned)  # 4 matrices, split over ranks
+        assert_structured_every_step(results[c["name"]]["metrics"], 4, STEPS, 4, c["name"])  # 4 weights; 4 biases
     print("\nplain PyTorch, 2 ranks vs single process:", {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(v < 1e-5 for v in errors.values()), errors
     for opt in ("AdaDiag++", "ASGO"):  # FSDP2 really shards: each rank keeps AdamW state for half the biases

@@ -52,6 +52,14 @@ def test_train_learns_logs_and_checkpoints(tmp_path):
     assert ckpts == ["step00000045", "step00000060"]  # keep_last = 2
     assert (out / "checkpoints" / "step00000060" / "ds_structopt" / "rank00001.tensors").exists()
     assert "tok/s" in log and "ETA" in log
+    # the guard against a silent fallback to Adam: every logged step updated every eligible matrix
+    # structurally, once per optimizer step
+    assert all(int(r["eligible_matrices"]) > 0 and r["structured_updates"] == r["eligible_matrices"] for r in rows), rows
+    assert int(rows[-1]["structured_updates_total"]) == 60 * int(rows[-1]["eligible_matrices"])
+    assert int(rows[-1]["elementwise_updates"]) > 0
+    assert f"structured {rows[-1]['eligible_matrices']}/{rows[-1]['eligible_matrices']} matrices" in log
+    startup = [line for line in log.splitlines() if "ds_structopt: AdaDiag++ preconditions" in line]
+    assert len(startup) == 1 and f"preconditions {rows[-1]['eligible_matrices']} matrices" in startup[0], startup
 
 
 @pytest.mark.slow

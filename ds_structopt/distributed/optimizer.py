@@ -53,6 +53,7 @@ from torch.optim import Optimizer
 from ..comm import comm_device
 from ..optim.adamw import adamw_step
 from ..optim.base import StructuredOptimizer, apply_updates, grad_flags, state_bytes, sum_counters
+from ..optim.update_counts import UpdateCounts, startup_line
 from .exchange import (
     ExchangePlan,
     Links,
@@ -136,6 +137,16 @@ class DistributedStructuredOptimizer(Optimizer):
         self.comm_bytes = 0
         self.skipped_steps = 0  # whole steps skipped for non-finite gradients (any rank)
         self._bracket: Optional[dict[str, Any]] = None  # set by optimizer_step()
+        every = [e for es in self.entries for e in es]
+        self._elementwise_slots = [k for k, e in enumerate(every) if not e.is_matrix]
+        # structured: what this rank computed as an owner; elementwise: the whole model's (every rank knows it)
+        self.counts = UpdateCounts(eligible_matrices=len(self._infos), elementwise_params=len(self._elementwise_slots))
+        if self.rank == 0:
+            print(startup_line(self.math.NAME, [e.name for e in every if e.is_matrix],
+                               [e.name for e in every if not e.is_matrix],
+                               f"{self.world} rank(s), one owner per matrix"
+                               + (f" per group of {self.replicas.size}" if self.replicas.size < self.world else "")),
+                  flush=True)
 
     # ----- ownership ------------------------------------------------------
     @property
@@ -344,6 +355,9 @@ class DistributedStructuredOptimizer(Optimizer):
         finite, live, *per_param_live = torch.cat([flags[:1] == 0, flags[1:] != 0]).tolist()
         self._live = [bool(per_param_live[k]) if k in seen else None for k in range(n)]
         decision = "skip" if not finite else ("step" if live else "idle")
+        if decision == "step":
+            self.counts.begin_step()
+            self.counts.add(elementwise=sum(1 for k in self._elementwise_slots if self._live[k]))
         if decision == "skip":
             self.skipped_steps += 1  # the whole step, on every rank: no state or weight changes
         if bracket is not None:
@@ -513,6 +527,7 @@ class DistributedStructuredOptimizer(Optimizer):
             states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
             weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
             ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
+            self.counts.add(structured=len(live))
             per_matrix = sizes.unbind() if isinstance(sizes, Tensor) else sizes
             for (i, _), u, lr in zip(live, ups, per_matrix):
                 updates[i] = (u.reshape(-1), lr)
@@ -583,13 +598,16 @@ class DistributedStructuredOptimizer(Optimizer):
 
     # ----- introspection --------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        """Per-rank counters: state bytes, refreshes, failed decompositions, bytes moved by our step."""
+        """Per-rank counters: state bytes, refreshes, failed decompositions, bytes moved by our step,
+        and what the last optimizer step updated how (``optim/update_counts.py``)."""
         states = list(self.matrix_state.values()) + list(self.elem_state.values())
         out: dict[str, float] = {**sum_counters(states)}
         out["state_bytes"] = self.state_bytes()
         out["owned_matrices"] = len(self.matrix_state)
         out["skipped_steps"] = self.skipped_steps
         out["comm_bytes"] = self.comm_bytes
+        out.update(self.counts.metrics())
+        out["replica_groups"] = self.replicas.count  # structured_updates summed over ranks / this = the model's
         return out
 
     def state_bytes(self) -> int:

@@ -27,6 +27,7 @@ from . import validation as v
 from .adamw import adamw_step
 from .names import DEFAULT_ELEMENTWISE_PATTERNS, matches
 from .precision import full_fp32_matmul
+from .update_counts import UpdateCounts
 
 if TYPE_CHECKING:
     from .refresh import PhasePlanner, RefreshAhead
@@ -70,6 +71,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         defaults = self.resolve_options(options)
         # Parameters routed to AdamW by name (groups built from named_parameters()).
         self._elementwise_by_name: set[Tensor] = set()
+        self.counts = UpdateCounts()  # what each step updated how (see update_counts.py)
         super().__init__(params, defaults)
 
     # ----- options -------------------------------------------------------
@@ -121,6 +123,9 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         for p, name in zip(group["params"], group.get("param_names", ())):
             if matches(name, group["elementwise_patterns"]):
                 self._elementwise_by_name.add(p)
+        matrices = sum(1 for p in group["params"] if self.is_matrix(p, group))
+        self.counts.eligible_matrices += matrices
+        self.counts.elementwise_params += len(group["params"]) - matrices
 
     # ----- what subclasses provide ---------------------------------------
     def matrix_updates(
@@ -222,6 +227,8 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            self.counts.begin_step()
         for group in self.param_groups:
             self._step_group(group)
         return loss
@@ -243,6 +250,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
             if not nonzero:
                 continue
             (matrices if self.is_matrix(p, group) else elementwise).append(p)
+        self.counts.add(structured=len(matrices), elementwise=len(elementwise))
 
         if elementwise:
             adamw_step(
@@ -262,8 +270,9 @@ class StructuredOptimizer(Optimizer, abc.ABC):
 
     # ----- introspection --------------------------------------------------
     def stats(self) -> dict[str, int]:
-        """Counters summed over all parameters, plus the optimizer-state size in bytes."""
-        return {**sum_counters(self.state.values()), "state_bytes": self.state_bytes()}
+        """Counters summed over all parameters, the optimizer-state size in bytes, and what the
+        last step updated how (``update_counts``)."""
+        return {**sum_counters(self.state.values()), "state_bytes": self.state_bytes(), **self.counts.metrics()}
 
     def state_bytes(self) -> int:
         return state_bytes(self.state.values())

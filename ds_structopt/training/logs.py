@@ -9,7 +9,10 @@ from typing import Any, Optional
 # rss_mb: rank 0's RSS; rss_mb_max: the largest over ranks; rss_mb_ranks: every rank's, space-separated
 # in rank order (one CSV field). New columns go at the end: positions of the old ones never change.
 FIELDS = ["step", "train_loss", "lr", "tokens", "seconds", "tokens_per_s", "eval_loss", "eval_ppl",
-          "skipped_steps", "decomp_failures", "identity_fallbacks", "rss_mb", "open_fds", "rss_mb_max", "rss_mb_ranks"]
+          "skipped_steps", "decomp_failures", "identity_fallbacks", "rss_mb", "open_fds", "rss_mb_max", "rss_mb_ranks",
+          "structured_updates", "eligible_matrices", "elementwise_updates", "structured_updates_total"]
+# structured_updates: matrices that got the structured update in the logged step (of eligible_matrices);
+# elementwise_updates: parameters AdamW stepped in it; structured_updates_total: over the run
 
 
 class TrainLog:
@@ -52,13 +55,16 @@ class TrainLog:
             csv.DictWriter(f, FIELDS).writerow(row)
         if self._tb is not None:
             for key in ("train_loss", "lr", "tokens_per_s", "eval_loss", "eval_ppl", "skipped_steps", "decomp_failures",
-                        "identity_fallbacks", "rss_mb", "rss_mb_max"):
+                        "identity_fallbacks", "rss_mb", "rss_mb_max", "structured_updates", "elementwise_updates"):
                 if row[key] != "":
                     self._tb.add_scalar(key, float(row[key]), int(row["step"]))
         done = int(row["step"]) - first_step
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(1, done) * (self.total - int(row["step"]))
         extra = f" | eval {float(row['eval_loss']):.4f} (ppl {float(row['eval_ppl']):.2f})" if row["eval_loss"] != "" else ""
+        if row["structured_updates"] != "":
+            extra += (f" | structured {row['structured_updates']}/{row['eligible_matrices']} matrices, "
+                      f"AdamW {row['elementwise_updates']}")
         print(f"step {row['step']}/{self.total} | loss {float(row['train_loss']):.4f} | lr {float(row['lr']):.2e} | "
               f"{float(row['tokens_per_s']):.0f} tok/s | ETA {_hms(eta)}{extra}", flush=True)
 

@@ -123,7 +123,10 @@ def run_train(case: dict) -> dict:
         save_model(model, case["final"])
     owned = sum(1 for n, r in opt.owners.items() if r == dp_rank)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"owned": owned, "state_bytes": opt.structured.stats().get("state_bytes", 0)})
+    stats = opt.structured.stats()
+    dist.all_gather_object(gathered, {"owned": owned, "state_bytes": stats.get("state_bytes", 0), "matrices": len(opt.owners),
+                                      **{k: stats.get(k, 0) for k in ("optimizer_steps", "structured_updates",
+                                                                      "structured_updates_total")}})
     return {"losses": losses, "norms": norms, "ranks": gathered, "skipped": skipped, "loss_scales": scales}
 
 
