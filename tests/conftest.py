@@ -42,7 +42,7 @@ TIERS = {
     "dist": ("test_zero_parity", "test_zero_checkpoint", "test_zero_configs", "test_zero_refresh",
              "test_torch_parallel", "test_cluster_sim", "test_step_decision", "test_megatron", "test_resume_world",
              "test_resume_memory", "test_checkpoint_safety", "test_checkpoint_format", "test_hf_trainer",
-             "test_plan", "test_scale_sim", "test_update_counts"),
+             "test_plan", "test_scale_sim", "test_update_counts", "test_offload"),
     # launchers, the entry point, SLURM, containers, faults, soak, prepared data, benchmarks
     "system": ("test_launch", "test_train", "test_slurm", "test_containers", "test_soak", "test_faults",
                "test_preemption", "test_prepared_data", "test_bench", "test_bench_launched", "test_bench_regime",

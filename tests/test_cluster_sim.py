@@ -61,9 +61,14 @@ def build(kind: str, rank: int, layers: int):
     if kind == "zero3":
         groups = llama_param_groups("7b", layers, device=device, shape_of=lambda s: (0,))
         return groups, Zero3(groups, WORLD, rank, device, sub_group_size=int(4e7))
+    if kind == "zero3-offload":  # offload_optimizer: fp32 partitions (and our state) in host memory
+        groups = llama_param_groups("7b", layers, device=device, shape_of=lambda s: (0,))
+        return groups, Zero3(groups, WORLD, rank, device, sub_group_size=int(4e7), master_device=torch.device("cpu"))
     groups = llama_param_groups("7b", layers, device=device)
     if kind == "zero2":
         return groups, Zero12(groups, WORLD, rank, device)
+    if kind == "zero2-offload":
+        return groups, Zero12(groups, WORLD, rank, torch.device("cpu"))
     if kind == "fsdp2":
         return groups, FSDP2(groups, WORLD, rank, device)
     return groups, Replicated(groups, WORLD, rank)
@@ -92,18 +97,19 @@ def simulate(kind: str, optimizer: str = "AdaDiag++", layers: int = 4, steps: in
                 return layout, opt
 
             layout, opt = start()
+            home = torch.device("cpu") if kind.endswith("-offload") else rank_device(rank)
             problems = []
             for step in range(1, steps + 1):
                 layout.fill_grads()
                 layout.step(opt)
                 if step == resume_at:
                     folder = save_as_meta(opt, tmp / f"rank{rank}")
-                    problems += state_problems(opt, rank_device(rank))
+                    problems += state_problems(opt, home)
                     layout, opt = start()
                     checkpoint.load(opt, folder)
             out[rank] = {"calls": sim.checker.calls, "problems": sim.checker.problems + sim.cuda.problems,
                          "syncs": sim.syncs.count, "streams": len(sim.cuda.created), "cuda": sim.cuda,
-                         "state": problems + state_problems(opt, rank_device(rank)), "owned": len(opt.matrix_state),
+                         "state": problems + state_problems(opt, home), "owned": len(opt.matrix_state),
                          "first_use": first_use_problems(sim.checker.calls), "skipped": opt.skipped_steps,
                          "refreshes": opt.metrics()["refreshes"]}
     return out
@@ -141,6 +147,16 @@ def assert_clean(runs: dict[int, dict], messages: bool = True) -> None:
     if messages:  # the test exercised the message path, and owners exist among the simulated ranks
         assert any(c.kind == "send" for run in runs.values() for c in run["calls"])
     assert sum(run["owned"] for run in runs.values()) > 0
+
+
+@pytest.mark.parametrize("kind", ["zero2-offload", "zero3-offload"])
+@pytest.mark.parametrize("optimizer", ["AdaDiag++", "ASGO", "DASGO"])
+def test_zero_offload_messages_and_math_on_the_gpu_state_in_host_memory(kind, optimizer, tmp_path):
+    """ZeRO-Offload: DeepSpeed's fp32 partitions on the CPU. Every message is still on the rank's
+    GPU (NCCL), the owners' math runs there, and the state stays fp32 in host memory (streamed
+    for the math), through a checkpoint resume too."""
+    runs = simulate(kind, optimizer, ranks=(0, 1, 63), steps=4, resume_at=2, tmp=tmp_path)
+    assert_clean(runs)
 
 
 @pytest.mark.parametrize("kind", ["zero2", "zero3", "ddp", "fsdp2"])

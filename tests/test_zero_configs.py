@@ -59,7 +59,14 @@ BAD = [
     ({"type": "ASGO", "params": {"factored": True}}, {}, "unknown option 'factored' for optimizer.type 'ASGO'"),
     ({"type": "AdaDiag++", "params": {"lr": -1}}, {}, "lr must be"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 3, "offload_optimizer": {"device": "nvme"}}, "offload_optimizer.device='nvme'"),
-    ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer.device='cpu'"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 0, "offload_optimizer": {"device": "cpu"}},
+     "offload_optimizer.device='cpu' needs zero_optimization.stage 1, 2 or 3"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_param": {"device": "cpu"}},
+     "offload_param.device='cpu' needs zero_optimization.stage=3"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}},
+     "offload_optimizer.ratio=0.5"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"device": "gpu"}},
+     "offload_optimizer.device must be one of"),
 ]
 
 

@@ -141,8 +141,8 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
 
     def grad_of(piece: Piece) -> Optional[Tensor]:
         if id(piece) not in grads:
-            g = piece.grad()
-            grads[id(piece)] = g if g is None or g.dtype == dtype else g.to(dtype)
+            g = piece.grad()  # a host partition's under ZeRO-Offload: moved to the messages' device
+            grads[id(piece)] = g if g is None or (g.dtype == dtype and g.device == device) else g.to(device, dtype)
         return grads[id(piece)]
 
     for dst, mats in plan.gather_sends:
@@ -173,7 +173,7 @@ def _message(pieces: list[Piece], grads: list[Optional[Tensor]], device: torch.d
     are (one piece, or neighbours in one fp32 partition), else one copy."""
     if len(grads) == 1 and grads[0] is not None:
         return grads[0]
-    if dtype == torch.float32 and all(g is not None for g in grads) and all(
+    if dtype == torch.float32 and all(g is not None for g in grads) and pieces[0].source.device == device and all(
             b.source is a.source and b.offset == a.offset + a.numel for a, b in zip(pieces, pieces[1:])):
         return local(pieces[0].source.grad).reshape(-1).narrow(0, pieces[0].offset, sum(p.numel for p in pieces))
     return torch.cat([g if g is not None else torch.zeros(p.numel, dtype=dtype, device=device)

@@ -429,7 +429,8 @@ class DistributedStructuredOptimizer(Optimizer):
         holders = self._holders[self._current_holders]
         entries = [e for e in entries if holders.get(e.name)]
         plan = self._plan(entries, holders)
-        device = self._device(group)
+        home = self._device(group)  # the partitions: host memory under ZeRO-Offload
+        device = self._work_device(home)  # our messages and the owners' math
         links = Links(self.group, self.replicas.group, self._global_rank)
         # before any message is posted (a collective between posting and waiting would stall them)
         weights = self._weight_rms(plan, entries, device) if group.get("relative_step") else None
@@ -439,9 +440,9 @@ class DistributedStructuredOptimizer(Optimizer):
         incoming, sent = post_gradients(plan, entries, device, links, dtype)
         self.comm_bytes += sent
         # 2. owners compute: first what is already here, then what arrives
-        updates = self._owner_updates(group, entries, {i: self._assemble_local(group, entries[i]) for i in plan.local},
-                                      weights)
-        updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights))
+        updates = self._owner_updates(group, entries, {i: self._assemble_local(device, entries[i]) for i in plan.local},
+                                      weights, home)
+        updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights, home))
         del incoming  # the assembled gradients and their messages: freed before the return phase
         owned = plan.owned
         flat = {i: updates[i][0] for i in owned}
@@ -464,6 +465,9 @@ class DistributedStructuredOptimizer(Optimizer):
         pieces += [(piece, chunk, lr if size is None else size)
                    for piece, chunk, size, i in received_updates(inbox, entries, sizes is not None)
                    if self._live_of(entries[i]) is not False]
+        if home != device:  # offloaded partitions: the update slices (and device step sizes) go home first
+            pieces = [(piece, chunk.to(home), size if not isinstance(size, Tensor) else size.to(home))
+                      for piece, chunk, size in pieces]
         self._apply_pieces(pieces, group["weight_decay"])
 
     def _sizes_travel(self, group: dict[str, Any], entries: list[Entry]) -> bool:
@@ -493,21 +497,23 @@ class DistributedStructuredOptimizer(Optimizer):
         sums = torch.zeros(len(plan.shared), dtype=torch.float32, device=device)
         for j, i in enumerate(plan.shared):
             for piece in entries[i].pieces:
-                sums[j] += piece.param.float().square().sum()
+                sums[j] += piece.param.float().square().sum().to(device)
         if plan.shared and self.world > 1:
             dist.all_reduce(sums, group=self.group)
         total = dict(zip(plan.shared, sums))
         out = {}
         for i in plan.owned:
             e = entries[i]
-            squares = total[i] if i in total else sum(p.param.float().square().sum() for p in e.pieces)
+            squares = total[i] if i in total else sum(p.param.float().square().sum().to(device) for p in e.pieces)
             out[i] = (squares / shape_numel(e.shape)).sqrt().reshape(1)
         return out
 
     def _owner_updates(self, group: dict[str, Any], entries: list[Entry], full_grads: dict[int, Tensor],
-                       weight_rms: Optional[dict[int, Tensor]] = None) -> dict[int, tuple[Tensor, Union[float, Tensor]]]:
+                       weight_rms: Optional[dict[int, Tensor]] = None, home: Optional[torch.device] = None
+                       ) -> dict[int, tuple[Tensor, Union[float, Tensor]]]:
         """Updates (flat) and step sizes of owned matrices (by entry index) from their full
-        gradients; a step size of 0.0 = skipped (its whole gradient is all zero)."""
+        gradients; a step size of 0.0 = skipped (its whole gradient is all zero). State kept on
+        ``home`` (host memory under ZeRO-Offload) is streamed to the gradients' device for the math."""
         updates: dict[int, tuple[Tensor, Union[float, Tensor]]] = {}
         mine = list(full_grads)
         if not mine:
@@ -526,20 +532,22 @@ class DistributedStructuredOptimizer(Optimizer):
         if live:
             states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
             weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
-            ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
+            with staged(states, live[0][1].device, home):
+                ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
             self.counts.add(structured=len(live))
             per_matrix = sizes.unbind() if isinstance(sizes, Tensor) else sizes
             for (i, _), u, lr in zip(live, ups, per_matrix):
                 updates[i] = (u.reshape(-1), lr)
         return updates
 
-    def _assemble_local(self, group: dict[str, Any], e: Entry) -> Tensor:
-        """The full gradient of a matrix whose pieces are all on this rank (missing grad -> zeros: skipped)."""
+    def _assemble_local(self, device: torch.device, e: Entry) -> Tensor:
+        """The full gradient of a matrix whose pieces are all on this rank, on ``device`` (missing
+        grad -> zeros: skipped)."""
         if len(e.pieces) == 1 and e.pieces[0].numel == shape_numel(e.shape):
             g = e.pieces[0].grad()
             if g is not None:
-                return g.float()
-        full = torch.zeros(shape_numel(e.shape), dtype=torch.float32, device=self._device(group))
+                return g.to(device=device, dtype=torch.float32)
+        full = torch.zeros(shape_numel(e.shape), dtype=torch.float32, device=device)
         for piece in e.pieces:
             g = piece.grad()
             if g is not None:
@@ -593,6 +601,12 @@ class DistributedStructuredOptimizer(Optimizer):
     def _device(self, group: dict[str, Any]) -> torch.device:
         return group["params"][0].device
 
+    def _work_device(self, home: torch.device) -> torch.device:
+        """Where our messages and an owner's math go: with the partitions, unless they are in host
+        memory (ZeRO-Offload) and the group communicates on a GPU (NCCL): then that GPU, with the
+        state streamed from ``home`` for the math (``staged``)."""
+        return home if home.type != "cpu" or self.world == 1 else comm_device(self.group, home)
+
     def _global_rank(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
@@ -612,6 +626,36 @@ class DistributedStructuredOptimizer(Optimizer):
 
     def state_bytes(self) -> int:
         return state_bytes(list(self.matrix_state.values()) + list(self.elem_state.values()))
+
+
+@contextmanager
+def staged(states: list[dict[str, Any]], device: torch.device, home: Optional[torch.device]) -> Iterator[None]:
+    """Matrix states that live on ``home`` (pinned host memory under ZeRO-Offload) moved to
+    ``device`` for the math and written back after it, in place, so that the host copies stay the
+    state (new state tensors, from a first step, go home too). Nothing to do when they coincide."""
+    if home is None or torch.device(home) == torch.device(device):
+        yield
+        return
+    kept = []
+    for st in states:
+        host = {k: v for k, v in st.items() if isinstance(v, Tensor) and v.device != device}
+        st.update({k: v.to(device, non_blocking=True) for k, v in host.items()})
+        kept.append(host)
+    try:
+        yield
+    finally:
+        pin = torch.device(device).type == "cuda"
+        for st, host in zip(states, kept):
+            for k, v in list(st.items()):
+                if not isinstance(v, Tensor) or v.device == torch.device(home):
+                    continue
+                old = host.get(k)
+                if old is not None and old.shape == v.shape and old.dtype == v.dtype:
+                    st[k] = old.copy_(v, non_blocking=pin)
+                else:
+                    st[k] = v.to(home).pin_memory() if pin else v.to(home)
+        if pin:
+            torch.cuda.current_stream(device).synchronize()  # host copies complete before anyone reads them
 
 
 def _skipped(step_size: Union[float, Tensor]) -> bool:

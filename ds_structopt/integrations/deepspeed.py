@@ -136,6 +136,10 @@ def bracket_zero_steps(zero_opt: Any, ours: Any) -> None:
     if zero_opt is ours or getattr(zero_opt, "_ds_structopt_bracketed", False):
         return  # DeepSpeed calls us directly (no wrapper): one call is one step
     ds_step = zero_opt.step
+    # with ZeRO-Offload DeepSpeed copies gradients straight onto the host partitions' .grad at the
+    # accumulation boundary (ZeRO-1/2 ``cpu_offload``, ZeRO-3 ``offload_optimizer``): nothing waits
+    # in averaged_gradients
+    offloaded = bool(getattr(zero_opt, "cpu_offload", False) or getattr(zero_opt, "offload_optimizer", False))
 
     def pending() -> list[tuple[Any, list[Any]]]:
         waiting = getattr(zero_opt, "averaged_gradients", None) or {}
@@ -149,6 +153,8 @@ def bracket_zero_steps(zero_opt: Any, ours: Any) -> None:
             grads = [grads] if isinstance(grads, torch.Tensor) else list(grads)
             flat = flats[key] if flats is not None and isinstance(key, int) and 0 <= key < len(flats) else None
             out.append((flat, grads))
+        if offloaded and flats is not None:  # ZeRO-Offload: every gradient is already on its partition's .grad
+            out += [(flat, [flat.grad]) for key, flat in enumerate(flats) if key not in waiting and flat.grad is not None]
         return out
 
     def step(*args: Any, **kwargs: Any) -> Any:

@@ -99,6 +99,8 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
                           "zero_optimization.stage=3")
     del cfg["optimizer"]
     cfg["zero_allow_untested_optimizer"] = True
+    if offload_device(cfg.get("zero_optimization") or {}) != "none":
+        cfg["zero_force_ds_cpu_optimizer"] = False  # our optimizer steps the offloaded partitions itself
     options = dict(params)
     if isinstance(options.get("betas"), list):
         options["betas"] = tuple(options["betas"])
@@ -120,12 +122,44 @@ def _check_zero(cfg: Mapping[str, Any]) -> None:
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     for key in ("offload_optimizer", "offload_param"):
-        off = zero.get(key)
-        where = f"zero_optimization.{key}.device" if isinstance(off, Mapping) else f"zero_optimization.{key}"
-        device = off.get("device", "none") if isinstance(off, Mapping) else off
-        if device not in (None, "none"):
-            raise ConfigError(f"{where}={device!r} is not supported with ds_structopt optimizers "
-                              "(their step runs where the partitions live); remove the offload block")
+        _check_offload(key, zero.get(key), stage)
+
+
+OFFLOAD_DEVICES = ("none", "cpu")
+
+
+def offload_device(zero: Mapping[str, Any], key: str = "offload_optimizer") -> str:
+    """``zero_optimization.<key>.device`` ("none" when absent)."""
+    off = zero.get(key)
+    device = off.get("device", "none") if isinstance(off, Mapping) else off
+    return "none" if device is None else str(device)
+
+
+def _check_offload(key: str, off: Any, stage: int) -> None:
+    """ZeRO-Offload of DeepSpeed's partitions (and so of our state, which lives with them):
+    ``offload_optimizer`` to the CPU at stages 1-3, ``offload_param`` at stage 3."""
+    if off is None:
+        return
+    if not isinstance(off, Mapping):
+        raise ConfigError(f"zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}, got {off!r}")
+    device = off.get("device", "none")
+    if device in (None, "none"):
+        return
+    where = f"zero_optimization.{key}.device"
+    if device == "nvme":
+        raise ConfigError(f"{where}='nvme' is not supported with ds_structopt optimizers yet (DeepSpeed's swapper "
+                          "moves only tensors keyed by its flat partitions; our per-matrix state would stay in "
+                          "host memory); use \"cpu\"")
+    if device not in OFFLOAD_DEVICES:
+        raise ConfigError(f"{where} must be one of {list(OFFLOAD_DEVICES) + ['nvme']}, got {device!r}")
+    if key == "offload_optimizer" and stage not in (1, 2, 3):
+        raise ConfigError(f"{where}={device!r} needs zero_optimization.stage 1, 2 or 3, got {stage!r}")
+    if key == "offload_param" and stage != 3:
+        raise ConfigError(f"{where}={device!r} needs zero_optimization.stage=3, got {stage!r}")
+    ratio = off.get("ratio", 1.0)
+    if key == "offload_optimizer" and ratio != 1.0:
+        raise ConfigError(f"zero_optimization.{key}.ratio={ratio!r}: partial offload needs DeepSpeedCPUAdam; "
+                          "ds_structopt optimizers offload everything (ratio 1.0)")
 
 
 def _check_parallelism(cfg: Mapping[str, Any]) -> None:

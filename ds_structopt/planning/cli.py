@@ -28,6 +28,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--optimizer", default="AdaDiag++")
     p.add_argument("--options", default="{}", help="optimizer params as JSON")
     p.add_argument("--deepspeed-config", help="take optimizer, options, stage and ds_structopt block from this JSON")
+    p.add_argument("--offload", default="none", choices=["none", "cpu"],
+                   help="zero_optimization.offload_optimizer.device: adds host GiB per node")
     p.add_argument("--ownership", default="local", choices=["local", "balanced"])
     p.add_argument("--cost-model", default="flops", choices=["flops", "memory", "numel"])
     p.add_argument("--ownership-group-size", type=int, default=None,
@@ -46,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _from_deepspeed(args: argparse.Namespace) -> None:
-    from ..integrations.deepspeed_config import parse_config
+    from ..integrations.deepspeed_config import offload_device, parse_config
 
     parsed = parse_config(args.deepspeed_config)
     raw = parsed.ds_config
@@ -54,6 +56,8 @@ def _from_deepspeed(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.deepspeed_config}: optimizer.type {parsed.optimizer_type!r} is not a ds_structopt optimizer")
     args.optimizer, args.options = parsed.optimizer_type, json.dumps(parsed.options)
     args.stage = int((raw.get("zero_optimization") or {}).get("stage", 0))
+    args.offload = offload_device(raw.get("zero_optimization") or {})
+    args.param_bytes = 2 if any((raw.get(k) or {}).get("enabled") for k in ("bf16", "fp16")) else 4
     args.ownership = parsed.dist_options.ownership
     args.cost_model = parsed.dist_options.cost_model
     args.ownership_group_size = parsed.dist_options.ownership_group_size or args.ownership_group_size
@@ -72,7 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             groups = model_params(model, args.optimizer, options, seq_len=args.seq_len)
             for world in args.world:
                 plan = make_plan(groups, args.optimizer, options, world, args.stage, args.ranks_per_node,
-                                 args.ownership_group_size, args.ownership, args.cost_model)
+                                 args.ownership_group_size, args.ownership, args.cost_model, args.offload,
+                                 getattr(args, "param_bytes", 2))
                 proj = projection(plan, args.tokens_per_step, args.device_tflops * 1e12, args.mfu,
                                   args.matmul_tflops * 1e12, args.decomp_tflops * 1e12,
                                   args.intra_node_gbps * 1e9, args.inter_node_gbps * 1e9)
@@ -81,14 +86,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append([model, world, f"{plan.params / 1e9:.2f}B", max(plan.state_bytes_per_rank) / 2**30, peak / 2**30,
                              plan.refresh_max / 1e12, plan.refresh_mean / 1e12,
                              plan.our_bytes_per_step / world / 2**30, plan.deepspeed_bytes_per_step / world / 2**30,
-                             proj["adamw_step_s"], f"{proj['overhead_mean']:.1%}", f"{proj['overhead_worst_step']:.1%}"])
+                             proj["adamw_step_s"], f"{proj['overhead_mean']:.1%}", f"{proj['overhead_worst_step']:.1%}"]
+                            + ([max(plan.host_bytes_per_node) / 2**30] if args.offload != "none" else []))
                 dumps.append({"model": model, **plan.as_dict(), "projection": proj,
                               "peak_bytes_sampled": {r: p.per_step for r, p in peaks.items()}})
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     headers = ["model", "ranks", "params", "state GiB/rank (max)", "step peak GiB/rank (max of sampled)", "refresh TFLOP/step max", "refresh TFLOP/step mean",
-               "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "overhead (mean)", "overhead (worst step)"]
+               "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "overhead (mean)", "overhead (worst step)"] + (
+        [f"host GiB/node ({args.offload} offload)"] if args.offload != "none" else [])
     print(f"{args.optimizer} {args.options}, ZeRO-{args.stage}, {args.ranks_per_node} ranks/node, "
           f"ownership {args.ownership} by {args.cost_model}" + (f" in groups of {args.ownership_group_size}" if args.ownership_group_size else "")
           + f"; {args.tokens_per_step} tokens/step, model at {args.device_tflops:g} TFLOP/s x MFU {args.mfu:g}, "

@@ -45,6 +45,8 @@ class Plan:
     first_window: int = 1                    # steps the first bases are spread over (1: all at step 1)
     first_refresh_flops_per_step: list[list[float]] = field(default_factory=list, repr=False)  # [rank][step < W]
     replica_owners: dict[str, list[int]] = field(default_factory=dict, repr=False)  # matrix -> owner per group
+    offload: str = "none"                    # zero_optimization.offload_optimizer.device
+    host_bytes_per_node: list[int] = field(default_factory=list)  # with offload: what each node's host memory holds
 
     @property
     def refresh_max(self) -> float:
@@ -77,8 +79,10 @@ def _summary(values: list[int]) -> Any:
 
 def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: dict[str, Any], world: int,
               stage: int, ranks_per_node: Optional[int] = None, group_size: Optional[int] = None,
-              ownership: str = "local", cost_model: str = "flops") -> Plan:
-    """The plan of one configuration; ``group_size`` = hierarchical ``ownership_group_size``."""
+              ownership: str = "local", cost_model: str = "flops", offload: str = "none", param_bytes: int = 2) -> Plan:
+    """The plan of one configuration; ``group_size`` = hierarchical ``ownership_group_size``;
+    ``offload``: ``offload_optimizer.device`` ("cpu": state and DeepSpeed's partitions in host
+    memory); ``param_bytes``: bytes per model parameter (2: bf16/fp16 training, 4: fp32)."""
     cls = get_optimizer_class(optimizer)
     opts = cls.resolve_options(dict(options))
     update_freq = int(opts.get("update_freq", 1))
@@ -130,12 +134,16 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
 
     ours, inter, sent = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node,
                                   sizes_travel=not cls.step_size_is_lr(opts))
+    host: list[int] = []
+    if offload != "none":
+        per_rank = [s + offloaded_partition_bytes(groups, world, stage, param_bytes) for s in state]
+        host = [sum(per_rank[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
     return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
                 update_freq=update_freq, stagger=stagger, ahead_steps=ahead_steps, params=sum(p.numel for p in all_params), matrices=len(mats),
                 state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,
                 our_bytes_per_step_inter_node=inter, our_bytes_sent_per_rank=sent, deepspeed_bytes_per_step=deepspeed_bytes(groups, world, stage),
                 refresh_flops_per_step=window, rotation_flops_per_step=rotation, first_window=first_window,
-                first_refresh_flops_per_step=first, replica_owners=owners)
+                first_refresh_flops_per_step=first, replica_owners=owners, offload=offload, host_bytes_per_node=host)
 
 
 def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],
@@ -168,6 +176,21 @@ def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, 
                     inter += size if crosses else 0
                     sent[owner] += size
     return total, inter, sent
+
+
+def offloaded_partition_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int, param_bytes: int = 2) -> int:
+    """Host bytes per rank DeepSpeed 0.19 keeps for ZeRO-Offload of the optimizer besides our
+    state: the fp32 master partition and its fp32 gradient, plus at ZeRO-1/2 a pinned copy of
+    the partition in the model's dtype (``param_bytes``) that it sends back to the GPU (stage 1/2:
+    padded to 2 x world per group; stage 3: ceil(numel / world) per parameter)."""
+    if stage == 3:
+        elems = sum(-(-p.numel // world) for params in groups for p in params)
+        return (FP32 + FP32) * elems
+    elems = 0
+    for params in groups:
+        total = sum(p.numel for p in params)
+        elems += (total + (-total) % (2 * world)) // world
+    return (FP32 + FP32 + param_bytes) * elems
 
 
 def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> int:

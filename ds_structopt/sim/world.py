@@ -228,7 +228,8 @@ class Zero3:
     """DeepSpeed ZeRO-3's per-parameter partitions and sub-groups around our optimizer."""
 
     def __init__(self, groups: list[dict[str, Any]], world: int, rank: int, device: torch.device,
-                 sub_group_size: int) -> None:
+                 sub_group_size: int, master_device: Optional[torch.device] = None) -> None:
+        """``master_device``: where the fp32 partitions live (the CPU: ``offload_optimizer``)."""
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
         self.groups, self.world, self.rank = groups, world, rank
@@ -247,7 +248,7 @@ class Zero3:
                 self.fp16_groups.append(sub)
                 self.sub_group_to_group_id.append(gi)
         self.fp32_partitioned_groups_flat = [
-            torch.zeros(sum(p.partition_numel() for p in sub), dtype=torch.float32, device=device)
+            torch.zeros(sum(p.partition_numel() for p in sub), dtype=torch.float32, device=master_device or device)
             for sub in self.fp16_groups]
         self.averaged_gradients: dict[int, Any] = {}
 
@@ -373,7 +374,8 @@ def first_use_problems(calls: list) -> list[str]:
 
 
 def state_problems(opt: Any, device: torch.device) -> list[str]:
-    """Every tensor of every owned matrix's state (nested too) fp32 and on the rank's GPU."""
+    """Every tensor of every owned matrix's state (nested too) fp32 and on ``device`` (the rank's
+    GPU; host memory under ZeRO-Offload)."""
     problems = []
 
     def visit(name: str, value: Any) -> None:

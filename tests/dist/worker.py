@@ -140,6 +140,14 @@ def train(engine, case: dict, world: int, rank: int, micro: int) -> dict:
     else:
         params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     result = {"params": params, "metrics": gathered, "losses": losses, "wrapper": type(engine.optimizer).__name__}
+    if case.get("host_bytes"):  # what DeepSpeed keeps in host memory for ZeRO-Offload besides our state
+        zo = engine.optimizer
+        flats = getattr(zo, "single_partition_of_fp32_groups", None) or getattr(zo, "fp32_partitioned_groups_flat", [])
+        held = list(flats) + [f.grad for f in flats if f.grad is not None]
+        held += list(getattr(zo, "param_buffer_of_bit16_for_cpu_offload_groups", []))
+        result["deepspeed_host_bytes"] = [None] * world
+        torch.distributed.all_gather_object(result["deepspeed_host_bytes"],
+                                            sum(t.numel() * t.element_size() for t in held if t.device.type == "cpu"))
     if case.get("replica_params"):  # every rank's own copy (stage 0 replicas must stay equal)
         result["replicas"] = [None] * world
         torch.distributed.all_gather_object(result["replicas"], {n: t.cpu() for n, t in params.items()})
