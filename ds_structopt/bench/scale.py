@@ -281,7 +281,7 @@ def write_report(rows: list[dict[str, Any]], out: str) -> None:
     (bytes are per rank, the rank that sends most); ``scale_python_ms.png``, ``scale_peak.png``."""
     lines = ["# Scale: the distributed step as sampled ranks of large worlds (simulated)", "",
              "Worst sampled rank per configuration (ranks 0, N-1 and the most loaded owner). Python = wall time "
-             "minus torch's own; peak = our state + what the step allocates; transient/state: the most loaded "
+             "minus torch's own; peak = our state + what the step allocates (planner: `planning.step_memory`); transient/state: the most loaded "
              "owner's plain step; sent: the rank that sends most; planner = `ds-structopt plan`.", ""]
     table = []
     for key in dict.fromkeys(r["config"] for r in rows):
@@ -292,17 +292,23 @@ def write_report(rows: list[dict[str, Any]], out: str) -> None:
         table.append([r0["ranks"], r0["model"], r0["stage"], r0["ownership"], r0["optimizer"],
                       max(r["host_syncs_per_step"] for r in rs), max(r["host_syncs_refresh_step"] for r in rs),
                       f"{max(r['python_ms_per_step'] for r in rs):.0f}",
-                      _mib(max(r["peak_bytes"] for r in rs)), _mib(max(r["state_bytes"] for r in rs)),
+                      _mib(max(r["peak_bytes"] for r in rs)), _mib(max(r["planner_peak_bytes"] for r in rs)),
+                      f"{peak_error(rs):.3f}", _mib(max(r["state_bytes"] for r in rs)),
                       _mib(max(r["planner_state_bytes"] for r in rs)),
                       f"{owner['transient_bytes_plain'] / owner['state_bytes']:.2f}" if owner["load_flops"] else "-",
                       _mib(sender["bytes_per_step"]), _mib(sender["planner_bytes_per_step"]),
                       f"{r0['load_max_over_mean']:.2f}"])
     lines.append(markdown_table(
         ["ranks", "model", "ZeRO", "owners", "optimizer", "syncs/step", "syncs/refresh", "Python ms/step",
-         "our peak MiB", "state MiB", "planner state MiB", "owner's plain transient/state", "sent MiB/step",
+         "our peak MiB", "planner peak MiB", "peak plan/sim - 1 (worst step)", "state MiB", "planner state MiB", "owner's plain transient/state", "sent MiB/step",
          "planner sent MiB/step", "load max/mean"], table))
     Path(out, "scale.md").write_text("\n".join(lines) + "\n")
     _plots(rows, out)
+
+
+def peak_error(rows: list[dict[str, Any]]) -> float:
+    """The planner's largest relative miss of a simulated step's peak, over ``rows`` and their steps."""
+    return max(abs(p / m - 1) for r in rows for p, m in zip(r["planner_peak_bytes_by_step"], r["peak_bytes_by_step"]))
 
 
 def _plots(rows: list[dict[str, Any]], out: str) -> None:
