@@ -154,7 +154,8 @@ def bracket_zero_steps(zero_opt: Any, ours: Any) -> None:
             flat = flats[key] if flats is not None and isinstance(key, int) and 0 <= key < len(flats) else None
             out.append((flat, grads))
         if offloaded and flats is not None:  # ZeRO-Offload: every gradient is already on its partition's .grad
-            out += [(flat, [flat.grad]) for key, flat in enumerate(flats) if key not in waiting and flat.grad is not None]
+            out += [(flat, [flat.grad]) for key, flat in enumerate(flats)
+                    if waiting.get(key) is None and flat.grad is not None]
         return out
 
     def step(*args: Any, **kwargs: Any) -> Any:

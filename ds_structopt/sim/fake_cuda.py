@@ -7,7 +7,8 @@ fail with "PyTorch is not linked with support for cuda devices" (``Tensor.copy_`
 ``t[mask] = v``, ...). :class:`DispatchingMethods`, a TorchFunctionMode (it runs before
 the binding's guard), retries such a call through the ATen op of the same name
 (``torch.ops.aten.<name>``; indexing through select/slice/index): same semantics, no
-guard, and the fake mode sees it. Nothing of ds_structopt is replaced.
+guard, and the fake mode sees it. ``pin_memory`` returns the tensor itself (fake tensors have no
+host pages to lock; the fake mode has no implementation of it). Nothing of ds_structopt is replaced.
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ class DispatchingMethods(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "pin_memory":  # fake tensors have no host pages to lock
+            return args[0]
         try:
             return func(*args, **kwargs)
         except RuntimeError as exc:

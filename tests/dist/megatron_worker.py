@@ -124,9 +124,9 @@ def run_train(case: dict) -> dict:
     owned = sum(1 for n, r in opt.owners.items() if r == dp_rank)
     gathered = [None] * dist.get_world_size()
     stats = opt.structured.stats()
-    dist.all_gather_object(gathered, {"owned": owned, "state_bytes": stats.get("state_bytes", 0), "matrices": len(opt.owners),
-                                      **{k: stats.get(k, 0) for k in ("optimizer_steps", "structured_updates",
-                                                                      "structured_updates_total")}})
+    dist.all_gather_object(gathered, {"owned": owned, "state_bytes": stats.get("state_bytes", 0),
+                                      **{k: stats.get(k, 0) for k in ("eligible_matrices", "optimizer_steps",
+                                                                      "structured_updates", "structured_updates_total")}})
     return {"losses": losses, "norms": norms, "ranks": gathered, "skipped": skipped, "loss_scales": scales}
 
 
