@@ -113,6 +113,7 @@ class DistributedStructuredOptimizer(Optimizer):
         self._slot = {id(e): k for k, e in enumerate(e for es in self.entries for e in es)}
         self._live: list[Optional[bool]] = []
         self._index: Optional[tuple[Any, Tensor]] = None  # _decide's slot index on the device, per layout
+        self._segments: dict[Any, Any] = {}  # _decide's segment lengths per partition layout (device tensors)
         self._entry_by_param = {id(e.lp): e for es in self.entries for e in es}
         self._all_groups = list(self.param_groups)
         self._infos = [MatrixInfo.of(e.name, e.shape[0], shape_numel(e.shape) // e.shape[0], optimizer_cls, g)
@@ -310,11 +311,20 @@ class DistributedStructuredOptimizer(Optimizer):
         bracket = self._bracket
         if bracket is not None and bracket["decision"] is not None:
             return bracket["decision"]
-        views: list[Tensor] = []  # every gradient tensor looked at (pieces, or parts of pending ones)
+        views: list[Tensor] = []  # gradient tensors looked at one by one (pieces, or parts of pending ones)
         slots: list[int] = []     # each one's parameter slot, -1 for none
+        segmented: list[tuple[list[Tensor], list[tuple[int, int, int]]]] = []  # partitions reduced per range
         seen: set[int] = set()    # slots of parameters all of whose pieces are looked at (alike on every rank)
         for gi, group in work:
-            for e in self._pieces(gi, group):
+            entries = self._pieces(gi, group)
+            params = group["params"]
+            layout = self._pending_layout(params[0]) if len(params) == 1 else None
+            grad = params[0].grad if layout is not None else None
+            if grad is not None and grad.dtype == torch.float32 and grad.numel() > 0:
+                seen.update(layout[0])  # a flat partition: one reduction per range, not a view per piece
+                segmented.append(([grad], layout[1]))
+                continue
+            for e in entries:
                 slot = self._slot.get(id(e), -1)
                 if slot >= 0:
                     seen.add(slot)
@@ -331,6 +341,10 @@ class DistributedStructuredOptimizer(Optimizer):
                     layout = None  # the tensors do not cover the partition's pieces: not laid out as we think
                 if layout is None:  # unknown partition: its gradients count for the decision only
                     parts = [(g, -1) for g in grads if g is not None and g.numel()]
+                elif all(g.dtype == torch.float32 for g in grads):
+                    seen.update(layout[0])
+                    segmented.append((list(grads), layout[1]))
+                    continue
                 else:
                     members, ranges = layout
                     seen.update(members)
@@ -338,10 +352,21 @@ class DistributedStructuredOptimizer(Optimizer):
                 views += [v for v, _ in parts]
                 slots += [slot for _, slot in parts]
         n = len(self._slot)
-        near = views[0].device if views else None
+        near = views[0].device if views else (segmented[0][0][0].device if segmented else None)
         device = comm_device(self.group, near) if self.world > 1 else (near or torch.device("cpu"))
-        if views:
-            maxes = torch.stack([m.float().to(device) for m in torch._foreach_norm(views, float("inf"))])
+        if views or segmented:
+            found: list[Tensor] = []
+            if views:
+                norms = torch._foreach_norm(views, float("inf"))
+                if all(t.dtype == norms[0].dtype and t.device == norms[0].device for t in norms):
+                    found.append(torch.stack(norms).to(device=device, dtype=torch.float32))  # one copy, not one per view
+                else:
+                    found.append(torch.stack([m.float().to(device) for m in norms]))
+            for tensors, ranges in segmented:
+                absmax, segment_slots = self._segment_absmax(tensors, ranges)
+                found.append(absmax.to(device))
+                slots = slots + segment_slots
+            maxes = found[0] if len(found) == 1 else torch.cat(found)
             nonzero = (maxes != 0).float()
             index = self._slot_index(slots, n, device)
             per_param = torch.zeros(n + 1, device=device).scatter_reduce_(0, index, nonzero, "amax")[:n]
@@ -385,6 +410,51 @@ class DistributedStructuredOptimizer(Optimizer):
                 members.append((e, hp.start, hp.numel) if hp is not None else (e, 0, 0))
         slots = [(self._slot[id(e)], offset, numel) for e, offset, numel in members]
         return [slot for slot, _, _ in slots], [(offset, numel, slot) for slot, offset, numel in slots if numel > 0]
+
+    def _segment_absmax(self, tensors: list[Tensor], ranges: list[tuple[int, int, int]]) -> tuple[Tensor, list[int]]:
+        """``tensors`` laid end to end (a partition's gradient), each range's largest absolute value
+        (NaN where it holds one) in one segment max and one segment min per tensor instead of a
+        norm per piece; returns (values, their slots: the range's, -1 between ranges). Segment
+        lengths are device tensors made once per layout."""
+        key = (tuple((t.numel(), t.device) for t in tensors), tuple(ranges))
+        cached = self._segments.get(key)
+        if cached is None:
+            per_tensor: list[tuple[list[int], list[int]]] = []
+            bounds = sorted(ranges)
+            pos = 0
+            for t in tensors:
+                end, lengths, owners, at = pos + t.numel(), [], [], pos
+                for offset, numel, slot in bounds:
+                    lo, hi = max(offset, at), min(offset + numel, end)
+                    if lo >= hi:
+                        continue
+                    if lo > at:
+                        lengths.append(lo - at)
+                        owners.append(-1)
+                    lengths.append(hi - lo)
+                    owners.append(slot)
+                    at = hi
+                if at < end:
+                    lengths.append(end - at)
+                    owners.append(-1)
+                per_tensor.append((lengths, owners))
+                pos = end
+            cached = self._segments[key] = (
+                [torch.tensor(lengths, dtype=torch.int64, device=t.device) if lengths else None
+                 for (lengths, _), t in zip(per_tensor, tensors)],
+                [slot for _, owners in per_tensor for slot in owners])
+        lengths_on_device, owners = cached
+        out = []
+        for t, lengths in zip(tensors, lengths_on_device):
+            if lengths is None:
+                continue
+            flat = t.reshape(-1)
+            high = torch.segment_reduce(flat, "max", lengths=lengths)
+            low = torch.segment_reduce(flat, "min", lengths=lengths)
+            out.append(torch.maximum(high, low.neg()))  # NaN stays NaN
+        if not out:
+            return torch.zeros(0, device=tensors[0].device), owners
+        return (torch.cat(out) if len(out) > 1 else out[0]), owners
 
     def _slot_index(self, slots: list[int], n: int, device: torch.device) -> Tensor:
         """The decision's scatter index on the device, built once per layout: the same gradient

@@ -41,20 +41,26 @@ class Call:
     tag: int = 0
 
 
-class StashedWork:
-    """A posted point-to-point work that keeps its tensors alive until it is waited on, as
-    ProcessGroupNCCL does (a message copy is GPU memory until then; the fake backend drops
-    it at once, which would understate the step's peak)."""
+class CoalescedWork:
+    """What ``batch_isend_irecv`` returns on NCCL: one work for the whole batch (NCCL coalesces
+    it; the fake backend returns one per op), which keeps the batch's tensors alive until it is
+    waited on, as ProcessGroupNCCL does (a message copy is GPU memory until then; the fake
+    backend drops it at once, which would understate the step's peak). Waiting is the
+    communication library's time (``wait``, billed to the clock when one is given)."""
 
-    def __init__(self, work: Any, tensors: list[torch.Tensor]) -> None:
-        self._work, self._tensors = work, tensors
+    def __init__(self, works: list, tensors: list[torch.Tensor], clock: Any = None) -> None:
+        self._works, self._tensors = works, tensors
+        if clock is not None:
+            self.wait = clock.excluded(self.wait)  # type: ignore[method-assign]
 
-    def wait(self, *args: Any) -> Any:
-        self._tensors = []
-        return self._work.wait(*args)
+    def wait(self, *args: Any) -> bool:
+        for w in self._works:
+            w.wait(*args)
+        self._works, self._tensors = [], []
+        return True
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._work, name)
+    def is_completed(self) -> bool:
+        return not self._works
 
 
 class CollectiveChecker:
@@ -104,7 +110,7 @@ class CollectiveChecker:
             kind = "send" if op.op in (dist.isend, dist.send) else "recv"
             self._record(kind, op.group, [op.tensor], peer=op.peer, tag=op.tag)
         works = self._saved["batch_isend_irecv"](ops)
-        return [StashedWork(w, [op.tensor for op in ops]) for w in works]
+        return [CoalescedWork(works, [op.tensor for op in ops], self.clock)] if works else []
 
     def _wrap_p2p(self, kind: str, original: Callable) -> Callable:
         def call(tensor: torch.Tensor, peer: Optional[int] = None, group: Any = None, tag: int = 0, **kw: Any) -> Any:
