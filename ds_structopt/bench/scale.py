@@ -185,8 +185,20 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
         "planner_peak_bytes": max(projected_peaks), "planner_peak_bytes_by_step": projected_peaks,
         "planner_bytes_per_step": projected["bytes_per_rank"][rank],
         "problems": problems[:3],
+        "host_cpu": host_cpu(),  # Python ms depend on it (1.7x between two hosts for the same code)
         "_loads": loads,
     }
+
+
+def host_cpu() -> str:
+    """The CPU model of this host (``/proc/cpuinfo``; the platform's name elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def bench_options(cls: Any, extra: dict[str, Any]) -> dict[str, Any]:
