@@ -24,6 +24,7 @@ EOF
         OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/deepspeed --num_gpus 2 --module ds_structopt.train --model 60m \
             --deepspeed_config "$out/zero${stage}_$mode.json" --steps 40 --eval-every 40 --save-every 1000 \
             --log-every 10 --output-dir "$run" > "$run.log" 2>&1 || { tail -20 "$run.log"; exit 1; }
+        rm -rf "$run/checkpoints" "$run/tensorboard"  # hundreds of MB each; the figures are in metrics.csv/result.json
         echo "$run: done"
     done
 done
