@@ -77,4 +77,5 @@ def test_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     print(f"\n{opt} offload vs none / resumed vs uninterrupted (max relative error):",
           {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(v <= 1e-6 for k, v in errors.items() if not k.startswith("resume 2->1")), errors
+    assert all(errors[f"resume 2->2 z{s}"] == 0 for s in (1, 2, 3)), errors  # same world: bit-identical
     assert all(v < 1e-5 for v in errors.values()), errors  # another world size: another reduction order
