@@ -61,7 +61,7 @@ def test_quick_sweep_is_resumable(tmp_path, capsys):
 
 @pytest.mark.parametrize("optimizer", VARIANTS)
 @pytest.mark.parametrize("stage,ownership,world", [(2, "flat", 8), (3, "flat", 8), (3, "flat", 64), (2, "node", 64)])
-def test_planner_step_peak_within_5_percent_of_the_simulated_step(optimizer, stage, ownership, world):
+def test_planner_step_peak_within_0_1_percent_of_the_simulated_step(optimizer, stage, ownership, world):
     """``planning.step_memory`` against the simulated step, every step (first, plain, refresh),
     on rank 0 (embeddings), the last rank and the most loaded owner."""
     cfg = scale.Config(world, "7b", stage, ownership, optimizer, layers=2)
@@ -69,7 +69,7 @@ def test_planner_step_peak_within_5_percent_of_the_simulated_step(optimizer, sta
     for rank in scale.sampled_ranks(world, first.pop("_loads")):
         row = first if rank == 0 else scale.simulate(cfg, rank)
         for step, (planned, simulated) in enumerate(zip(row["planner_peak_bytes_by_step"], row["peak_bytes_by_step"]), 1):
-            assert abs(planned - simulated) <= 0.05 * simulated, (rank, step, planned, simulated)
+            assert abs(planned - simulated) <= 0.001 * simulated, (rank, step, planned, simulated)  # issue: 5 %
 
 
 def test_simulated_p2p_messages_stay_alive_until_waited_on():
