@@ -15,6 +15,8 @@ for seed in 0 1 2; do
   "$venv/bin/python" -m ds_structopt.bench convergence --trials 1 --seed "$seed" --out "$out/stagger-seed$seed" \
     --optimizers AdamW "AdaDiag++" "AdaDiag++ staggered" "AdaDiag++ staggered+ahead"
 done
-# the distributed step as sampled ranks of 8-1024-GPU worlds (simulated; resumable; ~35 min)
+# the distributed step as sampled ranks of 8-1024-GPU worlds (simulated; resumable; ~27 min on the Xeon host)
 "$venv/bin/python" -m ds_structopt.bench scale --out "$out" --stages 2 3 --ownership flat
 "$venv/bin/python" -m ds_structopt.bench scale --out "$out" --stages 2 --ownership node
+# ZeRO-Offload step time vs none on 2 CPU ranks (resumable; ~12 min): docs/bench/offload/summary.json
+bash scripts/bench_offload.sh "$out/offload"
