@@ -180,10 +180,10 @@ def simulate(cfg: Config, rank: int) -> dict[str, Any]:
         "messages_per_step": plain[-1]["messages"], "peers_per_step": plain[-1]["peers"],
         "max_bytes_per_peer": plain[-1]["max_per_peer"],
         "load_flops": loads[rank], "load_max_over_mean": (max(loads) / mean) if mean else 1.0,
-        "planner_state_bytes": projected["state_bytes"][rank],
+        "planner_state_bytes": projected["plan"].state_bytes_per_rank[rank],
         "peak_bytes_by_step": [s["ours"] for s in steps],
         "planner_peak_bytes": max(projected_peaks), "planner_peak_bytes_by_step": projected_peaks,
-        "planner_bytes_per_step": projected["bytes_per_rank"][rank],
+        "planner_bytes_per_step": projected["plan"].our_bytes_sent_per_rank[rank],
         "problems": problems[:3],
         "host_cpu": host_cpu(),  # Python ms depend on it (1.7x between two hosts for the same code)
         "_loads": loads,
@@ -245,8 +245,7 @@ def planned(cfg: Config) -> dict[str, Any]:
         groups = model_params(model, family, options)
         plan = make_plan(groups, family, options, cfg.ranks, min(cfg.stage, 3),
                          ranks_per_node=GPUS_PER_NODE, group_size=GPUS_PER_NODE if cfg.ownership == "node" else None)
-        _PLANS[cfg.key] = {"state_bytes": plan.state_bytes_per_rank, "bytes_per_rank": plan.our_bytes_sent_per_rank,
-                           "plan": plan, "groups": groups, "options": options}
+        _PLANS[cfg.key] = {"plan": plan, "groups": groups, "options": options}
     return _PLANS[cfg.key]
 
 

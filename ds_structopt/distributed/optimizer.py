@@ -320,7 +320,7 @@ class DistributedStructuredOptimizer(Optimizer):
             params = group["params"]
             layout = self._pending_layout(params[0]) if len(params) == 1 else None
             grad = params[0].grad if layout is not None else None
-            if grad is not None and grad.dtype == torch.float32 and grad.numel() > 0:
+            if layout is not None and grad is not None and grad.dtype == torch.float32 and grad.numel() > 0:
                 seen.update(layout[0])  # a flat partition: one reduction per range, not a view per piece
                 segmented.append(([grad], layout[1]))
                 continue
@@ -418,43 +418,28 @@ class DistributedStructuredOptimizer(Optimizer):
         lengths are device tensors made once per layout."""
         key = (tuple((t.numel(), t.device) for t in tensors), tuple(ranges))
         cached = self._segments.get(key)
-        if cached is None:
-            per_tensor: list[tuple[list[int], list[int]]] = []
-            bounds = sorted(ranges)
+        if cached is None:  # cut() walks the ranges as the views would: keep its lengths and slots
+            lengths: list[Optional[Tensor]] = []
+            owners: list[int] = []
             pos = 0
             for t in tensors:
-                end, lengths, owners, at = pos + t.numel(), [], [], pos
-                for offset, numel, slot in bounds:
-                    lo, hi = max(offset, at), min(offset + numel, end)
-                    if lo >= hi:
-                        continue
-                    if lo > at:
-                        lengths.append(lo - at)
-                        owners.append(-1)
-                    lengths.append(hi - lo)
-                    owners.append(slot)
-                    at = hi
-                if at < end:
-                    lengths.append(end - at)
-                    owners.append(-1)
-                per_tensor.append((lengths, owners))
-                pos = end
-            cached = self._segments[key] = (
-                [torch.tensor(lengths, dtype=torch.int64, device=t.device) if lengths else None
-                 for (lengths, _), t in zip(per_tensor, tensors)],
-                [slot for _, owners in per_tensor for slot in owners])
-        lengths_on_device, owners = cached
+                parts = cut([t], [(offset - pos, numel, slot) for offset, numel, slot in ranges])
+                lengths.append(torch.tensor([v.numel() for v, _ in parts], dtype=torch.int64, device=t.device)
+                               if parts else None)
+                owners += [slot for _, slot in parts]
+                pos += t.numel()
+            cached = self._segments[key] = (lengths, owners)
         out = []
-        for t, lengths in zip(tensors, lengths_on_device):
-            if lengths is None:
+        for t, segment_lengths in zip(tensors, cached[0]):
+            if segment_lengths is None:
                 continue
             flat = t.reshape(-1)
-            high = torch.segment_reduce(flat, "max", lengths=lengths)
-            low = torch.segment_reduce(flat, "min", lengths=lengths)
+            high = torch.segment_reduce(flat, "max", lengths=segment_lengths)
+            low = torch.segment_reduce(flat, "min", lengths=segment_lengths)
             out.append(torch.maximum(high, low.neg()))  # NaN stays NaN
         if not out:
-            return torch.zeros(0, device=tensors[0].device), owners
-        return (torch.cat(out) if len(out) > 1 else out[0]), owners
+            return torch.zeros(0, device=tensors[0].device), cached[1]
+        return (torch.cat(out) if len(out) > 1 else out[0]), cached[1]
 
     def _slot_index(self, slots: list[int], n: int, device: torch.device) -> Tensor:
         """The decision's scatter index on the device, built once per layout: the same gradient

@@ -17,7 +17,7 @@ from ..distributed.ownership import MatrixInfo, plan_replica_owners
 from ..optim.refresh import PhasePlanner, first_refresh_window
 from ..optim.registry import get_optimizer_class
 from .model_shapes import ParamSpec
-from .zero_layout import held_counts, holdings
+from .zero_layout import held_counts, holdings, zero3_partition_numel, zero12_partition_numel
 
 FP32 = 4
 
@@ -184,13 +184,8 @@ def offloaded_partition_bytes(groups: Sequence[Sequence[ParamSpec]], world: int,
     the partition in the model's dtype (``param_bytes``) that it sends back to the GPU (stage 1/2:
     padded to 2 x world per group; stage 3: ceil(numel / world) per parameter)."""
     if stage == 3:
-        elems = sum(-(-p.numel // world) for params in groups for p in params)
-        return (FP32 + FP32) * elems
-    elems = 0
-    for params in groups:
-        total = sum(p.numel for p in params)
-        elems += (total + (-total) % (2 * world)) // world
-    return (FP32 + FP32 + param_bytes) * elems
+        return (FP32 + FP32) * sum(zero3_partition_numel(p, world) for params in groups for p in params)
+    return (FP32 + FP32 + param_bytes) * sum(zero12_partition_numel(params, world) for params in groups)
 
 
 def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> int:
@@ -200,11 +195,7 @@ def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: in
     same bytes as 1/2 at these sizes; prefetch and persistence thresholds change it at scale)."""
     if world == 1:
         return 0
-    padded = 0
-    for params in groups:
-        total = sum(p.numel for p in params)
-        padded += total + (-total) % (2 * world)
-    n = FP32 * padded
+    n = FP32 * world * sum(zero12_partition_numel(params, world) for params in groups)  # the padded groups
     return (1 if stage == 0 else 2) * world * n
 
 

@@ -16,6 +16,17 @@ from typing import Sequence
 from .model_shapes import ParamSpec
 
 
+def zero12_partition_numel(params: Sequence[ParamSpec], world: int) -> int:
+    """Elements of each rank's ZeRO-1/2 partition of one param group (the group padded to 2 x world)."""
+    total = sum(p.numel for p in params)
+    return (total + (-total) % (2 * world)) // world
+
+
+def zero3_partition_numel(p: ParamSpec, world: int) -> int:
+    """Elements of each rank's ZeRO-3 partition of one parameter (``partition_numel``)."""
+    return -(-p.numel // world)
+
+
 def holdings(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> dict[str, list[tuple[int, int, int]]]:
     """Parameter name -> [(rank, start in the flattened parameter, numel)] of every piece."""
     out: dict[str, list[tuple[int, int, int]]] = {}
@@ -24,14 +35,8 @@ def holdings(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> d
             for p in params:
                 out[p.name] = [(r, 0, p.numel) for r in range(world)]
         elif stage in (1, 2):
-            total = sum(p.numel for p in params)
-            total += (-total) % (2 * world)
-            base, extra = divmod(total, world)
-            bounds, start = [], 0
-            for r in range(world):
-                size = base + (1 if r < extra else 0)
-                bounds.append((start, start + size))
-                start += size
+            size = zero12_partition_numel(params, world)
+            bounds = [(r * size, (r + 1) * size) for r in range(world)]
             offset = 0
             for p in params:
                 pieces = []
@@ -43,7 +48,7 @@ def holdings(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> d
                 offset += p.numel
         elif stage == 3:
             for p in params:
-                chunk = -(-p.numel // world)
+                chunk = zero3_partition_numel(p, world)
                 out[p.name] = [(r, r * chunk, min(chunk, p.numel - r * chunk))
                                for r in range(world) if p.numel - r * chunk > 0]
         else:
@@ -99,8 +104,7 @@ def step_calls(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int, ra
         if stage == 0 or world == 1:
             calls.append(StepCall(list(params), pieces, {}, held, 0))
         elif stage in (1, 2):
-            total = sum(p.numel for p in params)
-            size = (total + (-total) % (2 * world)) // world
+            size = zero12_partition_numel(params, world)
             offsets, at = {}, 0
             for p in params:
                 offsets[p.name] = max(0, at - rank * size)
@@ -111,7 +115,7 @@ def step_calls(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int, ra
                 offsets, at = {}, 0
                 for p in sub:
                     offsets[p.name] = at
-                    at += -(-p.numel // world)
+                    at += zero3_partition_numel(p, world)
                 calls.append(StepCall(sub, {p.name: pieces[p.name] for p in sub}, offsets,
                                       {p.name: held[p.name] for p in sub}, at))
     return calls
@@ -120,7 +124,7 @@ def step_calls(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int, ra
 def zero3_sub_groups(params: Sequence[ParamSpec], world: int, sub_group_size: int) -> list[list[ParamSpec]]:
     """DeepSpeed 0.19's ``_create_fp16_sub_groups``: consecutive parameters until their
     partitions reach ``sub_group_size`` elements."""
-    per_rank = [-(-p.numel // world) for p in params]
+    per_rank = [zero3_partition_numel(p, world) for p in params]
     if sub_group_size >= sum(per_rank):
         return [list(params)]
     out, current, size = [], [], 0
