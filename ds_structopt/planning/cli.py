@@ -30,6 +30,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--deepspeed-config", help="take optimizer, options, stage and ds_structopt block from this JSON")
     p.add_argument("--offload", default="none", choices=["none", "cpu"],
                    help="zero_optimization.offload_optimizer.device: adds host GiB per node")
+    p.set_defaults(param_bytes=2)  # bytes per model parameter (bf16); a --deepspeed-config sets it from its precision
     p.add_argument("--ownership", default="local", choices=["local", "balanced"])
     p.add_argument("--cost-model", default="flops", choices=["flops", "memory", "numel"])
     p.add_argument("--ownership-group-size", type=int, default=None,
@@ -77,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for world in args.world:
                 plan = make_plan(groups, args.optimizer, options, world, args.stage, args.ranks_per_node,
                                  args.ownership_group_size, args.ownership, args.cost_model, args.offload,
-                                 getattr(args, "param_bytes", 2))
+                                 args.param_bytes)
                 proj = projection(plan, args.tokens_per_step, args.device_tflops * 1e12, args.mfu,
                                   args.matmul_tflops * 1e12, args.decomp_tflops * 1e12,
                                   args.intra_node_gbps * 1e9, args.inter_node_gbps * 1e9)
