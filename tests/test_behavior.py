@@ -378,3 +378,46 @@ def test_all_zero_gradient_is_like_no_gradient(name, opts):
     assert all("step" not in opt.state[p] for p in model.parameters())
     train(model, opt, 2)
     assert opt.state[model.wide.weight]["step"] == 2
+
+
+SCRATCH_CASES = ALL + [
+    ("AdaDiag++", {"refresh_from": "previous", "basis": "grad"}),
+    ("ASGO", {"root": "eigh", "refresh_from": "previous"}),
+    ("AdaDiag++", {"factored": True, "betas": (0.0, 0.999)}),
+]
+
+
+@pytest.mark.parametrize("name,opts", SCRATCH_CASES, ids=[f"{n}{o}" for n, o in SCRATCH_CASES])
+def test_scratch_gradients_give_bit_identical_updates_written_in_place(name, opts):
+    """``matrix_updates(scratch=True)`` (a distributed owner's own gradient buffers) must give
+    exactly the updates and states of the default, and return the gradient tensors themselves
+    as updates (that is the memory it saves: planning/step_memory.py counts on it)."""
+    cls = dso.get_optimizer_class(name)
+    extra = {"update_freq": 2} if "update_freq" in cls.DEFAULTS else {}
+    shapes = [(8, 24), (8, 24), (16, 8), (12, 12)]
+    runs = {}
+    for scratch in (False, True):
+        opt = cls([torch.zeros(1)], lr=1e-2, **extra, **opts)
+        group, states = opt.param_groups[0], [{} for _ in shapes]
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.randn(s, generator=gen) for s in shapes]
+        out = []
+        for _ in range(5):  # first bases, plain steps, refreshes
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            given = [g.clone() for g in grads]
+            updates, sizes = opt.matrix_updates(group, given, states, weights=weights, scratch=scratch)
+            if scratch:
+                assert all(u.data_ptr() == g.data_ptr() for u, g in zip(updates, given))
+            else:
+                assert all(torch.equal(g, h) for g, h in zip(given, grads))  # the caller's gradients untouched
+            out.append(([u.clone() for u in updates], sizes))
+        opt.settle()
+        runs[scratch] = (out, states)
+    (plain, plain_states), (inplace, inplace_states) = runs[False], runs[True]
+    for (u0, s0), (u1, s1) in zip(plain, inplace):
+        assert all(torch.equal(a, b) for a, b in zip(u0, u1))
+        assert torch.equal(torch.as_tensor(s0), torch.as_tensor(s1))
+    for a, b in zip(plain_states, inplace_states):
+        for key, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[key]), key

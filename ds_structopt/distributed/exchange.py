@@ -43,7 +43,7 @@ class Links:
 
 @dataclass
 class ExchangePlan:
-    """Per-peer message contents of one partition layout, as indices into its matrix entries."""
+    """The messages of one partition layout (one per peer and matrix), as indices into its matrix entries."""
 
     local: list[int] = field(default_factory=list)   # owned here, every piece here
     wanted: list[int] = field(default_factory=list)  # owned here, pieces elsewhere
@@ -71,9 +71,7 @@ class ExchangePlan:
         sends: dict[int, list[int]] = {}
         recvs: dict[int, Ranges] = {}
         back: dict[int, Ranges] = {}
-        back_mats: dict[int, list[int]] = {}
-        back_from: dict[int, list[int]] = {}
-        back_size: dict[int, int] = {}
+        back_from: dict[int, list[tuple[int, int]]] = {}  # owner -> [(entry, elements we hold)]
         for i, (name, numel) in enumerate(zip(names, numels)):
             held: dict[int, int] = {}
             for r, _, n in holders[name]:
@@ -100,19 +98,29 @@ class ExchangePlan:
                 for r, start, n in holders[name]:
                     if r != rank and r in members:
                         back.setdefault(r, []).append((i, start, n))
-                        mats = back_mats.setdefault(r, [])
-                        if not mats or mats[-1] != i:
-                            mats.append(i)
             elif rank in held:
-                back_from.setdefault(mine, []).append(i)
-                back_size[mine] = back_size.get(mine, 0) + held[rank]
-        plan.gather_sends = sorted(sends.items())
-        plan.gather_recvs = [(src, sum(n for _, _, n in rs), rs) for src, rs in sorted(recvs.items())]
-        plan.return_sends = [(dst, back[dst], back_mats[dst]) for dst in sorted(back)]
+                back_from.setdefault(mine, []).append((i, held[rank]))
+        # one message per (peer, matrix): each lands straight in its place and leaves as a view
+        # of its partition or update (no packing copies, which at ZeRO-3 cost a partition's size)
+        plan.gather_sends = [(dst, [i]) for dst, mats in sorted(sends.items()) for i in mats]
+        plan.gather_recvs = [(src, sum(n for _, _, n in rs), rs) for src, ranges in sorted(recvs.items())
+                             for rs in _by_entry(ranges)]
+        plan.return_sends = [(dst, rs, [rs[0][0]]) for dst in sorted(back) for rs in _by_entry(back[dst])]
         plan.return_sent = sum(n for _, ranges, _ in plan.return_sends for _, _, n in ranges)
-        plan.return_sent_mats = sum(len(mats) for _, _, mats in plan.return_sends)
-        plan.return_recvs = [(src, back_size[src], back_from[src]) for src in sorted(back_from)]
+        plan.return_sent_mats = len(plan.return_sends)
+        plan.return_recvs = [(src, n, [i]) for src in sorted(back_from) for i, n in back_from[src]]
         return plan
+
+
+def _by_entry(ranges: Ranges) -> list[Ranges]:
+    """``ranges`` (in entry order) split into one list per entry."""
+    out: list[Ranges] = []
+    for r in ranges:
+        if out and out[-1][0][0] == r[0]:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
 
 
 @dataclass
@@ -193,13 +201,15 @@ def receive_gradients(incoming: Incoming) -> dict[int, Tensor]:
 
 
 def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional[dict[int, Tensor]],
-                 device: torch.device, links: Links, dtype: torch.dtype = torch.float32
+                 entries: list[Entry], device: torch.device, links: Links, dtype: torch.dtype = torch.float32
                  ) -> tuple[list, list[tuple[list[int], Tensor]], int]:
     """Send each holder its slices of our updates (``updates``: entry index -> flat update),
     followed, when ``sizes`` is given, by one step size per matrix (a one-element device
     tensor; 0 = skipped); post the receives of ours. A message of one slice is a view of the
-    update (callers must not change updates until the works are done). Returns (works,
-    [(entries, message)] to receive, bytes sent)."""
+    update (callers must not change updates until the works are done); one that is exactly
+    our piece's update lands in that piece's gradient where the gradient is scratch (already
+    sent: the gather phase's works are done). Returns (works, [(entries, message)] to
+    receive, bytes sent)."""
     ops = []
     for dst, ranges, mats in plan.return_sends:
         parts = [updates[i].narrow(0, start, n) for i, start, n in ranges]
@@ -213,10 +223,22 @@ def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional
     sent = (plan.return_sent + (plan.return_sent_mats if sizes is not None else 0)) * dtype.itemsize
     inbox = []
     for src, size, mats in plan.return_recvs:
-        buf = torch.empty(size + (len(mats) if sizes is not None else 0), dtype=dtype, device=device)
+        buf = _update_in_place(entries, mats, size, device) if sizes is None and dtype == torch.float32 else None
+        if buf is None:
+            buf = torch.empty(size + (len(mats) if sizes is not None else 0), dtype=dtype, device=device)
         ops.append(dist.P2POp(dist.irecv, buf, links.to_global(src), links.replica_group, TAG_RETURN))
         inbox.append((mats, buf))
     return (dist.batch_isend_irecv(ops) if ops else []), inbox, sent
+
+
+def _update_in_place(entries: list[Entry], mats: list[int], size: int, device: torch.device) -> Optional[Tensor]:
+    """The gradient of our one scratch piece of ``mats`` (one matrix) when the update message
+    (``size`` fp32 elements) can be received straight into it; else None."""
+    pieces = entries[mats[0]].pieces if len(mats) == 1 else []
+    if len(pieces) != 1 or not pieces[0].scratch or pieces[0].numel != size:
+        return None
+    g = pieces[0].grad()
+    return g if g is not None and g.dtype == torch.float32 and g.device == device else None
 
 
 def received_updates(inbox: list[tuple[list[int], Tensor]], entries: list[Entry], with_sizes: bool

@@ -495,9 +495,11 @@ class DistributedStructuredOptimizer(Optimizer):
         incoming, sent = post_gradients(plan, entries, device, links, dtype)
         self.comm_bytes += sent
         # 2. owners compute: first what is already here, then what arrives
-        updates = self._owner_updates(group, entries, {i: self._assemble_local(device, entries[i]) for i in plan.local},
-                                      weights, home)
-        updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights, home))
+        local = {i: self._assemble_local(device, entries[i]) for i in plan.local}
+        updates = self._owner_updates(group, entries, {i: g for i, (g, _) in local.items()}, weights, home,
+                                      scratch=all(copied for _, copied in local.values()))
+        del local
+        updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights, home, scratch=True))
         del incoming  # the assembled gradients and their messages: freed before the return phase
         owned = plan.owned
         flat = {i: updates[i][0] for i in owned}
@@ -510,7 +512,7 @@ class DistributedStructuredOptimizer(Optimizer):
         if self._sizes_travel(group, entries):
             vector = device_vector([updates[i][1] for i in owned], device)
             sizes = dict(zip(owned, (vector if dtype == torch.float32 else vector.to(dtype).float()).unbind()))
-        works, inbox, sent = post_updates(plan, flat, sizes, device, links, dtype)
+        works, inbox, sent = post_updates(plan, flat, sizes, entries, device, links, dtype)
         self.comm_bytes += sent
         for w in works:  # sends read the updates, which the apply scales in place
             w.wait()
@@ -564,11 +566,12 @@ class DistributedStructuredOptimizer(Optimizer):
         return out
 
     def _owner_updates(self, group: dict[str, Any], entries: list[Entry], full_grads: dict[int, Tensor],
-                       weight_rms: Optional[dict[int, Tensor]] = None, home: Optional[torch.device] = None
-                       ) -> dict[int, tuple[Tensor, Union[float, Tensor]]]:
+                       weight_rms: Optional[dict[int, Tensor]] = None, home: Optional[torch.device] = None,
+                       scratch: bool = False) -> dict[int, tuple[Tensor, Union[float, Tensor]]]:
         """Updates (flat) and step sizes of owned matrices (by entry index) from their full
         gradients; a step size of 0.0 = skipped (its whole gradient is all zero). State kept on
-        ``home`` (host memory under ZeRO-Offload) is streamed to the gradients' device for the math."""
+        ``home`` (host memory under ZeRO-Offload) is streamed to the gradients' device for the math.
+        ``scratch``: the gradients are our own buffers, so updates are written into them."""
         updates: dict[int, tuple[Tensor, Union[float, Tensor]]] = {}
         mine = list(full_grads)
         if not mine:
@@ -583,31 +586,33 @@ class DistributedStructuredOptimizer(Optimizer):
         live = [(i, g) for i, g, ok in zip(mine, grads, nonzero) if ok]
         for i, ok in zip(mine, nonzero):
             if not ok:  # skipped: step size 0 tells the holders to leave it
-                updates[i] = (torch.zeros(shape_numel(entries[i].shape), device=grads[0].device), 0.0)
+                zeros = full_grads[i].zero_() if scratch else torch.zeros(shape_numel(entries[i].shape), device=grads[0].device)
+                updates[i] = (zeros, 0.0)
         if live:
             states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
             weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
             with staged(states, live[0][1].device, home):
-                ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights)
+                ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights, scratch=scratch)
             self.counts.add(structured=len(live))
             per_matrix = sizes.unbind() if isinstance(sizes, Tensor) else sizes
             for (i, _), u, lr in zip(live, ups, per_matrix):
                 updates[i] = (u.reshape(-1), lr)
         return updates
 
-    def _assemble_local(self, device: torch.device, e: Entry) -> Tensor:
+    def _assemble_local(self, device: torch.device, e: Entry) -> tuple[Tensor, bool]:
         """The full gradient of a matrix whose pieces are all on this rank, on ``device`` (missing
-        grad -> zeros: skipped)."""
+        grad -> zeros: skipped), and whether we may write into it (our copy, or a DeepSpeed partition's)."""
         if len(e.pieces) == 1 and e.pieces[0].numel == shape_numel(e.shape):
             g = e.pieces[0].grad()
             if g is not None:
-                return g.to(device=device, dtype=torch.float32)
+                full = g.to(device=device, dtype=torch.float32)
+                return full, full is not g or e.pieces[0].scratch
         full = torch.zeros(shape_numel(e.shape), dtype=torch.float32, device=device)
         for piece in e.pieces:
             g = piece.grad()
             if g is not None:
                 full.narrow(0, piece.start, piece.numel).copy_(g)
-        return full
+        return full, True
 
     @staticmethod
     def _apply_pieces(pieces: list[tuple[Piece, Tensor, Union[float, Tensor]]], wd: float) -> None:

@@ -28,6 +28,9 @@ class Piece:
     param: Tensor  # this rank's fp32 storage of the range (a 1-D view)
     source: Tensor  # the tensor DeepSpeed puts the gradient on (the param itself or the flat partition)
     offset: int    # where the range starts in ``source``
+    # its gradient is a DeepSpeed partition's (dropped or zeroed after the step): ours to
+    # overwrite once sent (updates written into it); a model's own .grad never is
+    scratch: bool = False
 
     def grad(self) -> Optional[Tensor]:
         g = self.source.grad
@@ -57,12 +60,13 @@ def hp_mapping_piece(lp: Tensor, flat: Tensor) -> Optional[Piece]:
     if mapping is None:
         return None
     lp_addr, hp_addr = mapping.lp_fragment_address, mapping.hp_fragment_address
-    return Piece(lp_addr.start, lp_addr.numel, flat.narrow(0, hp_addr.start, hp_addr.numel), flat, hp_addr.start)
+    return Piece(lp_addr.start, lp_addr.numel, flat.narrow(0, hp_addr.start, hp_addr.numel), flat, hp_addr.start,
+                 scratch=True)
 
 
 def flat_layout_piece(flat: Tensor, offset: int, start: int, numel: int) -> Optional[Piece]:
     """A ZeRO-3 range: ``numel`` elements of a parameter from ``start``, at ``offset`` in ``flat``."""
-    return Piece(start, numel, flat.narrow(0, offset, numel), flat, offset) if numel > 0 else None
+    return Piece(start, numel, flat.narrow(0, offset, numel), flat, offset, scratch=True) if numel > 0 else None
 
 
 def is_dtensor(t: Tensor) -> bool:

@@ -177,6 +177,7 @@ class AdaDiag(StructuredOptimizer):
         grads: Sequence[Tensor],
         states: Sequence[State],
         weights: Optional[Sequence[Tensor]] = None,
+        scratch: bool = False,
     ) -> tuple[list[Tensor], StepSizes]:
         for g, st in zip(grads, states):
             self._init_state(st, g, group)
@@ -189,8 +190,11 @@ class AdaDiag(StructuredOptimizer):
         if group["refresh_from"] == "previous":
             due = self._install_ahead(due, grads, states, group)  # computed last step; what is left runs now
         fresh = self._refresh([grads[i] for i in due], [states[i] for i in due], group) if due else []
+        if group["refresh_from"] == "previous":  # before scratch gradients are overwritten
+            self._submit_ahead(grads, states, group)
 
-        rotated = rotate(grads, states, to_basis=True)
+        out = grads if scratch else None  # where the rotations and moments may write
+        rotated = rotate(grads, states, to_basis=True, out=out)
         # In a two-sided basis fresh from this gradient's SVD (basis="grad", or "ema" at its
         # first step, when it takes the gradient's paired SVD: _ema_bases) P^T G Q is exactly diag(S):
         # drop the fp32 round-off elsewhere, which Adam's normalization would blow up to
@@ -198,17 +202,14 @@ class AdaDiag(StructuredOptimizer):
         for i, ok in zip(due, fresh):
             st = states[i]
             if ok and st["rotate_left"] and st["rotate_right"] and (group["basis"] == "grad" or st["step"] == 1):
-                rotated[i] = _keep_diagonal(rotated[i])
+                rotated[i] = _keep_diagonal(rotated[i], in_place=scratch)
         if group["factored"]:
-            directions = factored_directions(
-                rotated, states, tuple(group["betas"]), group["factored_eps"], group["clip_threshold"], group["beta2_decay"]
-            )
+            directions = factored_directions(rotated, states, tuple(group["betas"]), group["factored_eps"],
+                                             group["clip_threshold"], group["beta2_decay"], out=out)
         else:
-            directions = adam_directions(rotated, states, tuple(group["betas"]), group["eps"])
+            directions = adam_directions(rotated, states, tuple(group["betas"]), group["eps"], out=out)
         del rotated  # freed before the rotation back allocates the updates (transient memory)
-        updates = rotate(directions, states, to_basis=False)
-        if group["refresh_from"] == "previous":
-            self._submit_ahead(grads, states, group)
+        updates = rotate(directions, states, to_basis=False, out=out)
         return updates, self._step_sizes(group, states, weights)
 
     @staticmethod
@@ -462,37 +463,48 @@ def _decomposition(group: dict[str, Any]) -> str:
     return group.get("decomposition", "auto")
 
 
-def _keep_diagonal(x: Tensor) -> Tensor:
+def _keep_diagonal(x: Tensor, in_place: bool = False) -> Tensor:
+    """``x`` with its off-diagonal zeroed (in ``x`` itself when ``in_place``)."""
+    if in_place:
+        diag = x.diagonal().clone()
+        x.zero_().diagonal().copy_(diag)
+        return x
     out = torch.zeros_like(x)
     out.diagonal().copy_(x.diagonal())
     return out
 
 
-def rotate(mats: Sequence[Tensor], states: Sequence[State], to_basis: bool) -> list[Tensor]:
+def rotate(mats: Sequence[Tensor], states: Sequence[State], to_basis: bool,
+           out: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
     """P^T X Q (``to_basis``) or P X Q^T (back), batched over same-shape matrices.
 
-    A matrix with no rotated side is returned as is (no copy).
+    A matrix with no rotated side is returned as is (no copy). With ``out`` (scratch matrices,
+    which may be ``mats`` themselves) results are written there: a two-sided rotation's
+    second product straight into it, so a matrix costs one intermediate, not two.
     """
     keys = [
         (tuple(x.shape), st["rotate_left"] and st["P"] is not None, st["rotate_right"] and st["Q"] is not None)
         for x, st in zip(mats, states)
     ]
-    out: list[Optional[Tensor]] = [None] * len(mats)
+    res: list[Optional[Tensor]] = [None] * len(mats)
     for (shape, left, right), idx in buckets(keys).items():
         if not (left or right):
             for i in idx:
-                out[i] = mats[i]
+                res[i] = mats[i] if out is None or out[i] is mats[i] else out[i].copy_(mats[i])
             continue
         m, n = shape
         item_bytes = 4 * (2 * m * n + (m * m if left else 0) + (n * n if right else 0))
         for part in chunks(idx, item_bytes):
             x = stack([mats[i] for i in part])
+            # the last product writes into out unless it would read it (one side, in place)
+            target = out[part[0]].unsqueeze(0) if out is not None and len(part) == 1 and (
+                left and right or out[part[0]] is not mats[part[0]]) else None
             if left:
                 p = stack([states[i]["P"] for i in part])
-                x = torch.bmm(p.mT if to_basis else p, x)
+                x = torch.bmm(p.mT if to_basis else p, x, out=None if right else target)
             if right:
                 q = stack([states[i]["Q"] for i in part])
-                x = torch.bmm(x, q if to_basis else q.mT)
+                x = torch.bmm(x, q if to_basis else q.mT, out=target)
             for j, i in enumerate(part):
-                out[i] = x[j]
-    return out  # type: ignore[return-value]
+                res[i] = x[j] if out is None else out[i] if target is not None else out[i].copy_(x[j])
+    return res  # type: ignore[return-value]

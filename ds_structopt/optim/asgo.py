@@ -154,6 +154,7 @@ class ASGO(_MomentumRMSOptimizer):
         grads: Sequence[Tensor],
         states: Sequence[State],
         weights: Optional[Sequence[Tensor]] = None,
+        scratch: bool = False,
     ) -> tuple[list[Tensor], list[float]]:
         beta1, beta2 = group["betas"]
         for g, st in zip(grads, states):
@@ -172,7 +173,7 @@ class ASGO(_MomentumRMSOptimizer):
                 due = self._install_ahead(due, group)
             self._eigh_roots(due, group)
             roots = [st["root"] for st in states]
-        updates = self._precondition(states, roots)
+        updates = self._precondition(states, roots, out=grads if scratch else None)
         rms_match_(updates, group["rms_scale"])
         if group["root"] == "eigh" and group["refresh_from"] == "previous":
             self._submit_ahead(states, group)
@@ -261,28 +262,31 @@ class ASGO(_MomentumRMSOptimizer):
                 stacklevel=4,
             )
 
-    def _precondition(self, states: Sequence[State], roots: Sequence[Optional[Tensor]]) -> list[Tensor]:
-        """V^{-1/2} M (left) or M V^{-1/2} (right), batched; no side -> a copy of M.
+    def _precondition(self, states: Sequence[State], roots: Sequence[Optional[Tensor]],
+                      out: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+        """V^{-1/2} M (left) or M V^{-1/2} (right), batched; no side -> a copy of M. Written
+        into ``out`` (the scratch gradients) when given.
 
         No root yet (``root="eigh"`` before a staggered first refresh, see first_refresh_window)
         -> a copy of M too: the identity preconditioner, so the update is the RMS-matched momentum.
         """
         keys = [(tuple(st["exp_avg"].shape), st["side"] if root is not None else None) for st, root in zip(states, roots)]
-        out: list[Optional[Tensor]] = [None] * len(states)
+        res: list[Optional[Tensor]] = [None] * len(states)
         for (shape, side), idx in buckets(keys).items():
             if side is None:
                 for i in idx:
-                    out[i] = states[i]["exp_avg"].clone()
+                    res[i] = states[i]["exp_avg"].clone() if out is None else out[i].copy_(states[i]["exp_avg"])
                 continue
             m, n = shape
             d = m if side == "left" else n
             for part in chunks(idx, 4 * (2 * m * n + d * d)):
                 mom = stack([states[i]["exp_avg"] for i in part])
                 root = stack([roots[i] for i in part])
-                res = torch.bmm(root, mom) if side == "left" else torch.bmm(mom, root)
+                target = out[part[0]].unsqueeze(0) if out is not None and len(part) == 1 else None
+                x = torch.bmm(root, mom, out=target) if side == "left" else torch.bmm(mom, root, out=target)
                 for j, i in enumerate(part):
-                    out[i] = res[j]
-        return out  # type: ignore[return-value]
+                    res[i] = x[j] if out is None else out[i] if target is not None else out[i].copy_(x[j])
+        return res  # type: ignore[return-value]
 
 
 @register
@@ -319,6 +323,7 @@ class DASGO(_MomentumRMSOptimizer):
         grads: Sequence[Tensor],
         states: Sequence[State],
         weights: Optional[Sequence[Tensor]] = None,
+        scratch: bool = False,
     ) -> tuple[list[Tensor], list[float]]:
         beta1, beta2 = group["betas"]
         for g, st in zip(grads, states):
@@ -327,11 +332,12 @@ class DASGO(_MomentumRMSOptimizer):
                 st.setdefault("nonfinite_skips", 0)
             st["step"] += 1
         torch._foreach_lerp_([st["exp_avg"] for st in states], list(grads), 1.0 - beta1)
-        col_sums = [g.square().sum(dim=0) for g in grads]
+        # with scratch gradients the squares, then the updates, take the gradients' memory
+        col_sums = [(g.square_() if scratch else g.square()).sum(dim=0) for g in grads]
         col_sq = [st["col_sq"] for st in states]
         torch._foreach_lerp_(col_sq, col_sums, 1.0 - beta2)
         scales = torch._foreach_add(col_sq, group["eps"])
         torch._foreach_rsqrt_(scales)
-        updates = [st["exp_avg"] * s.unsqueeze(0) for st, s in zip(states, scales)]
+        updates = [torch.mul(st["exp_avg"], s.unsqueeze(0), out=g if scratch else None) for st, s, g in zip(states, scales, grads)]
         rms_match_(updates, group["rms_scale"])
         return updates, [group["lr"]] * len(states)

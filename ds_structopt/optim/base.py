@@ -134,16 +134,21 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         grads: Sequence[Tensor],
         states: Sequence[MutableMapping[str, Any]],
         weights: Optional[Sequence[Tensor]] = None,
+        scratch: bool = False,
     ) -> tuple[list[Tensor], StepSizes]:
         """Return (updates, step sizes) for 2-D fp32 gradients; W <- W(1 - lr wd) - lr U.
         Step sizes are Python floats, or one fp32 tensor on the gradients' device (one entry
         per matrix) where they depend on tensor values, so that nobody reads them to the host.
 
+        ``scratch=True``: the caller no longer needs ``grads`` (buffers it assembled), so the
+        math may write intermediates and the update into them: an update is then its gradient
+        tensor, and the step allocates about one matrix less per matrix at its peak.
+
         Runs the family's math with full-precision fp32 matmuls whatever the user's
         TF32 setting, restored on return (also when the math raises).
         """
         with full_fp32_matmul():
-            return self._matrix_updates(group, grads, states, weights)
+            return self._matrix_updates(group, grads, states, weights, scratch)
 
     @classmethod
     def step_size_is_lr(cls, group: Mapping[str, Any]) -> bool:
@@ -158,6 +163,7 @@ class StructuredOptimizer(Optimizer, abc.ABC):
         grads: Sequence[Tensor],
         states: Sequence[MutableMapping[str, Any]],
         weights: Optional[Sequence[Tensor]] = None,
+        scratch: bool = False,
     ) -> tuple[list[Tensor], StepSizes]:
         """The family's math behind :meth:`matrix_updates` (called with fp32 matmuls pinned)."""
 

@@ -268,19 +268,36 @@ def newton_schulz_inverse_root(
     second return value flags those matrices (a bool tensor, left on the device).
     """
     k, d, _ = stack.shape
-    eye = torch.eye(d, dtype=stack.dtype, device=stack.device).expand(k, d, d)
+    # x + s I as a diagonal add (no identity matrix: exactly the same values), and the iteration
+    # in four d x d buffers per matrix (y, z, t and a spare that takes turns): its peak memory
+    # is what a distributed ASGO owner adds to its state (planning/step_memory.py)
+    y = stack.clone()
     if damping > 0:
-        stack = stack + (damping * torch.linalg.matrix_norm(stack)).view(k, 1, 1) * eye
-    scale = 1.01 * torch.linalg.matrix_norm(stack + eps * eye).clamp_min(torch.finfo(stack.dtype).tiny)
-    y = stack / scale.view(k, 1, 1)
-    z = eye.clone()
+        _add_to_diagonal(y, damping * torch.linalg.matrix_norm(stack))
+    shifted = y.clone()
+    _add_to_diagonal(shifted, eps)
+    scale = 1.01 * torch.linalg.matrix_norm(shifted).clamp_min(torch.finfo(stack.dtype).tiny)
+    del shifted
+    y.div_(scale.view(k, 1, 1))
+    z = torch.eye(d, dtype=stack.dtype, device=stack.device).expand(k, d, d).clone()
+    spare = torch.empty_like(z)
     for i in range(iterations):
         a, b, c = POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)]
-        zy = torch.bmm(z, y)
-        t = torch.baddbmm(zy, zy, zy, beta=b, alpha=c) + a * eye
-        y = torch.bmm(y, t)
-        z = torch.bmm(t, z)
-    root = z / scale.sqrt().view(k, 1, 1)
+        zy = torch.bmm(z, y, out=spare)
+        t = torch.baddbmm(zy, zy, zy, beta=b, alpha=c)
+        _add_to_diagonal(t, a)
+        y, spare = torch.bmm(y, t, out=zy), y
+        z, spare = torch.bmm(t, z, out=spare), z
+        del t
+    root = z.div_(scale.sqrt().view(k, 1, 1))
     finite = torch.isfinite(root.flatten(1)).all(dim=1)
-    root = torch.where(finite.view(k, 1, 1), root, eye)  # no mask indexing: no extra sync on a GPU
+    # not finite -> the identity: zeros plus a diagonal of ones (no mask indexing: no sync on a GPU)
+    root = torch.where(finite.view(k, 1, 1), root, root.new_zeros(()), out=spare)
+    _add_to_diagonal(root, (~finite).to(root.dtype))
     return root, ~finite
+
+
+def _add_to_diagonal(x: Tensor, value: "float | Tensor") -> None:
+    """x[..., i, i] += value (a number, or one per matrix of the stack), in place."""
+    x.diagonal(dim1=-2, dim2=-1).add_(value.view(-1, 1) if isinstance(value, Tensor) else value)
+

@@ -95,9 +95,13 @@ def _matrix_phases(call: StepCall, plan: ExchangePlan, prof: dict[str, int], cls
     sizes = not cls.step_size_is_lr(opts)
     back = FP32 * sum(sum(n for _, _, n in ranges) + (len(mats) if sizes else 0)
                       for _, ranges, mats in plan.return_sends if len(ranges) + sizes > 1)
-    received = FP32 * sum(size + (len(mats) if sizes else 0) for _, size, mats in plan.return_recvs)
+    # a DeepSpeed partition's pieces (one range per matrix) receive their updates in their gradients
+    in_place = not sizes and call.partition > 0
+    received = 0 if in_place else FP32 * sum(size + (len(mats) if sizes else 0) for _, size, mats in plan.return_recvs)
+    # the gathered matrices' updates are written into their gradient buffers (scratch), which
+    # stay alive through the return phase; those held whole get new ones (in "after")
     return max(wanted + inbox + sends + prof["local_peak"], wanted + inbox + prof["wanted_peak"],
-               prof["after"] + back + received)
+               wanted + prof["after"] + back + received)
 
 
 def _math_profile(cls: Any, options: dict[str, Any], calls: list[StepCall], plans: list, steps: int
@@ -120,11 +124,13 @@ def _math_profile(cls: Any, options: dict[str, Any], calls: list[StepCall], plan
                 work.append(None)
                 continue
             parts = []
-            for part in (plan.local, plan.wanted):
+            # the math writes into what it gathers (its own buffers) and into what it holds
+            # whole where that is a view of DeepSpeed's partition gradient (scratch), not a .grad
+            for part, scratch in ((plan.local, call.partition > 0), (plan.wanted, True)):
                 shapes = [call.matrices[i].rows_cols for i in part]
                 grads = [torch.zeros(s, device=device) for s in shapes]
                 weights = [torch.zeros(s, device=device) for s in shapes]
-                parts.append((grads, weights, [{} for _ in part]))
+                parts.append((grads, weights, [{} for _ in part], scratch))
             work.append(parts)
         out = []
         for _ in range(steps):
@@ -133,16 +139,16 @@ def _math_profile(cls: Any, options: dict[str, Any], calls: list[StepCall], plan
                 if parts is None:
                     row.append({})
                     continue
-                start, state0 = gpu.memory.reset_peak(), state_bytes([st for _, _, sts in parts for st in sts])
+                start, state0 = gpu.memory.reset_peak(), state_bytes([st for _, _, sts, _ in parts for st in sts])
                 kept, peaks = [], []
-                for grads, weights, states in parts:
+                for grads, weights, states, scratch in parts:
                     gpu.memory.reset_peak()
                     if grads:
-                        kept.append(math.matrix_updates(group, grads, states, weights=weights))
+                        kept.append(math.matrix_updates(group, grads, states, weights=weights, scratch=scratch))
                     peaks.append(gpu.memory.peak - start)
                 after = gpu.memory.live - start
                 row.append({"local_peak": peaks[0], "wanted_peak": peaks[1], "after": after,
-                            "new_state": state_bytes([st for _, _, sts in parts for st in sts]) - state0})
+                            "new_state": state_bytes([st for _, _, sts, _ in parts for st in sts]) - state0})
                 del kept
             out.append(row)
         return out
