@@ -21,7 +21,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, MutableMapping, Optional, Sequence
+from typing import Any, Iterator, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -128,17 +128,15 @@ class StateStore:
         return os.path.join(self.folder, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}.{key}") + ".bin")
 
     def _buffer(self, numel: int, dtype: torch.dtype) -> Tensor:
-        per_block = max(1, ALIGN_BYTES // dtype.itemsize)
-        buf = torch.empty(-(-numel // per_block) * per_block, dtype=dtype)
+        buf = torch.empty(_padded_numel(numel, dtype), dtype=dtype)
         return buf.pin_memory() if self.pin else buf
 
     def _padded(self, value: Tensor) -> Tensor:
         """``value``'s own padded buffer when it is the front of one (as ``load`` made it), else a
         padded host copy (also of a GPU tensor)."""
         base = value._base if value._base is not None else value
-        aligned = base.dim() == 1 and base.device.type == "cpu" and base.dtype == value.dtype and (
-            base.numel() * base.element_size()) % ALIGN_BYTES == 0
-        if aligned and value.data_ptr() == base.data_ptr() and value.is_contiguous() and base.numel() - value.numel() < ALIGN_BYTES:
+        if (base.dim() == 1 and base.device.type == "cpu" and base.dtype == value.dtype and value.is_contiguous()
+                and value.data_ptr() == base.data_ptr() and base.numel() == _padded_numel(value.numel(), value.dtype)):
             return base
         buf = self._buffer(value.numel(), value.dtype)
         buf.narrow(0, 0, value.numel()).copy_(value.reshape(-1))
@@ -155,8 +153,7 @@ class StateStore:
             raise RuntimeError(f"ds_structopt: NVMe {what}: {done} of {expected} operations completed")
 
 
-def state_tensor(value: Any) -> Optional[Tensor]:
-    """A state entry as a tensor (a parked one read back), or None when it is not a tensor."""
-    if isinstance(value, Parked):
-        return value.materialize()
-    return value if isinstance(value, Tensor) else None
+def _padded_numel(numel: int, dtype: torch.dtype) -> int:
+    """``numel`` rounded up to whole ``ALIGN_BYTES`` blocks."""
+    per_block = max(1, ALIGN_BYTES // dtype.itemsize)
+    return -(-numel // per_block) * per_block
