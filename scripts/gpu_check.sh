@@ -81,25 +81,29 @@ assert abs(full["eval_loss"] - resumed["eval_loss"]) < 1e-3, (full["eval_loss"],
 EOF
 done
 
-# 2b. ZeRO-Offload (offload_optimizer to the CPU) at ZeRO-2 and ZeRO-3 against part 2's run without it:
-#     same final eval loss (GPU kernels: close, not equal) and tokens/s of each (issue 19's step time)
-for stage in 2 3; do
-    cfg="$out/ds_bf16_zero${stage}_offload.json"
-    "$python" - "$out/ds_bf16_zero$stage.json" "$cfg" <<'EOF'
+# 2b. ZeRO-Offload (offload_optimizer to the CPU at ZeRO-2 and ZeRO-3, to NVMe at ZeRO-3: files in
+#     $out, on whatever disk that is) against part 2's run without it: same final eval loss (GPU
+#     kernels: close, not equal) and tokens/s of each (issue 19's step time)
+for mode in cpu2 cpu3 nvme3; do
+    stage="${mode: -1}"; device="${mode%?}"
+    cfg="$out/ds_bf16_zero${stage}_offload_$device.json"
+    "$python" - "$out/ds_bf16_zero$stage.json" "$cfg" "$device" "$out/nvme" <<'EOF'
 import json, sys
 cfg = json.load(open(sys.argv[1]))
-cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+cfg["zero_optimization"]["offload_optimizer"] = {"device": sys.argv[3], "pin_memory": True}
+if sys.argv[3] == "nvme":
+    cfg["zero_optimization"]["offload_optimizer"]["nvme_path"] = sys.argv[4]
 json.dump(cfg, open(sys.argv[2], "w"), indent=1)
 EOF
     run="$out/train_zero$stage"
-    part "train_zero${stage}_offload" 120 "$python" -m torch.distributed.run --standalone --nproc_per_node 1 \
+    part "train_zero${stage}_offload_$device" 300 "$python" -m torch.distributed.run --standalone --nproc_per_node 1 \
         -m ds_structopt.train --model tiny --deepspeed_config "$cfg" --steps 20 --eval-every 10 --save-every 10 \
-        --log-every 5 --output-dir "$run/offload"
-    part "train_zero${stage}_offload_compare" 30 "$python" - "$run" <<'EOF'
+        --log-every 5 --output-dir "$run/offload_$device"
+    part "train_zero${stage}_offload_${device}_compare" 30 "$python" - "$run" "$device" <<'EOF'
 import json, sys
-run = sys.argv[1]
-full, off = (json.load(open(f"{run}/{d}/result.json"))["final"] for d in ("full", "offload"))
-print("no offload", full["eval_loss"], full.get("tokens_per_s"), "tok/s; offload", off["eval_loss"],
+run, device = sys.argv[1:3]
+full, off = (json.load(open(f"{run}/{d}/result.json"))["final"] for d in ("full", f"offload_{device}"))
+print("no offload", full["eval_loss"], full.get("tokens_per_s"), f"tok/s; {device} offload", off["eval_loss"],
       off.get("tokens_per_s"), "tok/s")
 assert abs(full["eval_loss"] - off["eval_loss"]) < 1e-3, (full["eval_loss"], off["eval_loss"])
 EOF

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# System packages some tests use for real, from Debian: OpenMPI (mpirun launcher test) and
-# SLURM + munge (two-node sbatch tests; tests/slurm_cluster.py starts the daemons itself).
+# System packages some tests use for real, from Debian: OpenMPI (mpirun launcher test),
+# SLURM + munge (two-node sbatch tests; tests/slurm_cluster.py starts the daemons itself) and
+# libaio-dev (DeepSpeed's async I/O op for NVMe offload; scripts/test.sh builds the op).
 # Best effort: needs root and apt-get; where a tool is missing the tests that need it skip
 # with a clear reason.
 set -uo pipefail
 want=()
 command -v mpirun >/dev/null 2>&1 || want+=(openmpi-bin)
+[[ -e /usr/include/libaio.h ]] || want+=(libaio-dev)
 for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
     tool="${pair%%:*}"; pkg="${pair#*:}"
     command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || want+=("$pkg")

@@ -184,6 +184,7 @@ class _Saved:
         for e in opt.entries_with_pieces():
             if e.is_matrix and opt.owners[e.name] == opt.rank and e.name in self.matrix:
                 opt.matrix_state[e.name] = _materialize(self.matrix[e.name], device)
+                opt.park_states([e.name])  # offloaded to NVMe: one matrix in memory at a time
             for piece in e.pieces:
                 if e.name not in self.masters:
                     raise ValueError(f"checkpoint {self.directory} has no saved values for parameter {e.name!r} "
@@ -191,6 +192,7 @@ class _Saved:
                 self._range(self.masters[e.name], lambda item: item["value"], piece, e.name, into=piece.param)
                 if not e.is_matrix and e.name in self.elements:
                     opt.elem_state[f"{e.name}#{piece.start}"] = self._elem_state(self.elements[e.name], piece, e.name)
+                    opt.park_states([f"{e.name}#{piece.start}"])
 
     def _range(self, items: list[dict[str, Any]], value: Callable[[dict[str, Any]], Any], piece: Any,
                name: str, into: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -11,7 +11,9 @@ its dtype, shape and byte offset. So:
   restoring its share holds that share and nothing else, at any world size;
 - writing streams one tensor at a time to host memory (a GPU state is never
   copied to the host all at once), and the file is fsynced before it is renamed
-  into place.
+  into place. A value that is not in memory (a state parked on NVMe,
+  ``distributed.state_store.Parked``: anything with ``shape``, ``dtype`` and
+  ``materialize()``) is read when its turn comes.
 """
 from __future__ import annotations
 
@@ -72,11 +74,11 @@ class TensorRef:
 
 def write(path: str, tree: Any) -> int:
     """Write ``tree`` to ``path`` (temporary name, fsync, rename); returns the bytes written."""
-    tensors: list[torch.Tensor] = []
+    tensors: list[Any] = []
     skeleton = _encode(tree, tensors, "state")
     specs, offset = [], 0
     for t in tensors:
-        nbytes = t.numel() * t.element_size()
+        nbytes = math.prod(t.shape) * t.dtype.itemsize
         specs.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset})
         offset += nbytes
     header = json.dumps({"tree": skeleton, "tensors": specs}).encode()
@@ -84,7 +86,8 @@ def write(path: str, tree: Any) -> int:
     with open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(header)) + header)
         for t in tensors:
-            if t.numel():
+            if math.prod(t.shape):
+                t = t if isinstance(t, torch.Tensor) else t.materialize()
                 host = t.detach().to("cpu").contiguous().reshape(-1)
                 f.write(memoryview(host.view(torch.uint8).numpy()).cast("B"))
         f.flush()
@@ -125,8 +128,13 @@ def _dtype(path: str, name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _encode(value: Any, tensors: list[torch.Tensor], where: str) -> Any:
-    if isinstance(value, torch.Tensor):
+def _deferred(value: Any) -> bool:
+    """A tensor kept elsewhere until written (see the module's docstring)."""
+    return all(hasattr(value, a) for a in ("shape", "dtype", "materialize")) and isinstance(value.dtype, torch.dtype)
+
+
+def _encode(value: Any, tensors: list[Any], where: str) -> Any:
+    if isinstance(value, torch.Tensor) or _deferred(value):
         if str(value.dtype).removeprefix("torch.") not in _DTYPES:
             raise TypeError(f"cannot save {where}: dtype {value.dtype} is not supported")
         tensors.append(value)

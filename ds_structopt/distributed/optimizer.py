@@ -42,7 +42,7 @@ Messages are ``batch_isend_irecv`` of ``isend``/``irecv`` (gloo and NCCL).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -77,6 +77,7 @@ from .pieces import (
     whole_piece,
 )
 from .replicas import ReplicaGroups
+from .state_store import StateStore
 
 
 class DistributedStructuredOptimizer(Optimizer):
@@ -132,6 +133,9 @@ class DistributedStructuredOptimizer(Optimizer):
         self.flat_tensors: dict[int, Tensor] = {}
         self.matrix_state: dict[str, dict[str, Any]] = {}
         self.elem_state: dict[str, dict[str, Any]] = {}
+        # ZeRO-Infinity (offload_optimizer to NVMe): states parked in files between steps, set by
+        # the DeepSpeed integration
+        self.state_store: Optional[StateStore] = None
         self._holders: dict[Any, dict[str, list[tuple[int, int, int]]]] = {}  # layout -> name -> [(rank, start, numel)]
         self._plans: dict[Any, ExchangePlan] = {}  # layout -> who sends what to whom (static once owners are set)
         self._piece_cache: dict[Any, Any] = {}  # partition -> its pieces (see _cached_pieces)
@@ -458,7 +462,7 @@ class DistributedStructuredOptimizer(Optimizer):
         """AdamW on this rank's pieces of the parameters whose whole gradient is not all zero
         (``_decide``; non-finite ones skipped the whole step), every piece of such a parameter
         stepped, whatever its own gradient: the single-process optimizer's step of the whole."""
-        params, grads, states = [], [], []
+        params, grads, states, names = [], [], [], []
         for e in entries:
             live = self._live_of(e)
             if live is False:
@@ -473,10 +477,12 @@ class DistributedStructuredOptimizer(Optimizer):
                     continue
                 params.append(piece.param)
                 grads.append(g)
-                states.append(self.elem_state.setdefault(f"{e.name}#{piece.start}", {}))
+                names.append(f"{e.name}#{piece.start}")
+                states.append(self.elem_state.setdefault(names[-1], {}))
         if params:
-            adamw_step(params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
-                       eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))
+            with self._resident(list(zip(names, states))):
+                adamw_step(params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
+                           eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))
 
     def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
         """Gather owned gradients, compute updates, return them (``exchange.py``): an owner's
@@ -591,7 +597,8 @@ class DistributedStructuredOptimizer(Optimizer):
         if live:
             states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
             weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
-            with staged(states, live[0][1].device, home):
+            with self._resident([(entries[i].name, st) for (i, _), st in zip(live, states)]), \
+                    staged(states, live[0][1].device, home):
                 ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights, scratch=scratch)
             self.counts.add(structured=len(live))
             per_matrix = sizes.unbind() if isinstance(sizes, Tensor) else sizes
@@ -677,6 +684,10 @@ class DistributedStructuredOptimizer(Optimizer):
         states = list(self.matrix_state.values()) + list(self.elem_state.values())
         out: dict[str, float] = {**sum_counters(states)}
         out["state_bytes"] = self.state_bytes()
+        if self.state_store is not None:  # of which parked on NVMe between steps, and the step's I/O so far
+            out["nvme_state_bytes"] = StateStore.parked_bytes(states)
+            out["nvme_bytes_read"] = self.state_store.bytes_read
+            out["nvme_bytes_written"] = self.state_store.bytes_written
         out["owned_matrices"] = len(self.matrix_state)
         out["skipped_steps"] = self.skipped_steps
         out["comm_bytes"] = self.comm_bytes
@@ -685,7 +696,23 @@ class DistributedStructuredOptimizer(Optimizer):
         return out
 
     def state_bytes(self) -> int:
-        return state_bytes(list(self.matrix_state.values()) + list(self.elem_state.values()))
+        """Bytes of our state, wherever it is (memory, or parked on NVMe)."""
+        states = list(self.matrix_state.values()) + list(self.elem_state.values())
+        return state_bytes(states) + StateStore.parked_bytes(states)
+
+    def _resident(self, named: list[tuple[str, dict[str, Any]]]) -> Any:
+        """The states in memory for a step call: read from NVMe and parked after, when there."""
+        return self.state_store.resident(named) if self.state_store is not None else nullcontext()
+
+    def park_states(self, names: Optional[list[str]] = None) -> None:
+        """States restored from a checkpoint (``names``: matrix or ``name#start`` keys; None: all)
+        written to NVMe as a step leaves them, when offloaded there."""
+        if self.state_store is None:
+            return
+        if names is None:
+            names = list(self.matrix_state) + list(self.elem_state)
+        self.state_store.park([(n, self.matrix_state[n] if n in self.matrix_state else self.elem_state[n])
+                               for n in names])
 
 
 @contextmanager

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -18,6 +19,7 @@ from .deepspeed_config import ConfigError, StructOptConfig, parse_config
 
 if TYPE_CHECKING:
     from ..distributed.optimizer import DistributedStructuredOptimizer
+    from ..distributed.state_store import StateStore
 
 
 def _config_source(args: Any, config: Any, config_params: Any) -> Any:
@@ -120,11 +122,61 @@ def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
     if engine.zero_optimization_stage() == 3:
         ours.flat_layouts = zero3_layouts(engine.optimizer)
         ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
+    if engine.zero_nvme_offload_optimizer():
+        ours.state_store = nvme_state_store(engine)
     bracket_zero_steps(engine.optimizer, ours)
     wrap_engine_checkpointing(engine, ours)
     _log_metrics_to_monitor(engine, ours)
     engine._ds_structopt_attached = True
     return ours
+
+
+def nvme_state_store(engine: Any) -> "StateStore":
+    """Our state's files for ZeRO-Infinity (``offload_optimizer: nvme``): beside DeepSpeed's in
+    ``nvme_path``, one folder per rank, through DeepSpeed's async I/O op with the config's
+    ``aio`` settings."""
+    import torch.distributed as dist
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from ..distributed.state_store import StateStore
+
+    aio = engine.aio_config()
+    handle = AsyncIOBuilder().load(verbose=False).aio_handle(
+        block_size=aio["block_size"], queue_depth=aio["queue_depth"], single_submit=aio["single_submit"],
+        overlap_events=aio["overlap_events"], intra_op_parallelism=aio["intra_op_parallelism"])
+    folder = os.path.join(str(engine.zero_offload_optimizer().nvme_path), "ds_structopt", f"rank{dist.get_rank()}")
+    return StateStore(folder, handle, pin=torch.cuda.is_available())
+
+
+@contextmanager
+def partitions_in_memory(engine: Any, write_back: bool) -> Iterator[None]:
+    """ZeRO-Infinity keeps DeepSpeed's fp32 partitions on NVMe between steps, and our checkpoint
+    reads (save) or writes (load, ``write_back``) them by name: every swapped sub-group's
+    partition in host memory for the duration, then released or written back. Nothing to do
+    without NVMe offload, or where DeepSpeed keeps a sub-group in memory (under 1 MiB)."""
+    zero_opt = engine.optimizer
+    if not engine.zero_nvme_offload_optimizer():
+        yield
+        return
+    subs = [i for i in range(len(zero_opt.fp32_partitioned_groups_flat)) if zero_opt._swappable_optimizer_subgroup(i)]
+    resident = []
+    try:
+        for i in subs:
+            try:
+                zero_opt._optimizer_states_and_gradient_swap_in(i)
+            except AssertionError:  # DeepSpeed's pinned buffer pool is full
+                raise RuntimeError(
+                    f"ds_structopt: a checkpoint with offload_optimizer 'nvme' holds every sub-group's fp32 partition "
+                    f"in host memory at once ({len(subs)} here); raise zero_optimization.offload_optimizer."
+                    f"buffer_count to at least {len(subs) + 1} or sub_group_size") from None
+            resident.append(i)
+        yield
+    finally:
+        for i in resident:
+            if write_back:
+                zero_opt._writeback_swap_state(i, write_opt_state=True, write_gradients=False)
+            else:
+                zero_opt._release_swap_buffers(i)
 
 
 def bracket_zero_steps(zero_opt: Any, ours: Any) -> None:
@@ -181,8 +233,9 @@ def zero3_layouts(zero_opt: Any) -> dict[int, list[tuple[Any, int, int, int]]]:
             start = rank * size
             entries.append((p, offset, start, max(0, min(size, p.ds_numel - start))))
             offset += size
-        if offset != flat.numel():
-            raise RuntimeError(f"ZeRO-3 partition layout mismatch in sub-group {sub_id}: {offset} != {flat.numel()}")
+        numel = zero_opt.fp16_partitioned_groups_flat_numel[sub_id]  # the flat may be swapped out (NVMe)
+        if offset != numel:
+            raise RuntimeError(f"ZeRO-3 partition layout mismatch in sub-group {sub_id}: {offset} != {numel}")
         layouts[id(flat)] = entries
     return layouts
 

@@ -75,6 +75,7 @@ class SafeCheckpointEngine(_engine_base()):  # type: ignore[misc]
 def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) -> None:
     """Make ``engine.save_checkpoint``/``load_checkpoint`` also save/restore our name-keyed state."""
     from ..checkpoint import load, save
+    from .deepspeed import partitions_in_memory
 
     if type(engine.checkpoint_engine) is _engine_base():
         engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
@@ -93,7 +94,8 @@ def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) 
         written = list(getattr(writer, "written", []))
         if error is None:
             try:
-                written.extend(save(opt, folder))
+                with partitions_in_memory(engine, write_back=False):
+                    written.extend(save(opt, folder))
             except (OSError, RuntimeError) as exc:
                 error = exc
         if any_rank(error is not None, engine.device):
@@ -113,7 +115,8 @@ def wrap_engine_checkpointing(engine: Any, opt: DistributedStructuredOptimizer) 
             tag = tag if tag is not None else _latest_tag(load_dir)
             if tag is None:
                 return None, None
-            return _load_zero3(engine, opt, os.path.join(load_dir, str(tag)), load_optimizer_states, **kwargs)
+            with partitions_in_memory(engine, write_back=True):
+                return _load_zero3(engine, opt, os.path.join(load_dir, str(tag)), load_optimizer_states, **kwargs)
         # DeepSpeed's own optimizer partitions are not written: rebuild them from the module
         # weights, then restore exact fp32 masters and our state by name.
         path, client_state = ds_load(load_dir, tag, *args, load_optimizer_states=False, **kwargs)

@@ -125,7 +125,7 @@ def _check_zero(cfg: Mapping[str, Any]) -> None:
         _check_offload(key, zero.get(key), stage)
 
 
-OFFLOAD_DEVICES = ("none", "cpu")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
 def offload_device(zero: Mapping[str, Any], key: str = "offload_optimizer") -> str:
@@ -137,7 +137,8 @@ def offload_device(zero: Mapping[str, Any], key: str = "offload_optimizer") -> s
 
 def _check_offload(key: str, off: Any, stage: int) -> None:
     """ZeRO-Offload of DeepSpeed's partitions (and so of our state, which lives with them):
-    ``offload_optimizer`` to the CPU at stages 1-3, ``offload_param`` at stage 3."""
+    ``offload_optimizer`` to the CPU at stages 1-3 or to NVMe at stage 3 (ZeRO-Infinity: our
+    state in files of its own, ``distributed/state_store.py``), ``offload_param`` at stage 3."""
     if off is None:
         return
     if not isinstance(off, Mapping):
@@ -146,12 +147,14 @@ def _check_offload(key: str, off: Any, stage: int) -> None:
     if device in (None, "none"):
         return
     where = f"zero_optimization.{key}.device"
-    if device == "nvme":
-        raise ConfigError(f"{where}='nvme' is not supported with ds_structopt optimizers yet (DeepSpeed's swapper "
-                          "moves only tensors keyed by its flat partitions; our per-matrix state would stay in "
-                          "host memory); use \"cpu\"")
     if device not in OFFLOAD_DEVICES:
-        raise ConfigError(f"{where} must be one of {list(OFFLOAD_DEVICES) + ['nvme']}, got {device!r}")
+        raise ConfigError(f"{where} must be one of {list(OFFLOAD_DEVICES)}, got {device!r}")
+    if device == "nvme":
+        if stage != 3:
+            raise ConfigError(f"{where}='nvme' needs zero_optimization.stage=3 (ZeRO-Infinity), got {stage!r}")
+        if not off.get("nvme_path"):
+            raise ConfigError(f"zero_optimization.{key}.nvme_path is required with device 'nvme' (a directory on "
+                              "the NVMe drive)")
     if key == "offload_optimizer" and stage not in (1, 2, 3):
         raise ConfigError(f"{where}={device!r} needs zero_optimization.stage 1, 2 or 3, got {stage!r}")
     if key == "offload_param" and stage != 3:

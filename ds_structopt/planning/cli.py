@@ -28,8 +28,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--optimizer", default="AdaDiag++")
     p.add_argument("--options", default="{}", help="optimizer params as JSON")
     p.add_argument("--deepspeed-config", help="take optimizer, options, stage and ds_structopt block from this JSON")
-    p.add_argument("--offload", default="none", choices=["none", "cpu"],
-                   help="zero_optimization.offload_optimizer.device: adds host GiB per node")
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
+                   help="zero_optimization.offload_optimizer.device: adds host (cpu) or NVMe (nvme) GiB per node")
     p.set_defaults(param_bytes=2)  # bytes per model parameter (bf16); a --deepspeed-config sets it from its precision
     p.add_argument("--ownership", default="local", choices=["local", "balanced"])
     p.add_argument("--cost-model", default="flops", choices=["flops", "memory", "numel"])
@@ -88,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              plan.refresh_max / 1e12, plan.refresh_mean / 1e12,
                              plan.our_bytes_per_step / world / 2**30, plan.deepspeed_bytes_per_step / world / 2**30,
                              proj["adamw_step_s"], f"{proj['overhead_mean']:.1%}", f"{proj['overhead_worst_step']:.1%}"]
-                            + ([max(plan.host_bytes_per_node) / 2**30] if args.offload != "none" else []))
+                            + ([max(plan.host_bytes_per_node or plan.nvme_bytes_per_node) / 2**30]
+                               if args.offload != "none" else []))
                 dumps.append({"model": model, **plan.as_dict(), "projection": proj,
                               "peak_bytes_sampled": {r: p.per_step for r, p in peaks.items()}})
     except (ValueError, FileNotFoundError, KeyError) as exc:
@@ -96,7 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     headers = ["model", "ranks", "params", "state GiB/rank (max)", "step peak GiB/rank (max of sampled)", "refresh TFLOP/step max", "refresh TFLOP/step mean",
                "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "overhead (mean)", "overhead (worst step)"] + (
-        [f"host GiB/node ({args.offload} offload)"] if args.offload != "none" else [])
+        [{"cpu": "host GiB/node (cpu offload)", "nvme": "NVMe GiB/node (nvme offload)"}[args.offload]]
+        if args.offload != "none" else [])
     print(f"{args.optimizer} {args.options}, ZeRO-{args.stage}, {args.ranks_per_node} ranks/node, "
           f"ownership {args.ownership} by {args.cost_model}" + (f" in groups of {args.ownership_group_size}" if args.ownership_group_size else "")
           + f"; {args.tokens_per_step} tokens/step, model at {args.device_tflops:g} TFLOP/s x MFU {args.mfu:g}, "

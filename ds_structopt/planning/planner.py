@@ -46,7 +46,8 @@ class Plan:
     first_refresh_flops_per_step: list[list[float]] = field(default_factory=list, repr=False)  # [rank][step < W]
     replica_owners: dict[str, list[int]] = field(default_factory=dict, repr=False)  # matrix -> owner per group
     offload: str = "none"                    # zero_optimization.offload_optimizer.device
-    host_bytes_per_node: list[int] = field(default_factory=list)  # with offload: what each node's host memory holds
+    host_bytes_per_node: list[int] = field(default_factory=list)  # with offload to the CPU: each node's host memory
+    nvme_bytes_per_node: list[int] = field(default_factory=list)  # with offload to NVMe: each node's files
 
     @property
     def refresh_max(self) -> float:
@@ -82,7 +83,8 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
               ownership: str = "local", cost_model: str = "flops", offload: str = "none", param_bytes: int = 2) -> Plan:
     """The plan of one configuration; ``group_size`` = hierarchical ``ownership_group_size``;
     ``offload``: ``offload_optimizer.device`` ("cpu": state and DeepSpeed's partitions in host
-    memory); ``param_bytes``: bytes per model parameter (2: bf16/fp16 training, 4: fp32)."""
+    memory; "nvme": our state and DeepSpeed's fp32 masters in files, host memory holding a step
+    call's working set); ``param_bytes``: bytes per model parameter (2: bf16/fp16 training, 4: fp32)."""
     cls = get_optimizer_class(optimizer)
     opts = cls.resolve_options(dict(options))
     update_freq = int(opts.get("update_freq", 1))
@@ -135,15 +137,20 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
     ours, inter, sent = our_bytes(mats, pieces, owners, world, group_size, ranks_per_node,
                                   sizes_travel=not cls.step_size_is_lr(opts))
     host: list[int] = []
-    if offload != "none":
+    nvme: list[int] = []
+    if offload == "cpu":
         per_rank = [s + offloaded_partition_bytes(groups, world, stage, param_bytes) for s in state]
         host = [sum(per_rank[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
+    elif offload == "nvme":  # our state's files and DeepSpeed's swapped fp32 masters (ZeRO-3)
+        masters = FP32 * sum(zero3_partition_numel(p, world) for params in groups for p in params)
+        nvme = [sum(s + masters for s in state[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
     return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
                 update_freq=update_freq, stagger=stagger, ahead_steps=ahead_steps, params=sum(p.numel for p in all_params), matrices=len(mats),
                 state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,
                 our_bytes_per_step_inter_node=inter, our_bytes_sent_per_rank=sent, deepspeed_bytes_per_step=deepspeed_bytes(groups, world, stage),
                 refresh_flops_per_step=window, rotation_flops_per_step=rotation, first_window=first_window,
-                first_refresh_flops_per_step=first, replica_owners=owners, offload=offload, host_bytes_per_node=host)
+                first_refresh_flops_per_step=first, replica_owners=owners, offload=offload, host_bytes_per_node=host,
+                nvme_bytes_per_node=nvme)
 
 
 def our_bytes(mats: Sequence[ParamSpec], pieces: dict[str, list[tuple[int, int, int]]], owners: dict[str, list[int]],

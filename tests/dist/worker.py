@@ -101,8 +101,21 @@ def token_batches(steps: int, batch: int, seed: int = 123):
     return out
 
 
+def build_wide_model(seed: int) -> torch.nn.Module:
+    """build_model's layers at width 512 (557k parameters): at 2 ranks each ZeRO-3 partition is
+    over the 1 MiB below which DeepSpeed's NVMe swapper keeps tensors in memory."""
+    torch.manual_seed(seed)
+    wide = 512
+    model = torch.nn.Sequential(torch.nn.Linear(IN_DIM, wide), torch.nn.Tanh(), torch.nn.Linear(wide, wide),
+                                torch.nn.Tanh(), torch.nn.Linear(wide, wide), torch.nn.Tanh(), torch.nn.Linear(wide, OUT_DIM))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.orthogonal_(layer.weight)
+    return model
+
+
 def case_model(case: dict) -> torch.nn.Module:
-    builders = {"blocks": build_blocks_model, "embed": EmbedModel}
+    builders = {"blocks": build_blocks_model, "embed": EmbedModel, "wide": build_wide_model}
     return builders.get(case.get("model"), build_model)(case.get("seed", 0))
 
 
