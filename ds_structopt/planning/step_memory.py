@@ -45,10 +45,11 @@ class StepPeaks:
 
 def rank_step_peaks(groups: Sequence[Sequence[ParamSpec]], cls: Any, options: dict[str, Any], world: int, stage: int,
                     rank: int, replica_owners: dict[str, list[int]], group_size: int, state_bytes: int,
-                    steps: Sequence[int] = (1, 2), sub_group_size: int = int(1e9)) -> StepPeaks:
+                    steps: Sequence[int] = (1, 2), sub_group_size: int = int(1e9), offload: str = "none") -> StepPeaks:
     """Projected peak bytes of ``rank``'s steps ``steps`` (1: the first, with the first bases and
     state allocation; a refresh step is due at 1 + k update_freq) under ``stage``.
-    ``options``: the optimizer's options as a user gives them."""
+    ``options``: the optimizer's options as a user gives them; ``offload``: the partitions' device
+    (offloaded, a holder's gradient is in host memory: its updates land in a GPU buffer)."""
     calls = step_calls(groups, world, stage, rank, sub_group_size)
     holders = _holders(calls)
     index, base = rank // group_size, rank - rank % group_size
@@ -69,7 +70,7 @@ def rank_step_peaks(groups: Sequence[Sequence[ParamSpec]], cls: Any, options: di
             worst = max(worst, grown + FP32 * call.partition, grown + new_elem_state + FP32 * elems)
             grown += new_elem_state
             if plan is not None:
-                worst = max(worst, grown + _matrix_phases(call, plan, prof, cls, opts))
+                worst = max(worst, grown + _matrix_phases(call, plan, prof, cls, opts, offload == "none"))
                 grown += prof["new_state"]
             grown -= FP32 * call.partition  # DeepSpeed frees the partition's gradient after the call
         per_step[s] = (0 if s == 1 else state_bytes) + worst
@@ -83,7 +84,8 @@ def _holders(calls: list[StepCall]) -> dict[str, list[tuple[int, int, int]]]:
     return out
 
 
-def _matrix_phases(call: StepCall, plan: ExchangePlan, prof: dict[str, int], cls: Any, opts: dict[str, Any]) -> int:
+def _matrix_phases(call: StepCall, plan: ExchangePlan, prof: dict[str, int], cls: Any, opts: dict[str, Any],
+                   grads_on_device: bool = True) -> int:
     """The high-water mark over the gather, compute and return phases of one call (bytes)."""
     numel = [p.numel for p in call.matrices]
     wanted = FP32 * sum(numel[i] for i in plan.wanted)
@@ -96,7 +98,7 @@ def _matrix_phases(call: StepCall, plan: ExchangePlan, prof: dict[str, int], cls
     back = FP32 * sum(sum(n for _, _, n in ranges) + (len(mats) if sizes else 0)
                       for _, ranges, mats in plan.return_sends if len(ranges) + sizes > 1)
     # a DeepSpeed partition's pieces (one range per matrix) receive their updates in their gradients
-    in_place = not sizes and call.partition > 0
+    in_place = not sizes and call.partition > 0 and grads_on_device
     received = 0 if in_place else FP32 * sum(size + (len(mats) if sizes else 0) for _, size, mats in plan.return_recvs)
     # the gathered matrices' updates are written into their gradient buffers (scratch), which
     # stay alive through the return phase; those held whole get new ones (in "after")
@@ -169,4 +171,4 @@ def sampled_peaks(plan: Any, groups: Sequence[Sequence[ParamSpec]], options: dic
                         max(range(world), key=lambda r: plan.rotation_flops_per_step[r])})
     steps = range(1, min(plan.update_freq, 10) + 2)
     return {r: rank_step_peaks(groups, cls, options, world, plan.stage, r, plan.replica_owners, plan.group_size,
-                               plan.state_bytes_per_rank[r], steps=steps) for r in ranks}
+                               plan.state_bytes_per_rank[r], steps=steps, offload=plan.offload) for r in ranks}

@@ -247,9 +247,9 @@ class Zero3:
             for sub in DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(self, g["params"]):
                 self.fp16_groups.append(sub)
                 self.sub_group_to_group_id.append(gi)
-        self.fp32_partitioned_groups_flat = [
-            torch.zeros(sum(p.partition_numel() for p in sub), dtype=torch.float32, device=master_device or device)
-            for sub in self.fp16_groups]
+        self.fp16_partitioned_groups_flat_numel = [sum(p.partition_numel() for p in sub) for sub in self.fp16_groups]
+        self.fp32_partitioned_groups_flat = [torch.zeros(n, dtype=torch.float32, device=master_device or device)
+                                             for n in self.fp16_partitioned_groups_flat_numel]
         self.averaged_gradients: dict[int, Any] = {}
 
     def attach(self, opt: Any) -> None:
