@@ -130,6 +130,7 @@ class Incoming:
     works: list
     full: dict[int, Tensor]             # entry index -> its full flat gradient (being assembled)
     inbox: list[tuple[Ranges, Tensor]]  # per source whose message needs placing: its ranges, its message
+    sent: dict[int, Optional[Tensor]]   # id(piece) -> the gradient we sent of it (the return phase reuses it)
 
 
 def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.device, links: Links,
@@ -173,7 +174,7 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
             g = piece.grad()
             target = full[i].narrow(0, piece.start, piece.numel)
             target.copy_(g) if g is not None else target.zero_()
-    return Incoming(works, full, inbox), sent
+    return Incoming(works, full, inbox, grads), sent
 
 
 def _message(pieces: list[Piece], grads: list[Optional[Tensor]], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -201,7 +202,8 @@ def receive_gradients(incoming: Incoming) -> dict[int, Tensor]:
 
 
 def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional[dict[int, Tensor]],
-                 entries: list[Entry], device: torch.device, links: Links, dtype: torch.dtype = torch.float32
+                 entries: list[Entry], device: torch.device, links: Links, dtype: torch.dtype = torch.float32,
+                 sent_grads: Optional[dict[int, Optional[Tensor]]] = None
                  ) -> tuple[list, list[tuple[list[int], Tensor]], int]:
     """Send each holder its slices of our updates (``updates``: entry index -> flat update),
     followed, when ``sizes`` is given, by one step size per matrix (a one-element device
@@ -209,7 +211,7 @@ def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional
     update (callers must not change updates until the works are done); one that is exactly
     our piece's update lands in that piece's gradient where the gradient is scratch (already
     sent: the gather phase's works are done). Returns (works, [(entries, message)] to
-    receive, bytes sent)."""
+    receive, bytes sent). ``sent_grads``: the gather phase's gradient views (``Incoming.sent``)."""
     ops = []
     for dst, ranges, mats in plan.return_sends:
         parts = [updates[i].narrow(0, start, n) for i, start, n in ranges]
@@ -223,7 +225,8 @@ def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional
     sent = (plan.return_sent + (plan.return_sent_mats if sizes is not None else 0)) * dtype.itemsize
     inbox = []
     for src, size, mats in plan.return_recvs:
-        buf = _update_in_place(entries, mats, size, device) if sizes is None and dtype == torch.float32 else None
+        buf = _update_in_place(entries, mats, size, device, sent_grads or {}) \
+            if sizes is None and dtype == torch.float32 else None
         if buf is None:
             buf = torch.empty(size + (len(mats) if sizes is not None else 0), dtype=dtype, device=device)
         ops.append(dist.P2POp(dist.irecv, buf, links.to_global(src), links.replica_group, TAG_RETURN))
@@ -231,13 +234,14 @@ def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional
     return (dist.batch_isend_irecv(ops) if ops else []), inbox, sent
 
 
-def _update_in_place(entries: list[Entry], mats: list[int], size: int, device: torch.device) -> Optional[Tensor]:
+def _update_in_place(entries: list[Entry], mats: list[int], size: int, device: torch.device,
+                     sent_grads: dict[int, Optional[Tensor]]) -> Optional[Tensor]:
     """The gradient of our one scratch piece of ``mats`` (one matrix) when the update message
     (``size`` fp32 elements) can be received straight into it; else None."""
     pieces = entries[mats[0]].pieces if len(mats) == 1 else []
     if len(pieces) != 1 or not pieces[0].scratch or pieces[0].numel != size:
         return None
-    g = pieces[0].grad()
+    g = sent_grads[id(pieces[0])] if id(pieces[0]) in sent_grads else pieces[0].grad()
     return g if g is not None and g.dtype == torch.float32 and g.device == device else None
 
 

@@ -506,6 +506,7 @@ class DistributedStructuredOptimizer(Optimizer):
                                       scratch=all(copied for _, copied in local.values()))
         del local
         updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights, home, scratch=True))
+        sent_grads = incoming.sent
         del incoming  # the assembled gradients and their messages: freed before the return phase
         owned = plan.owned
         flat = {i: updates[i][0] for i in owned}
@@ -518,7 +519,7 @@ class DistributedStructuredOptimizer(Optimizer):
         if self._sizes_travel(group, entries):
             vector = device_vector([updates[i][1] for i in owned], device)
             sizes = dict(zip(owned, (vector if dtype == torch.float32 else vector.to(dtype).float()).unbind()))
-        works, inbox, sent = post_updates(plan, flat, sizes, entries, device, links, dtype)
+        works, inbox, sent = post_updates(plan, flat, sizes, entries, device, links, dtype, sent_grads)
         self.comm_bytes += sent
         for w in works:  # sends read the updates, which the apply scales in place
             w.wait()
