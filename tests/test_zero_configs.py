@@ -62,8 +62,6 @@ BAD = [
      "offload_optimizer.device='nvme' needs zero_optimization.stage=3"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 3, "offload_optimizer": {"device": "nvme"}},
      "offload_optimizer.nvme_path is required"),
-    ({"type": "AdaDiag++", "params": {}}, {"stage": 3, "offload_optimizer": {"device": "disk"}},
-     "offload_optimizer.device must be one of ['none', 'cpu', 'nvme'], got 'disk'"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 0, "offload_optimizer": {"device": "cpu"}},
      "offload_optimizer.device='cpu' needs zero_optimization.stage 1, 2 or 3"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_param": {"device": "cpu"}},
