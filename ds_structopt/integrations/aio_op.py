@@ -37,7 +37,8 @@ def build() -> str:
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": folder},
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"building DeepSpeed's async_io op failed: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"building DeepSpeed's async_io op failed: {last}")
     return folder
 
 

@@ -142,7 +142,7 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
         per_rank = [s + offloaded_partition_bytes(groups, world, stage, param_bytes) for s in state]
         host = [sum(per_rank[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
     elif offload == "nvme":  # our state's files and DeepSpeed's swapped fp32 masters (ZeRO-3)
-        masters = FP32 * sum(zero3_partition_numel(p, world) for params in groups for p in params)
+        masters = FP32 * rank_partition_numel(groups, world, 3)
         nvme = [sum(s + masters for s in state[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
     return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
                 update_freq=update_freq, stagger=stagger, ahead_steps=ahead_steps, params=sum(p.numel for p in all_params), matrices=len(mats),
@@ -190,9 +190,15 @@ def offloaded_partition_bytes(groups: Sequence[Sequence[ParamSpec]], world: int,
     state: the fp32 master partition and its fp32 gradient, plus at ZeRO-1/2 a pinned copy of
     the partition in the model's dtype (``param_bytes``) that it sends back to the GPU (stage 1/2:
     padded to 2 x world per group; stage 3: ceil(numel / world) per parameter)."""
+    return (FP32 + FP32 + (0 if stage == 3 else param_bytes)) * rank_partition_numel(groups, world, stage)
+
+
+def rank_partition_numel(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> int:
+    """Elements of one rank's fp32 partitions over all groups (stage 1/2: padded per group;
+    stage 3: per parameter), DeepSpeed 0.19's layout."""
     if stage == 3:
-        return (FP32 + FP32) * sum(zero3_partition_numel(p, world) for params in groups for p in params)
-    return (FP32 + FP32 + param_bytes) * sum(zero12_partition_numel(params, world) for params in groups)
+        return sum(zero3_partition_numel(p, world) for params in groups for p in params)
+    return sum(zero12_partition_numel(params, world) for params in groups)
 
 
 def deepspeed_bytes(groups: Sequence[Sequence[ParamSpec]], world: int, stage: int) -> int:
