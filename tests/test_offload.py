@@ -97,6 +97,7 @@ def aio_handle():
 def nvme(c: dict, folder) -> dict:
     c["extra_config"]["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(folder),
                                                                    "pin_memory": True}
+    c["extra_config"]["ds_structopt"] = {"offload_stream_mib": 0.25}  # under one matrix's state: a chunk each
     return c
 
 
@@ -127,14 +128,17 @@ def test_nvme_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     for r, m in enumerate(first["nvme"]["metrics"]):  # between steps every byte of our state is in its files
         assert m["state_bytes"] > 0 and m["nvme_state_bytes"] == m["state_bytes"], (r, m)
         assert m["state_bytes"] == first["none"]["metrics"][r]["state_bytes"], r
+        # two files per entry, written in turn (a failed step keeps the other); each padded under 1 KiB
         count, size = folder_bytes(tmp_path / "nvme" / "ds_structopt" / f"rank{r}")
-        assert count > 0 and m["state_bytes"] <= size < m["state_bytes"] + count * 1024, (r, count, size)
+        assert count > 0 and 2 * m["state_bytes"] <= size < 2 * m["state_bytes"] + count * 1024, (r, count, size)
+        # streamed one matrix per chunk (offload_stream_mib below one matrix's state): more chunks than steps
+        assert m["offload_chunks"] >= STEPS * m["owned_matrices"] > 0, (r, m["offload_chunks"])
         count, masters = folder_bytes(tmp_path / "nvme" / "zero_stage_3" / "optimizer" / f"rank{r}")
         assert count > 0  # DeepSpeed's own partitions went to NVMe too
         ours, theirs = ours + m["state_bytes"], theirs + masters
     # the planner's NVMe GiB/node: our state to the byte; DeepSpeed's files are its fp32 masters as
     # its swapper sizes them (measured 0.3 % under the partition's bytes here)
-    assert abs(planned_node_bytes(opt, 3, "nvme") - ours - theirs) <= 0.01 * theirs, (planned_node_bytes(opt, 3, "nvme"), ours, theirs)
+    assert abs(planned_node_bytes(opt, 3, "nvme") - 2 * ours - theirs) <= 0.01 * theirs, (planned_node_bytes(opt, 3, "nvme"), ours, theirs)
     resumed = run_ranks(2, [nvme(case("load", opt, 3, False, start_step=SPLIT, load_dir=ck, **wide), tmp_path / "nvme-l")],
                         tmp_path / "b")
     errors["resume 2->2 nvme"] = max_rel(resumed["load"]["params"], first["nvme"]["params"])
@@ -191,3 +195,184 @@ def test_state_store_failed_step_keeps_the_last_good_state(tmp_path):
             raise ZeroDivisionError
     assert st["step"] == 1 and "new" not in st and store.bytes_written == written
     assert torch.equal(st["exp_avg"].materialize(), torch.ones(300))
+
+
+# ----- the owners' state streamed through the math chunk by chunk (state_stream.py) ----------
+def test_chunk_indices_cut_consecutive_items_under_the_limit():
+    from ds_structopt.distributed.state_stream import chunk_indices
+
+    assert chunk_indices([3, 3, 3, 9, 1, 1], 6) == [[0, 1], [2], [3], [4, 5]]
+    assert chunk_indices([5], 1) == [[0]]  # a larger item is a chunk of its own
+    assert chunk_indices([], 4) == []
+
+
+class RecordingHandle:
+    """DeepSpeed's real aio handle, with the order of requests written down."""
+
+    def __init__(self, handle, log: list) -> None:
+        self.handle, self.log = handle, log
+
+    def async_pread(self, buf, path, offset):
+        self.log.append(("read", path.split("/")[-1].split(".")[0]))
+        return self.handle.async_pread(buf, path, offset)
+
+    def async_pwrite(self, buf, path, offset):
+        self.log.append(("write", path.split("/")[-1].split(".")[0]))
+        return self.handle.async_pwrite(buf, path, offset)
+
+    def wait(self):
+        self.log.append(("wait", ""))
+        return self.handle.wait()
+
+
+def _streamed_step(store, named, log, fail_at=None):
+    """One step call through StateStream, a matrix per chunk: each state's moment grows by one."""
+    import torch
+
+    from ds_structopt.distributed.state_store import Parked
+    from ds_structopt.distributed.state_stream import StateStream
+
+    def compute(chunk):
+        (k,) = chunk
+        in_memory = [j for j, (_, st) in enumerate(named) if not isinstance(st["m"], Parked)]
+        log.append(("compute", f"s{k}", in_memory))
+        if k == fail_at:
+            raise RuntimeError("injected failure in the math")
+        named[k][1]["m"].add_(1)
+        named[k][1]["m2"] = torch.full((3,), float(k))  # new state: parked too
+
+    StateStream().run(named, [[k] for k in range(len(named))], torch.device("cpu"), None, store, compute)
+
+
+def test_state_stream_reads_ahead_and_writes_behind_on_nvme(tmp_path):
+    """Chunk k+1's reads are in flight while chunk k computes, chunk k's writes while k+1 does;
+    at most three chunks' states are in host memory at once; the values are those of the plain
+    ``resident`` path."""
+    import torch
+
+    from ds_structopt.distributed.state_store import StateStore
+
+    log: list = []
+    store = StateStore(str(tmp_path / "s"), RecordingHandle(aio_handle(), log))
+    named = [(f"s{k}", {"m": torch.full((1000,), float(k))}) for k in range(5)]
+    store.park(named)
+    log.clear()
+    _streamed_step(store, named, log)
+    computes = [i for i, e in enumerate(log) if e[0] == "compute"]
+    for k, at in enumerate(computes):
+        if k + 1 < len(computes):  # the next chunk's read was submitted before this chunk's math, not waited on
+            read = log.index(("read", f"s{k + 1}"))
+            assert read < at and ("wait", "") not in log[read:at], log
+        if k >= 1:  # the previous chunk's write is in flight during this chunk's math
+            write = log.index(("write", f"s{k - 1}"))
+            assert write < at and ("wait", "") not in log[write:at], log
+        assert set(log[at][2]) <= {k - 1, k, k + 1}, log[at]
+    for k, (_, st) in enumerate(named):
+        assert torch.equal(st["m"].materialize(), torch.full((1000,), k + 1.0))
+        assert torch.equal(st["m2"].materialize(), torch.full((3,), float(k)))
+
+
+def test_state_stream_failing_chunk_keeps_the_last_good_step_on_nvme(tmp_path):
+    """The math fails at chunk 3 after chunks 0-2 were written behind: every state is back at the
+    last good step (those writes went to the other file of each pair), and the next step works."""
+    import torch
+
+    from ds_structopt.distributed.state_store import StateStore
+
+    log: list = []
+    store = StateStore(str(tmp_path / "s"), RecordingHandle(aio_handle(), log))
+    named = [(f"s{k}", {"m": torch.full((1000,), float(k))}) for k in range(5)]
+    store.park(named)
+    _streamed_step(store, named, log)
+    start = len(log)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _streamed_step(store, named, log, fail_at=3)
+    failed = log[start:]
+    assert ("write", "s2") in failed[:failed.index(next(e for e in failed if e[:2] == ("compute", "s3")))]
+    for k, (_, st) in enumerate(named):
+        assert torch.equal(st["m"].materialize(), torch.full((1000,), k + 1.0)), k
+    _streamed_step(store, named, log)
+    for k, (_, st) in enumerate(named):
+        assert torch.equal(st["m"].materialize(), torch.full((1000,), k + 2.0)), k
+
+
+def _simulated_offload_step_peaks(optimizer: str, mib: float, steps: int = 3):
+    """Rank 1 of 2 simulated GPUs (fake CUDA), ZeRO-2 with offload_optimizer cpu, 7B shapes with 2
+    layers (7 matrices owned): the GPU bytes each step allocates over what was alive before it."""
+    import torch
+
+    import ds_structopt as dso
+    from ds_structopt.distributed.optimizer import DistributedStructuredOptimizer
+    from ds_structopt.distributed.options import DistributedOptions
+    from ds_structopt.optim.base import state_bytes
+    from ds_structopt.sim.memory import LiveBytes
+    from ds_structopt.sim.world import Zero12, holders_oracle, llama_param_groups, rank_device, simulated_rank
+
+    answer: dict = {}
+    with simulated_rank(1, 2, oracle=lambda obj, r: answer["fn"](obj, r)) as sim:
+        groups = llama_param_groups("7b", 2, device=rank_device(1))
+        layout = Zero12(groups, 2, 1, torch.device("cpu"))  # DeepSpeed's partitions in host memory
+        answer["fn"] = holders_oracle(layout)
+        opt = DistributedStructuredOptimizer(groups, dso.get_optimizer_class(optimizer), {"lr": 1e-3},
+                                             dist_options=DistributedOptions(offload_stream_mib=mib))
+        layout.attach(opt)
+        on_gpu_at_math: list = []  # per math call: which states have tensors on the GPU, and which it computes
+        math_call = opt.math.matrix_updates
+
+        def observed(group, grads, states, **kw):
+            on_gpu_at_math.append(([name for name, st in opt.matrix_state.items()
+                                    if any(isinstance(v, torch.Tensor) and v.is_cuda for v in st.values())],
+                                   [name for name, st in opt.matrix_state.items() if any(st is x for x in states)]))
+            return math_call(group, grads, states, **kw)
+
+        opt.math.matrix_updates = observed
+        gpu, peaks = LiveBytes("cuda"), []
+        with gpu:
+            for _ in range(steps):
+                layout.fill_grads()
+                before = gpu.reset_peak()
+                layout.step(opt)
+                peaks.append(gpu.peak - before)
+                for g in groups:
+                    for p in g["params"]:
+                        p.grad = None
+        chunk = max(state_bytes([st]) for st in opt.matrix_state.values())
+        calls = [sum(state_bytes([opt.matrix_state[e.name]]) for e in es if e.name in opt.matrix_state)
+                 for es in opt.entries]
+        out = dict(peaks=peaks, state=opt.state_bytes(), largest=chunk, chunks=opt.state_stream.chunks_streamed,
+                   smallest_call=min(c for c in calls if c), on_gpu_at_math=on_gpu_at_math,
+                   owned=len(opt.matrix_state), problems=sim.checker.problems + sim.cuda.problems,
+                   home={v.device.type for st in opt.matrix_state.values() for v in st.values()
+                         if isinstance(v, torch.Tensor)},
+                   copy_streams=[s.name for s in sim.cuda.created],
+                   recorded={s.name for _, s in sim.cuda.recorded})
+        del opt, layout, groups
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["AdaDiag++", "ASGO"])
+def test_offloaded_state_streams_through_the_gpu_three_chunks_at_a_time(optimizer):
+    """With ``offload_stream_mib`` under one matrix's state, each owned matrix is a chunk: a step
+    holds at most three chunks' state on the GPU (the one computing, the next one uploading, the
+    previous one downloading) instead of a whole call's, plus the same transients: when a chunk's
+    math starts, the only states on the GPU are its own and the next chunk's (the previous one's
+    are already host tensors, their GPU copies in flight). Uploads and downloads go on one copy
+    stream of ours; between steps the state is in host memory.
+
+    The GPU peak's bound: the whole run's peak holds, for every call c, what persists + c's state
+    + c's transients; the streamed one what persists + three chunks + the same transients."""
+    whole = _simulated_offload_step_peaks(optimizer, 1e6)
+    streamed = _simulated_offload_step_peaks(optimizer, 1.0)
+    for run in (whole, streamed):
+        assert run["problems"] == [] and run["home"] == {"cpu"}, run["problems"]
+        assert run["owned"] >= 5
+    assert whole["chunks"] == 3 and streamed["chunks"] == 3 * streamed["owned"]
+    assert len(streamed["copy_streams"]) == 1 and streamed["recorded"] <= {"default:cuda:1"}
+    for step, (w, s) in enumerate(zip(whole["peaks"], streamed["peaks"]), 1):
+        bound = w - whole["smallest_call"] + 3 * whole["largest"]
+        print(f"{optimizer} step {step}: GPU peak {w / 2**20:.0f} MiB with the whole state, {s / 2**20:.0f} MiB "
+              f"streamed (bound {bound / 2**20:.0f}; state {whole['state'] / 2**20:.0f} MiB)")
+        assert s <= bound, (step, s, bound)
+    for on_gpu, computing in streamed["on_gpu_at_math"]:
+        assert len(computing) == 1 and len(on_gpu) <= 2 and computing[0] in on_gpu or not on_gpu, (on_gpu, computing)
+    assert max(len(on_gpu) for on_gpu, _ in whole["on_gpu_at_math"]) >= 3  # unstreamed: a whole call's

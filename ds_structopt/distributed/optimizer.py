@@ -78,6 +78,7 @@ from .pieces import (
 )
 from .replicas import ReplicaGroups
 from .state_store import StateStore
+from .state_stream import StateStream, chunk_indices
 
 
 class DistributedStructuredOptimizer(Optimizer):
@@ -119,6 +120,8 @@ class DistributedStructuredOptimizer(Optimizer):
         self._all_groups = list(self.param_groups)
         self._infos = [MatrixInfo.of(e.name, e.shape[0], shape_numel(e.shape) // e.shape[0], optimizer_cls, g)
                        for es, g in zip(self.entries, self.math.param_groups) for e in es if e.is_matrix]
+        self.dist_options = placement
+        self.state_stream = StateStream()  # offloaded state through the owners' math (state_stream.py)
         self._cost_model = placement.cost_model
         self._comm_dtype = torch.bfloat16 if placement.comm_dtype == "bf16" else torch.float32
         self.ownership = placement.ownership
@@ -577,7 +580,8 @@ class DistributedStructuredOptimizer(Optimizer):
                        scratch: bool = False) -> dict[int, tuple[Tensor, Union[float, Tensor]]]:
         """Updates (flat) and step sizes of owned matrices (by entry index) from their full
         gradients; a step size of 0.0 = skipped (its whole gradient is all zero). State kept on
-        ``home`` (host memory under ZeRO-Offload) is streamed to the gradients' device for the math.
+        ``home`` (host memory under ZeRO-Offload), or parked on NVMe, is streamed through the math
+        on the gradients' device chunk by chunk (``state_stream.py``).
         ``scratch``: the gradients are our own buffers, so updates are written into them."""
         updates: dict[int, tuple[Tensor, Union[float, Tensor]]] = {}
         mine = list(full_grads)
@@ -595,16 +599,28 @@ class DistributedStructuredOptimizer(Optimizer):
             if not ok:  # skipped: step size 0 tells the holders to leave it
                 zeros = full_grads[i].zero_() if scratch else torch.zeros(shape_numel(entries[i].shape), device=grads[0].device)
                 updates[i] = (zeros, 0.0)
-        if live:
-            states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
-            weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
-            with self._resident([(entries[i].name, st) for (i, _), st in zip(live, states)]), \
-                    staged(states, live[0][1].device, home):
-                ups, sizes = self.math.matrix_updates(group, [g for _, g in live], states, weights=weights, scratch=scratch)
-            self.counts.add(structured=len(live))
-            per_matrix = sizes.unbind() if isinstance(sizes, Tensor) else sizes
-            for (i, _), u, lr in zip(live, ups, per_matrix):
-                updates[i] = (u.reshape(-1), lr)
+        if not live:
+            return updates
+        states = [self.matrix_state.setdefault(entries[i].name, {}) for i, _ in live]
+        weights = [weight_rms[i] for i, _ in live] if weight_rms is not None else [entries[i].lp for i, _ in live]
+
+        def compute(chunk: list[int]) -> None:
+            ups, sizes = self.math.matrix_updates(group, [live[k][1] for k in chunk], [states[k] for k in chunk],
+                                                  weights=[weights[k] for k in chunk], scratch=scratch)
+            for k, u, lr in zip(chunk, ups, sizes.unbind() if isinstance(sizes, Tensor) else sizes):
+                updates[live[k][0]] = (u.reshape(-1), lr)
+
+        device = live[0][1].device
+        if self.state_store is None and (home is None or torch.device(home) == device):
+            compute(list(range(len(live))))  # the state is where the math runs: one call
+        else:  # offloaded: streamed through the math in chunks (the phases first, alike for any split)
+            shapes = [tuple(g.shape) for _, g in live]
+            self.math.assign_refresh_phases(group, states, shapes)
+            limit = int(self.dist_options.offload_stream_mib * 2**20)
+            chunks = chunk_indices([4 * self.math.state_elements(m, n, group) for m, n in shapes], limit)
+            self.state_stream.run([(entries[i].name, st) for (i, _), st in zip(live, states)], chunks, device, home,
+                                  self.state_store, compute)
+        self.counts.add(structured=len(live))
         return updates
 
     def _assemble_local(self, device: torch.device, e: Entry) -> tuple[Tensor, bool]:
@@ -672,7 +688,7 @@ class DistributedStructuredOptimizer(Optimizer):
     def _work_device(self, home: torch.device) -> torch.device:
         """Where our messages and an owner's math go: with the partitions, unless they are in host
         memory (ZeRO-Offload) and the group communicates on a GPU (NCCL): then that GPU, with the
-        state streamed from ``home`` for the math (``staged``)."""
+        state streamed from ``home`` for the math (``state_stream.py``)."""
         return home if home.type != "cpu" or self.world == 1 else comm_device(self.group, home)
 
     def _global_rank(self, rank: int) -> int:
@@ -689,6 +705,7 @@ class DistributedStructuredOptimizer(Optimizer):
             out["nvme_state_bytes"] = StateStore.parked_bytes(states)
             out["nvme_bytes_read"] = self.state_store.bytes_read
             out["nvme_bytes_written"] = self.state_store.bytes_written
+        out["offload_chunks"] = self.state_stream.chunks_streamed  # owner math calls streamed under offload
         out["owned_matrices"] = len(self.matrix_state)
         out["skipped_steps"] = self.skipped_steps
         out["comm_bytes"] = self.comm_bytes
@@ -714,36 +731,6 @@ class DistributedStructuredOptimizer(Optimizer):
             names = list(self.matrix_state) + list(self.elem_state)
         self.state_store.park([(n, self.matrix_state[n] if n in self.matrix_state else self.elem_state[n])
                                for n in names])
-
-
-@contextmanager
-def staged(states: list[dict[str, Any]], device: torch.device, home: Optional[torch.device]) -> Iterator[None]:
-    """Matrix states that live on ``home`` (pinned host memory under ZeRO-Offload) moved to
-    ``device`` for the math and written back after it, in place, so that the host copies stay the
-    state (new state tensors, from a first step, go home too). Nothing to do when they coincide."""
-    if home is None or torch.device(home) == torch.device(device):
-        yield
-        return
-    kept = []
-    for st in states:
-        host = {k: v for k, v in st.items() if isinstance(v, Tensor) and v.device != device}
-        st.update({k: v.to(device, non_blocking=True) for k, v in host.items()})
-        kept.append(host)
-    try:
-        yield
-    finally:
-        pin = torch.device(device).type == "cuda"
-        for st, host in zip(states, kept):
-            for k, v in list(st.items()):
-                if not isinstance(v, Tensor) or v.device == torch.device(home):
-                    continue
-                old = host.get(k)
-                if old is not None and old.shape == v.shape and old.dtype == v.dtype:
-                    st[k] = old.copy_(v, non_blocking=pin)
-                else:
-                    st[k] = v.to(home).pin_memory() if pin else v.to(home)
-        if pin:
-            torch.cuda.current_stream(device).synchronize()  # host copies complete before anyone reads them
 
 
 def _skipped(step_size: Union[float, Tensor]) -> bool:

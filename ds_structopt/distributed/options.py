@@ -12,7 +12,12 @@ BLOCK = "ds_structopt"
 CostModel = Literal["flops", "memory", "numel"]
 Ownership = Literal["local", "balanced"]
 CommDtype = Literal["fp32", "bf16"]
+OffloadCompute = Literal["device", "host"]
 assert get_args(CostModel) == COST_MODELS
+
+
+# options a DeepSpeed config sets beside DeepSpeed's own keys for the same thing
+_SET_ELSEWHERE = {"offload_compute": "zero_optimization.offload_optimizer.compute"}
 
 
 @dataclass(frozen=True)
@@ -24,13 +29,21 @@ class DistributedOptions:
     for one group; ``collective_timeout_s``: the process group's timeout (a hung rank fails the
     job after this long); ``comm_dtype``: the dtype of the gradient pieces and update slices our
     step sends: "fp32" (default: the same updates as one process, to round-off) or "bf16" (half
-    the bytes; gradients and updates rounded to bf16 on the wire, applied alike on every rank)."""
+    the bytes; gradients and updates rounded to bf16 on the wire, applied alike on every rank);
+    ``offload_stream_mib``: under ``offload_optimizer``, the MiB of owned state moved to the GPU
+    (and read from NVMe) per chunk while the previous chunk computes (``state_stream.py``): about
+    three chunks are in GPU memory at once; ``offload_compute``: where an owner's math runs under
+    ``offload_optimizer: cpu``: "device" (the state streamed to the GPU) or "host" (on the CPU,
+    beside the state, as DeepSpeed's CPU Adam does; only gradients and updates cross PCIe). Set
+    it as ``zero_optimization.offload_optimizer.compute`` in a DeepSpeed config."""
 
     cost_model: CostModel = "flops"
     ownership: Ownership = "local"
     ownership_group_size: Optional[int] = None
     collective_timeout_s: float = 600
     comm_dtype: CommDtype = "fp32"
+    offload_stream_mib: float = 256
+    offload_compute: OffloadCompute = "device"
 
     def __post_init__(self) -> None:
         if self.cost_model not in COST_MODELS:
@@ -43,6 +56,12 @@ class DistributedOptions:
                              f"got {size!r}")
         if self.comm_dtype not in get_args(CommDtype):
             raise ValueError(f"{BLOCK}.comm_dtype must be one of {list(get_args(CommDtype))}, got {self.comm_dtype!r}")
+        mib = self.offload_stream_mib
+        if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not 0 < mib < 1e7:
+            raise ValueError(f"{BLOCK}.offload_stream_mib must be a number of MiB > 0, got {mib!r}")
+        if self.offload_compute not in get_args(OffloadCompute):
+            raise ValueError(f"zero_optimization.offload_optimizer.compute must be one of "
+                             f"{list(get_args(OffloadCompute))}, got {self.offload_compute!r}")
         timeout = self.collective_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
             raise ValueError(f"{BLOCK}.collective_timeout_s must be a number of seconds > 0, got {timeout!r}")
@@ -57,6 +76,8 @@ class DistributedOptions:
         if not isinstance(block, Mapping):
             raise ValueError(f"'{BLOCK}' must be an object, got {block!r}")
         for key in block:
+            if key in _SET_ELSEWHERE:
+                raise ValueError(f"{BLOCK}.{key}: set it as {_SET_ELSEWHERE[key]} instead")
             if key not in cls.keys():
                 close = difflib.get_close_matches(key, list(cls.keys()), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""

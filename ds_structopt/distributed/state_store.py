@@ -4,14 +4,19 @@ DeepSpeed's own swapper moves only tensors shaped like its flat partitions (the 
 its gradient and ``optimizer.state[partition]``). Our per-matrix states (bases, factors,
 rotated or factored moments) and our AdamW pieces are shaped otherwise, so this store keeps
 them itself: between steps a state dict holds a :class:`Parked` reference in place of each
-tensor; a step call reads the states it computes into host buffers (``resident``), the math
-runs (streamed to the GPU as under ZeRO-Offload to the CPU: ``optimizer.staged``), and every
-tensor, new ones included, is written back and parked again.
+tensor; a step reads the states it computes into host buffers, the math runs, and every
+tensor, new ones included, is written back and parked again. ``resident`` does that for one
+call at once; ``state_stream`` pipelines it chunk by chunk (reads ahead, writes behind).
+
+Each entry has two files, written in turn: a step's writes go to the one that does not hold
+the last good step, which stays intact until the whole step has finished (``commit``), so a
+step that fails half-way (after some chunks were written behind) loses nothing. The price is
+twice our state's bytes on the drive (the planner counts it).
 
 I/O goes through an asynchronous handle with DeepSpeed's ``aio_handle`` interface
-(``async_pread``/``async_pwrite``/``wait``; libaio with O_DIRECT): all reads of a call are in
-flight together, then all writes. O_DIRECT transfers whole aligned blocks and silently drops a
-shorter tail, so buffers are padded to ``ALIGN_BYTES`` and every written file's size is checked.
+(``async_pread``/``async_pwrite``/``wait``; libaio with O_DIRECT); ``wait`` covers every
+request in flight. O_DIRECT transfers whole aligned blocks and silently drops a shorter tail,
+so buffers are padded to ``ALIGN_BYTES`` and every written file's size is checked.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, MutableMapping, Sequence
+from typing import Any, Callable, Iterator, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -54,69 +59,132 @@ class Parked:
 
 
 class StateStore:
-    """Parks state tensors in ``folder`` (one file per state entry, rewritten in place each step)."""
+    """Parks state tensors in ``folder``: two files per state entry, written in turn, so that a
+    step's writes never touch the files of the last good step until the step has finished."""
 
     def __init__(self, folder: str, io: Any, pin: bool = False) -> None:
         """``io``: an async I/O handle (DeepSpeed's ``aio_handle``); ``pin``: page-locked buffers
-        (a CUDA machine: the host-to-GPU copies of ``staged`` then run asynchronously)."""
+        (a CUDA machine: the host-to-GPU copies of the state stream then run asynchronously)."""
         shutil.rmtree(folder, ignore_errors=True)  # a previous run's files are not this run's state
         os.makedirs(folder, exist_ok=True)
         self.folder, self.io, self.pin = folder, io, pin
         self.bytes_read = self.bytes_written = 0
+        self._submitted = 0                              # operations in flight on ``io``
+        self._completions: list[Callable[[], None]] = []  # what to do once they are done
+        self._committed: dict[str, int] = {}             # file stem -> slot of the last good step
+        self._written: dict[str, int] = {}               # file stem -> slot written since the last commit
 
     # ----- a step call's view ---------------------------------------------------
     @contextmanager
     def resident(self, named: Named) -> Iterator[None]:
         """The states' tensors in host memory for the duration; written back and parked after.
-        If the body raises, nothing is written: every state is put back as it was before (its
-        files still hold the last good step)."""
-        before = [dict(st) for _, st in named]
-        self.load(named)
+        If the body (or a write) raises, every state is put back as it was before: its
+        committed files still hold the last good step."""
+        before = self.snapshot(named)
         try:
+            self.load(named)
             yield
+            self.park(named)
         except BaseException:
-            for (_, st), old in zip(named, before):
-                st.clear()
-                st.update(old)
+            self.abandon(named, before)
             raise
-        self.park(named)
+
+    @staticmethod
+    def snapshot(named: Named) -> list[dict[str, Any]]:
+        """Each state dict's entries (its :class:`Parked` references): what :meth:`abandon` restores."""
+        return [dict(st) for _, st in named]
 
     def load(self, named: Named) -> None:
         """Read every parked tensor of these states (all reads in flight at once)."""
+        self.begin_load(named)
+        self.finish()
+
+    def park(self, named: Named) -> None:
+        """Write every state tensor (of one or more elements) to its file, replace it with a
+        :class:`Parked` reference, and make these files the last good step."""
+        self.begin_park(named)
+        self.finish()
+        self.commit()
+
+    def begin_load(self, named: Named) -> None:
+        """Submit the reads of these states' parked tensors; :meth:`finish` puts them in place."""
         todo = [(st, key, ref) for _, st in named for key, ref in st.items() if isinstance(ref, Parked)]
         buffers = [self._buffer(ref.numel, ref.dtype) for _, _, ref in todo]
         for (_, _, ref), buf in zip(todo, buffers):
             self._submit(self.io.async_pread(buf, ref.path, 0), ref.path)
-        self._wait(len(todo), "read")
-        for (st, key, ref), buf in zip(todo, buffers):
-            st[key] = buf.narrow(0, 0, ref.numel).view(ref.shape)
-            self.bytes_read += buf.numel() * buf.element_size()
 
-    def park(self, named: Named) -> None:
-        """Write every state tensor (of one or more elements) to its file, then replace it with a
-        :class:`Parked` reference. A tensor still in the buffer ``load`` gave it is written from
-        there; others (new state, or a tensor the math replaced) through a padded copy."""
+        def done() -> None:
+            for (st, key, ref), buf in zip(todo, buffers):
+                st[key] = buf.narrow(0, 0, ref.numel).view(ref.shape)
+                self.bytes_read += buf.numel() * buf.element_size()
+        self._completions.append(done)
+
+    def begin_park(self, named: Named) -> None:
+        """Submit the writes of these states' tensors, each to the file that does not hold the
+        last good step; :meth:`finish` checks them and parks the tensors. A tensor still in the
+        buffer ``load`` gave it is written from there; others (new state, or a tensor the math
+        replaced) through a padded host copy."""
         todo = []
         for name, st in named:
             for key, value in st.items():
                 if isinstance(value, Tensor) and value.dim() > 0:
-                    todo.append((st, key, value, self._path(name, key), self._padded(value)))
-        for _, _, _, path, buf in todo:
-            self._submit(self.io.async_pwrite(buf, path, 0), path)
-        self._wait(len(todo), "write")
-        for st, key, value, path, buf in todo:
-            size = os.path.getsize(path)
-            if size < buf.numel() * buf.element_size():  # O_DIRECT leaves out a misaligned tail silently
-                raise RuntimeError(f"ds_structopt: NVMe write of {path} stored {size} of "
-                                   f"{buf.numel() * buf.element_size()} bytes")
-            self.bytes_written += size
-            st[key] = Parked(path, tuple(value.shape), value.dtype, self)
+                    stem = self._stem(name, key)
+                    slot = 1 - self._committed.get(stem, 1)
+                    todo.append((st, key, value, stem, slot, self._padded(value)))
+        for _, _, _, stem, slot, buf in todo:
+            self._submit(self.io.async_pwrite(buf, self._path(stem, slot), 0), self._path(stem, slot))
+
+        def done() -> None:
+            for st, key, value, stem, slot, buf in todo:
+                path = self._path(stem, slot)
+                size = os.path.getsize(path)
+                if size < buf.numel() * buf.element_size():  # O_DIRECT leaves out a misaligned tail silently
+                    raise RuntimeError(f"ds_structopt: NVMe write of {path} stored {size} of "
+                                       f"{buf.numel() * buf.element_size()} bytes")
+                self.bytes_written += size
+                self._written[stem] = slot
+                st[key] = Parked(path, tuple(value.shape), value.dtype, self)
+        self._completions.append(done)
+
+    def finish(self) -> None:
+        """Wait for every submitted read and write (one handle: its ``wait`` covers them all), then
+        put what was read in place and park what was written."""
+        expected, completions = self._submitted, self._completions
+        self._submitted, self._completions = 0, []
+        done = self.io.wait() if expected else 0
+        if done != expected:
+            raise RuntimeError(f"ds_structopt: NVMe I/O: {done} of {expected} operations completed")
+        for complete in completions:
+            complete()
+
+    def commit(self) -> None:
+        """The files written since the last commit now hold the last good step."""
+        self._committed.update(self._written)
+        self._written.clear()
+
+    def abandon(self, named: Named, before: list[dict[str, Any]]) -> None:
+        """A failed step: I/O in flight is waited for (its buffers must outlive it) and dropped,
+        and every state dict is put back to ``before`` (references to the committed files)."""
+        self._completions.clear()
+        try:
+            if self._submitted:
+                self.io.wait()
+        finally:
+            self._submitted = 0
+            self._written.clear()
+            for (_, st), old in zip(named, before):
+                st.clear()
+                st.update(old)
 
     def read(self, ref: Parked) -> Tensor:
         """One parked tensor, read into a new host tensor of its shape."""
         buf = self._buffer(ref.numel, ref.dtype)
+        if self._submitted:
+            raise RuntimeError("ds_structopt: NVMe read of a parked tensor while a step's I/O is in flight")
         self._submit(self.io.async_pread(buf, ref.path, 0), ref.path)
-        self._wait(1, "read")
+        self._submitted, done = 0, self.io.wait()
+        if done != 1:
+            raise RuntimeError(f"ds_structopt: NVMe read of {ref.path}: {done} of 1 operations completed")
         return buf.narrow(0, 0, ref.numel).view(ref.shape).clone()
 
     @staticmethod
@@ -124,8 +192,12 @@ class StateStore:
         return sum(v.nbytes for st in states for v in st.values() if isinstance(v, Parked))
 
     # ----- files and buffers ----------------------------------------------------
-    def _path(self, name: str, key: str) -> str:
-        return os.path.join(self.folder, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}.{key}") + ".bin")
+    def _stem(self, name: str, key: str) -> str:
+        return os.path.join(self.folder, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}.{key}"))
+
+    @staticmethod
+    def _path(stem: str, slot: int) -> str:
+        return f"{stem}.{slot}.bin"
 
     def _buffer(self, numel: int, dtype: torch.dtype) -> Tensor:
         buf = torch.empty(_padded_numel(numel, dtype), dtype=dtype)
@@ -142,15 +214,10 @@ class StateStore:
         buf.narrow(0, 0, value.numel()).copy_(value.reshape(-1))
         return buf
 
-    @staticmethod
-    def _submit(status: int, path: str) -> None:
+    def _submit(self, status: int, path: str) -> None:
         if status != 0:
             raise RuntimeError(f"ds_structopt: could not submit NVMe I/O for {path} (status {status})")
-
-    def _wait(self, expected: int, what: str) -> None:
-        done = self.io.wait() if expected else 0
-        if done != expected:
-            raise RuntimeError(f"ds_structopt: NVMe {what}: {done} of {expected} operations completed")
+        self._submitted += 1
 
 
 def _padded_numel(numel: int, dtype: torch.dtype) -> int:

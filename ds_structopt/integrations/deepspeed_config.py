@@ -9,6 +9,7 @@ config DeepSpeed gets. Errors are one line naming the key and value.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import os
@@ -98,6 +99,7 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
         raise ConfigError("optimizer.params.relative_step=true needs whole weights and is not supported with "
                           "zero_optimization.stage=3")
     del cfg["optimizer"]
+    dist_options = _take_offload_compute(cfg, dist_options)
     cfg["zero_allow_untested_optimizer"] = True
     if offload_device(cfg.get("zero_optimization") or {}) != "none":
         cfg["zero_force_ds_cpu_optimizer"] = False  # our optimizer steps the offloaded partitions itself
@@ -105,6 +107,15 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
     if isinstance(options.get("betas"), list):
         options["betas"] = tuple(options["betas"])
     return StructOptConfig(cfg, cls, opt_type, options, dist_options)
+
+
+def _take_offload_compute(cfg: dict[str, Any], dist_options: DistributedOptions) -> DistributedOptions:
+    """``offload_optimizer.compute`` ("device" or "host") is ours: DeepSpeed's config model
+    refuses keys it does not know, so it is taken out here (checked by ``_check_offload``)."""
+    off = (cfg.get("zero_optimization") or {}).get("offload_optimizer")
+    if not isinstance(off, dict) or "compute" not in off:
+        return dist_options
+    return dataclasses.replace(dist_options, offload_compute=off.pop("compute"))
 
 
 def _dist_options(block: Any) -> DistributedOptions:
@@ -144,6 +155,14 @@ def _check_offload(key: str, off: Any, stage: int) -> None:
     if not isinstance(off, Mapping):
         raise ConfigError(f"zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}, got {off!r}")
     device = off.get("device", "none")
+    if "compute" in off:
+        compute = off["compute"]
+        if key != "offload_optimizer":
+            raise ConfigError(f"zero_optimization.{key}.compute: only offload_optimizer has a compute option")
+        if compute not in ("device", "host"):
+            raise ConfigError(f"zero_optimization.{key}.compute must be 'device' or 'host', got {compute!r}")
+        if device in (None, "none"):
+            raise ConfigError(f"zero_optimization.{key}.compute={compute!r} needs device 'cpu' or 'nvme'")
     if device in (None, "none"):
         return
     where = f"zero_optimization.{key}.device"

@@ -184,8 +184,7 @@ class AdaDiag(StructuredOptimizer):
             st["step"] += 1
         if group["basis"] == "ema":
             self._accumulate_factors(grads, states, group["basis_beta"])
-        if group["stagger_refresh"]:
-            self.phase_planner.assign(states, [self.refresh_flops(*g.shape, group) for g in grads], group["update_freq"])
+        self.assign_refresh_phases(group, states, [g.shape for g in grads])
         due = self._due(states, group, step_offset=0)
         if group["refresh_from"] == "previous":
             due = self._install_ahead(due, grads, states, group)  # computed last step; what is left runs now

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, MutableMapping, Optional, Sequence
+from typing import Any, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -108,6 +108,11 @@ class ASGO(_MomentumRMSOptimizer):
         v.check_nonneg(name, "damping", group["damping"])
 
     @classmethod
+    def _staggers(cls, group: Mapping[str, Any]) -> bool:
+        """Only eigh roots are refreshed (Newton-Schulz recomputes the root every step)."""
+        return bool(group["stagger_refresh"]) and group["root"] == "eigh"
+
+    @classmethod
     def step_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
         """V's update and the preconditioning on the small side d (4 d^2 x the other side), plus
         the Newton-Schulz iterations (6 d^3 each) when the root is computed every step."""
@@ -165,9 +170,7 @@ class ASGO(_MomentumRMSOptimizer):
         if group["root"] == "newton_schulz":
             roots = self._newton_schulz_roots(states, group)
         else:
-            if group["stagger_refresh"]:
-                self.phase_planner.assign(states, [self.refresh_flops(*g.shape, group) for g in grads],
-                                          group["update_freq"])
+            self.assign_refresh_phases(group, states, [g.shape for g in grads])
             due = self._due(states, group, step_offset=0)
             if group["refresh_from"] == "previous":
                 due = self._install_ahead(due, group)

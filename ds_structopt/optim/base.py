@@ -198,6 +198,18 @@ class StructuredOptimizer(Optimizer, abc.ABC):
             self._phase_planner = PhasePlanner()
         return self._phase_planner
 
+    def assign_refresh_phases(self, group: dict[str, Any], states: Sequence[MutableMapping[str, Any]],
+                              shapes: Sequence[Sequence[int]]) -> None:
+        """Give new matrices their refresh phases (``stagger_refresh``), by refresh cost. A caller
+        that splits one step's matrices into several ``matrix_updates`` calls (offload streaming)
+        assigns them all first, so the phases do not depend on the split."""
+        if self._staggers(group):
+            self.phase_planner.assign(states, [self.refresh_flops(m, n, group) for m, n in shapes], group["update_freq"])
+
+    @classmethod
+    def _staggers(cls, group: Mapping[str, Any]) -> bool:
+        return bool(group.get("stagger_refresh", False))
+
     @property
     def refresh_ahead(self) -> "RefreshAhead":
         """Background decompositions for ``refresh_from="previous"`` (created on first use)."""

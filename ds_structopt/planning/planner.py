@@ -141,9 +141,9 @@ def make_plan(groups: Sequence[Sequence[ParamSpec]], optimizer: str, options: di
     if offload == "cpu":
         per_rank = [s + offloaded_partition_bytes(groups, world, stage, param_bytes) for s in state]
         host = [sum(per_rank[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
-    elif offload == "nvme":  # our state's files and DeepSpeed's swapped fp32 masters (ZeRO-3)
+    elif offload == "nvme":  # our state's files (two per entry: StateStore) and DeepSpeed's swapped fp32 masters
         masters = FP32 * rank_partition_numel(groups, world, 3)
-        nvme = [sum(s + masters for s in state[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
+        nvme = [sum(2 * s + masters for s in state[n:n + ranks_per_node]) for n in range(0, world, ranks_per_node)]
     return Plan(world=world, ranks_per_node=ranks_per_node, group_size=group_size, stage=stage, optimizer=cls.NAME,
                 update_freq=update_freq, stagger=stagger, ahead_steps=ahead_steps, params=sum(p.numel for p in all_params), matrices=len(mats),
                 state_bytes_per_rank=state, owned_matrices_per_rank=owned, our_bytes_per_step=ours,

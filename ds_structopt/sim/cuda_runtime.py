@@ -67,7 +67,8 @@ class SimCudaRuntime:
         self.modes = main_modes
         self.created: list[SimStream] = []
         self.set_device_calls: list[tuple[int, torch.device]] = []
-        self.recorded: list[tuple[torch.Tensor, SimStream]] = []
+        # (the tensor's device and shape, the stream): no reference, so memory tracking sees it freed
+        self.recorded: list[tuple[tuple[torch.device, tuple[int, ...]], SimStream]] = []
         self.problems: list[str] = []
         self._defaults: dict[torch.device, SimStream] = {}
         self._tls = threading.local()
@@ -126,7 +127,7 @@ class SimCudaRuntime:
     def record_stream(self, tensor: torch.Tensor, stream: SimStream) -> None:
         if tensor.device != stream.device:
             self.problems.append(f"record_stream of a tensor on {tensor.device} on a stream of {stream.device}")
-        self.recorded.append((tensor, stream))
+        self.recorded.append(((tensor.device, tuple(tensor.shape)), stream))
 
     def get_rng_state(self, device: Any = "cuda") -> torch.Tensor:
         """A CUDA generator's state is a CPU byte tensor (Philox seed and offset)."""

@@ -9,7 +9,7 @@ that only C++ holds (none in an optimizer step under ``no_grad``) are not seen.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,8 +19,10 @@ from torch.utils._pytree import tree_leaves
 class LiveBytes(TorchDispatchMode):
     """Counts bytes of storages alive that were created while the mode was active."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: Optional[str] = None) -> None:
+        """``device_type``: count only tensors on devices of that type ("cuda": GPU memory)."""
         super().__init__()
+        self.device_type = device_type
         self.live = 0
         self.peak = 0
         self._storages: dict[int, list[int]] = {}  # storage key -> [bytes, tensors alive]
@@ -59,6 +61,6 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and self.device_type in (None, t.device.type):
                 self.track(t)
         return out
