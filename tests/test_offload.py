@@ -296,9 +296,11 @@ def test_state_stream_failing_chunk_keeps_the_last_good_step_on_nvme(tmp_path):
         assert torch.equal(st["m"].materialize(), torch.full((1000,), k + 2.0)), k
 
 
-def _simulated_offload_step_peaks(optimizer: str, mib: float, steps: int = 3):
-    """Rank 1 of 2 simulated GPUs (fake CUDA), ZeRO-2 with offload_optimizer cpu, 7B shapes with 2
-    layers (7 matrices owned): the GPU bytes each step allocates over what was alive before it."""
+def _simulated_offload_step_peaks(optimizer: str, mib: float, steps: int = 3, compute: str = "device",
+                                  rank: int = 1, world: int = 2):
+    """Rank ``rank`` of ``world`` simulated GPUs (fake CUDA), ZeRO-2 with offload_optimizer cpu, 7B
+    shapes with 2 layers (rank 1 of 2 owns 7 matrices): the GPU bytes each step allocates over
+    what was alive before it, and what the step did."""
     import torch
 
     import ds_structopt as dso
@@ -309,17 +311,21 @@ def _simulated_offload_step_peaks(optimizer: str, mib: float, steps: int = 3):
     from ds_structopt.sim.world import Zero12, holders_oracle, llama_param_groups, rank_device, simulated_rank
 
     answer: dict = {}
-    with simulated_rank(1, 2, oracle=lambda obj, r: answer["fn"](obj, r)) as sim:
-        groups = llama_param_groups("7b", 2, device=rank_device(1))
-        layout = Zero12(groups, 2, 1, torch.device("cpu"))  # DeepSpeed's partitions in host memory
+    with simulated_rank(rank, world, oracle=lambda obj, r: answer["fn"](obj, r)) as sim:
+        groups = llama_param_groups("7b", 2, device=rank_device(rank))
+        layout = Zero12(groups, world, rank, torch.device("cpu"))  # DeepSpeed's partitions in host memory
         answer["fn"] = holders_oracle(layout)
         opt = DistributedStructuredOptimizer(groups, dso.get_optimizer_class(optimizer), {"lr": 1e-3},
-                                             dist_options=DistributedOptions(offload_stream_mib=mib))
+                                             dist_options=DistributedOptions(offload_stream_mib=mib,
+                                                                             offload_compute=compute))
         layout.attach(opt)
         on_gpu_at_math: list = []  # per math call: which states have tensors on the GPU, and which it computes
         math_call = opt.math.matrix_updates
 
+        math_devices: set = set()
+
         def observed(group, grads, states, **kw):
+            math_devices.update(g.device.type for g in grads)
             on_gpu_at_math.append(([name for name, st in opt.matrix_state.items()
                                     if any(isinstance(v, torch.Tensor) and v.is_cuda for v in st.values())],
                                    [name for name, st in opt.matrix_state.items() if any(st is x for x in states)]))
@@ -340,7 +346,8 @@ def _simulated_offload_step_peaks(optimizer: str, mib: float, steps: int = 3):
         calls = [sum(state_bytes([opt.matrix_state[e.name]]) for e in es if e.name in opt.matrix_state)
                  for es in opt.entries]
         out = dict(peaks=peaks, state=opt.state_bytes(), largest=chunk, chunks=opt.state_stream.chunks_streamed,
-                   smallest_call=min(c for c in calls if c), on_gpu_at_math=on_gpu_at_math,
+                   smallest_call=min(c for c in calls if c), on_gpu_at_math=on_gpu_at_math, math_devices=math_devices,
+                   sent=[c for c in sim.checker.calls if c.kind in ("send", "recv")],
                    owned=len(opt.matrix_state), problems=sim.checker.problems + sim.cuda.problems,
                    home={v.device.type for st in opt.matrix_state.values() for v in st.values()
                          if isinstance(v, torch.Tensor)},
@@ -376,3 +383,22 @@ def test_offloaded_state_streams_through_the_gpu_three_chunks_at_a_time(optimize
     for on_gpu, computing in streamed["on_gpu_at_math"]:
         assert len(computing) == 1 and len(on_gpu) <= 2 and computing[0] in on_gpu or not on_gpu, (on_gpu, computing)
     assert max(len(on_gpu) for on_gpu, _ in whole["on_gpu_at_math"]) >= 3  # unstreamed: a whole call's
+
+
+@pytest.mark.parametrize("optimizer", ["AdaDiag++", "DASGO"])
+def test_offload_compute_host_runs_the_math_beside_the_state(optimizer):
+    """``offload_optimizer.compute: "host"``: the owners' math runs in host memory (every gradient it
+    is handed is a CPU tensor), no state ever reaches the GPU, messages stay on the GPU (the
+    checker flags any CPU tensor handed to a collective), and the same bytes are sent as when the
+    math streams the state to the GPU. The GPU then holds no state and no math transients."""
+    streamed = _simulated_offload_step_peaks(optimizer, 1.0, rank=3, world=8)  # 2 owned, pieces to and from peers
+    host = _simulated_offload_step_peaks(optimizer, 1.0, compute="host", rank=3, world=8)
+    assert host["problems"] == [] and host["home"] == {"cpu"}, host["problems"]
+    assert host["math_devices"] == {"cpu"} and streamed["math_devices"] == {"cuda"}
+    assert all(not on_gpu for on_gpu, _ in host["on_gpu_at_math"])
+    assert [(c.peer, c.numel, c.dtype) for c in host["sent"]] == [(c.peer, c.numel, c.dtype) for c in streamed["sent"]]
+    assert {c.kind for c in host["sent"]} == {"send", "recv"}, "the exchange was not exercised"
+    for step, (h, s) in enumerate(zip(host["peaks"], streamed["peaks"]), 1):
+        print(f"{optimizer} step {step}: GPU peak {s / 2**20:.0f} MiB streaming the state, {h / 2**20:.0f} MiB "
+              "computing on the host")
+        assert h < s, (step, h, s)

@@ -70,7 +70,25 @@ BAD = [
      "offload_optimizer.ratio=0.5"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"device": "gpu"}},
      "offload_optimizer.device must be one of"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"device": "cpu", "compute": "gpu"}},
+     "offload_optimizer.compute must be 'device' or 'host', got 'gpu'"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"compute": "host"}},
+     "offload_optimizer.compute='host' needs device 'cpu' or 'nvme'"),
 ]
+
+
+def test_offload_compute_is_ours_and_taken_out_before_deepspeed_reads_the_config():
+    """DeepSpeed's offload config refuses keys it does not know; ``compute`` reaches our options."""
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    parsed = parse_config({"optimizer": {"type": "AdaDiag++", "params": {}},
+                           "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "compute": "host"}}})
+    assert parsed.dist_options.offload_compute == "host"
+    DeepSpeedZeroOffloadOptimizerConfig(**parsed.ds_config["zero_optimization"]["offload_optimizer"])
+    with pytest.raises(ConfigError, match="ds_structopt.offload_compute: set it as zero_optimization.offload_optimizer.compute"):
+        parse_config({"optimizer": {"type": "AdaDiag++", "params": {}}, "ds_structopt": {"offload_compute": "host"}})
+    with pytest.raises(ConfigError, match="ds_structopt.offload_stream_mib must be a number of MiB > 0, got 0"):
+        parse_config({"optimizer": {"type": "AdaDiag++", "params": {}}, "ds_structopt": {"offload_stream_mib": 0}})
 
 
 @pytest.mark.parametrize("block,zero,message", BAD)

@@ -494,21 +494,30 @@ class DistributedStructuredOptimizer(Optimizer):
         entries = [e for e in entries if holders.get(e.name)]
         plan = self._plan(entries, holders)
         home = self._device(group)  # the partitions: host memory under ZeRO-Offload
-        device = self._work_device(home)  # our messages and the owners' math
+        device = self._work_device(home)  # our messages (and the owners' math, unless on the host)
+        on_host = self._math_on_host(home, device)
+        math_device = home if on_host else device
         links = Links(self.group, self.replicas.group, self._global_rank)
         # before any message is posted (a collective between posting and waiting would stall them)
         weights = self._weight_rms(plan, entries, device) if group.get("relative_step") else None
+        if weights is not None and on_host:
+            weights = {i: w.to(home) for i, w in weights.items()}
 
         # 1. gradient pieces to every owner that lacks them (its replica owner in every group)
         dtype = self._comm_dtype
         incoming, sent = post_gradients(plan, entries, device, links, dtype)
         self.comm_bytes += sent
         # 2. owners compute: first what is already here, then what arrives
-        local = {i: self._assemble_local(device, entries[i]) for i in plan.local}
+        local = {i: self._assemble_local(math_device, entries[i]) for i in plan.local}
         updates = self._owner_updates(group, entries, {i: g for i, (g, _) in local.items()}, weights, home,
                                       scratch=all(copied for _, copied in local.values()))
         del local
-        updates.update(self._owner_updates(group, entries, receive_gradients(incoming), weights, home, scratch=True))
+        gathered = receive_gradients(incoming)
+        if on_host:  # the gathered gradients go to the state (our copies: scratch either way)
+            gathered = {i: g.to(home) for i, g in gathered.items()}
+            incoming.full.clear()  # their GPU buffers are free now
+        updates.update(self._owner_updates(group, entries, gathered, weights, home, scratch=True))
+        del gathered
         sent_grads = incoming.sent
         del incoming  # the assembled gradients and their messages: freed before the return phase
         owned = plan.owned
@@ -522,7 +531,11 @@ class DistributedStructuredOptimizer(Optimizer):
         if self._sizes_travel(group, entries):
             vector = device_vector([updates[i][1] for i in owned], device)
             sizes = dict(zip(owned, (vector if dtype == torch.float32 else vector.to(dtype).float()).unbind()))
-        works, inbox, sent = post_updates(plan, flat, sizes, entries, device, links, dtype, sent_grads)
+        outgoing = flat
+        if on_host:  # the slices other holders need go to the GPU for NCCL; ours are applied from the host
+            needed = {i for _, ranges, _ in plan.return_sends for i, _, _ in ranges}
+            outgoing = {i: u.to(device) if i in needed else u for i, u in flat.items()}
+        works, inbox, sent = post_updates(plan, outgoing, sizes, entries, device, links, dtype, sent_grads)
         self.comm_bytes += sent
         for w in works:  # sends read the updates, which the apply scales in place
             w.wait()
@@ -690,6 +703,11 @@ class DistributedStructuredOptimizer(Optimizer):
         memory (ZeRO-Offload) and the group communicates on a GPU (NCCL): then that GPU, with the
         state streamed from ``home`` for the math (``state_stream.py``)."""
         return home if home.type != "cpu" or self.world == 1 else comm_device(self.group, home)
+
+    def _math_on_host(self, home: torch.device, device: torch.device) -> bool:
+        """``offload_optimizer.compute: "host"``: the owners' math runs in host memory beside the
+        offloaded state (only gradients and updates cross to and from the GPU)."""
+        return self.dist_options.offload_compute == "host" and home.type == "cpu" and device != home
 
     def _global_rank(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
