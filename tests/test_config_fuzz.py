@@ -110,7 +110,7 @@ def culprits(edits: list) -> list[tuple]:
 # names the messages print bare (`lr must be ...`, `zero_optimization.stage must be ...`); any other key
 # (random text) must appear as its repr, the way the messages quote unknown keys
 KNOWN_NAMES = set(OPTION_NAMES) | {"optimizer", "type", "params", "zero_optimization", "stage", "offload_optimizer",
-                                   "offload_param", OUR_BLOCK, *DistributedOptions.keys()}
+                                   "offload_param", "compute", OUR_BLOCK, *DistributedOptions.keys()}
 
 
 def names(message: str, path: tuple) -> bool:
@@ -129,7 +129,7 @@ def usable(parsed) -> None:
     """An accepted config must give an optimizer that steps (and our block must be complete)."""
     assert isinstance(parsed.dist_options, DistributedOptions)
     assert set(DistributedOptions.keys()) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s",
-                                              "comm_dtype"}
+                                              "comm_dtype", "offload_stream_mib", "offload_compute"}
     if parsed.optimizer_cls is None:
         return
     w = torch.nn.Parameter(torch.randn(6, 4))
