@@ -167,8 +167,8 @@ class ASGO(_MomentumRMSOptimizer):
             st["step"] += 1
         torch._foreach_lerp_([st["exp_avg"] for st in states], list(grads), 1.0 - beta1)
         self._accumulate(grads, states, beta2, group["cumulative"])
-        if group["root"] == "newton_schulz":
-            roots = self._newton_schulz_roots(states, group)
+        if group["root"] == "newton_schulz":  # the gradients are read: scratch ones are its workspace
+            roots = self._newton_schulz_roots(states, group, workspace=grads if scratch else None)
         else:
             self.assign_refresh_phases(group, states, [g.shape for g in grads])
             due = self._due(states, group, step_offset=0)
@@ -224,8 +224,12 @@ class ASGO(_MomentumRMSOptimizer):
                     else:
                         states[i]["precond"].lerp_(gram[j], 1.0 - beta2)
 
-    def _newton_schulz_roots(self, states: Sequence[State], group: dict[str, Any]) -> list[Optional[Tensor]]:
-        """Fresh V^{-1/2} for every matrix (not kept in the state: it is recomputed each step)."""
+    def _newton_schulz_roots(self, states: Sequence[State], group: dict[str, Any],
+                             workspace: Optional[Sequence[Tensor]] = None) -> list[Optional[Tensor]]:
+        """Fresh V^{-1/2} for every matrix (not kept in the state: it is recomputed each step).
+        ``workspace``: the matrices' scratch gradients, already read; a matrix computed alone
+        runs the iteration in its gradient's memory, as many d x d buffers as it holds
+        (m n >= d^2: at least one), so an owner's step adds less than four d x d to its state."""
         roots: list[Optional[Tensor]] = [None] * len(states)
         keys = [st["precond"].shape[0] if st["side"] else None for st in states]
         for d, idx in buckets(keys).items():
@@ -233,7 +237,9 @@ class ASGO(_MomentumRMSOptimizer):
                 continue
             for part in chunks(idx, 4 * 6 * d * d):
                 precond = stack([states[i]["precond"] for i in part])
-                result, fell_back = linalg.newton_schulz_inverse_root(precond, group["ns_iterations"], group["eps"], group["damping"])
+                blocks = _square_blocks(workspace[part[0]], d) if workspace is not None and len(part) == 1 else ()
+                result, fell_back = linalg.newton_schulz_inverse_root(precond, group["ns_iterations"], group["eps"],
+                                                                      group["damping"], workspace=blocks)
                 fell = fell_back.float()  # counted on the device: no host read per step
                 for j, i in enumerate(part):
                     roots[i] = result[j]
@@ -290,6 +296,14 @@ class ASGO(_MomentumRMSOptimizer):
                 for j, i in enumerate(part):
                     res[i] = x[j] if out is None else out[i] if target is not None else out[i].copy_(x[j])
         return res  # type: ignore[return-value]
+
+
+def _square_blocks(buffer: Tensor, d: int) -> list[Tensor]:
+    """``buffer``'s memory as (1, d, d) tensors (up to four; none if it is not a contiguous fp32 tensor)."""
+    if not buffer.is_contiguous() or buffer.dtype != torch.float32:
+        return []
+    flat = buffer.view(-1)
+    return [flat.narrow(0, j * d * d, d * d).view(1, d, d) for j in range(min(4, flat.numel() // (d * d)))]
 
 
 @register

@@ -12,7 +12,7 @@ other error propagates. Nothing here knows about optimizer state or DeepSpeed.
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -250,7 +250,8 @@ def eigh_inverse_root(stack: Tensor, damping: float) -> list[Optional[Tensor]]:
 
 
 def newton_schulz_inverse_root(
-    stack: Tensor, iterations: int = 10, eps: float = 1e-10, damping: float = 0.0
+    stack: Tensor, iterations: int = 10, eps: float = 1e-10, damping: float = 0.0,
+    workspace: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor]:
     """Approximate V^{-1/2} with a coupled Newton-Schulz iteration (matmuls only).
 
@@ -266,33 +267,52 @@ def newton_schulz_inverse_root(
     A matrix whose
     result is not finite gets the identity, as in the reference code; the
     second return value flags those matrices (a bool tensor, left on the device).
+
+    The iteration runs in four buffers shaped like ``stack`` (y, z, t and a spare that takes
+    turns with y and z). ``workspace``: up to four such tensors the caller no longer needs
+    (ASGO's scratch gradient, carved into d x d blocks), used for them before anything is
+    allocated; the root returned is never one of them. Same values whatever the workspace.
     """
     k, d, _ = stack.shape
-    # x + s I as a diagonal add (no identity matrix: exactly the same values), and the iteration
-    # in four d x d buffers per matrix (y, z, t and a spare that takes turns): its peak memory
+    free = list(workspace)[:4]
+    fresh: list[Tensor] = []
+
+    def buffer() -> Tensor:
+        if free:
+            return free.pop(0)
+        fresh.append(torch.empty_like(stack))
+        return fresh[-1]
+
+    # x + s I as a diagonal add (no identity matrix: exactly the same values); its peak memory
     # is what a distributed ASGO owner adds to its state (planning/step_memory.py)
-    y = stack.clone()
+    t = buffer()
+    y = buffer().copy_(stack)
     if damping > 0:
         _add_to_diagonal(y, damping * torch.linalg.matrix_norm(stack))
-    shifted = y.clone()
+    shifted = t.copy_(y)  # t is free until the iteration
     _add_to_diagonal(shifted, eps)
     scale = 1.01 * torch.linalg.matrix_norm(shifted).clamp_min(torch.finfo(stack.dtype).tiny)
-    del shifted
     y.div_(scale.view(k, 1, 1))
-    z = torch.eye(d, dtype=stack.dtype, device=stack.device).expand(k, d, d).clone()
-    spare = torch.empty_like(z)
+    z = buffer().zero_()
+    _add_to_diagonal(z, 1.0)
+    spare = buffer()
     for i in range(iterations):
         a, b, c = POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)]
         zy = torch.bmm(z, y, out=spare)
-        t = torch.baddbmm(zy, zy, zy, beta=b, alpha=c)
+        torch.baddbmm(zy, zy, zy, beta=b, alpha=c, out=t)
         _add_to_diagonal(t, a)
         y, spare = torch.bmm(y, t, out=zy), y
         z, spare = torch.bmm(t, z, out=spare), z
-        del t
+    in_workspace = not any(z is f for f in fresh)
+    del y, t, spare, free, fresh  # the other buffers are freed before the result may need one
+    if in_workspace:  # the result never lives in the caller's workspace
+        z = torch.empty_like(stack).copy_(z)
     root = z.div_(scale.sqrt().view(k, 1, 1))
-    finite = torch.isfinite(root.flatten(1)).all(dim=1)
+    # per matrix: all finite iff its max and min are (amax/amin propagate NaN); no full-size mask
+    flat = root.flatten(1)
+    finite = torch.isfinite(flat.amax(dim=1)) & torch.isfinite(flat.amin(dim=1))
     # not finite -> the identity: zeros plus a diagonal of ones (no mask indexing: no sync on a GPU)
-    root = torch.where(finite.view(k, 1, 1), root, root.new_zeros(()), out=spare)
+    root.masked_fill_(~finite.view(k, 1, 1), 0.0)
     _add_to_diagonal(root, (~finite).to(root.dtype))
     return root, ~finite
 
