@@ -215,12 +215,9 @@ def _width(dtype: str) -> int:
 
 def _loads(opt: Any, world: int) -> list[float]:
     """Per rank, the family's FLOPs per step of the matrices it owns (every replica group)."""
-    loads = [0.0] * world
-    flops = {info.name: info.flops for info in opt._infos}
-    for name, ranks in opt.replica_owners.items():
-        for r in ranks:
-            loads[r] += flops[name]
-    return loads
+    from ..distributed.ownership import loads
+
+    return loads(opt._infos, opt.replica_owners, world)
 
 
 _PLANS: dict[str, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..optim.base import StructuredOptimizer
 
@@ -146,11 +146,15 @@ def plan_owners_local(matrices: Sequence[MatrixInfo], held: Mapping[str, Sequenc
     return owners
 
 
-def loads(matrices: Sequence[MatrixInfo], owners: Mapping[str, int], world_size: int, cost_model: str = "flops") -> list[float]:
-    """Total cost per rank under a plan (for reports and tests)."""
+def loads(matrices: Sequence[MatrixInfo], owners: Mapping[str, Union[int, Sequence[int]]], world_size: int,
+          cost_model: str = "flops") -> list[float]:
+    """Total cost per rank under a plan (for reports and tests); ``owners``: one rank per matrix,
+    or its owner in every replica group (``plan_replica_owners``)."""
     out = [0.0] * world_size
     for info in matrices:
-        out[owners[info.name]] += matrix_cost(info, cost_model)
+        ranks = owners[info.name]
+        for rank in [ranks] if isinstance(ranks, int) else ranks:
+            out[rank] += matrix_cost(info, cost_model)
     return out
 
 

@@ -20,7 +20,8 @@ memory a copy may still read.
 Without a GPU (DeepSpeed's CPU accelerator) the states are used in place and only the NVMe
 reads and writes are pipelined: chunk k+1's reads and chunk k-1's writes are in flight while
 chunk k computes. A chunk that fails leaves every NVMe file of the last good step intact
-(``StateStore.abandon``).
+(``StateStore.abandon``); in host memory, the chunks on the GPU get their host tensors back
+(chunks already computed keep their new state, as without offload).
 """
 from __future__ import annotations
 
@@ -108,6 +109,10 @@ class StateStream:
         except BaseException:
             if outbound is not None:
                 _settle(outbound)
+            for k, sent in enumerate(inbound):  # chunks on the GPU: their host tensors are the last good step
+                if sent is not None:
+                    for (_, st), host in zip(parts[k], sent[0]):
+                        st.update(host)
             if store is not None:
                 store.abandon(named, before)
             raise
