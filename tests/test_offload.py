@@ -402,3 +402,13 @@ def test_offload_compute_host_runs_the_math_beside_the_state(optimizer):
         print(f"{optimizer} step {step}: GPU peak {s / 2**20:.0f} MiB streaming the state, {h / 2**20:.0f} MiB "
               "computing on the host")
         assert h < s, (step, h, s)
+
+
+def test_one_rank_offload_streams_the_state_to_its_gpu():
+    """One rank (ZeRO-Offload on a single GPU, NCCL): the owner's math runs on the GPU with the state
+    streamed, as on many ranks (before, one rank computed in host memory whatever ``compute`` said)."""
+    one = _simulated_offload_step_peaks("DASGO", 1.0, rank=0, world=1, steps=2)
+    assert one["problems"] == [] and one["home"] == {"cpu"}, one["problems"]
+    assert one["math_devices"] == {"cuda"} and one["chunks"] == 2 * one["owned"] > 0
+    host = _simulated_offload_step_peaks("DASGO", 1.0, rank=0, world=1, steps=2, compute="host")
+    assert host["math_devices"] == {"cpu"} and host["problems"] == []

@@ -85,6 +85,11 @@ def test_offload_compute_is_ours_and_taken_out_before_deepspeed_reads_the_config
                            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "compute": "host"}}})
     assert parsed.dist_options.offload_compute == "host"
     DeepSpeedZeroOffloadOptimizerConfig(**parsed.ds_config["zero_optimization"]["offload_optimizer"])
+    for block in ({}, {"optimizer": {"type": "AdamW", "params": {}}}):  # an optimizer object, or DeepSpeed's own
+        parsed = parse_config({**block, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu",
+                                                                                               "compute": "host"}}})
+        assert "compute" not in parsed.ds_config["zero_optimization"]["offload_optimizer"], block
+        assert parsed.dist_options.offload_compute == "host"
     with pytest.raises(ConfigError, match="ds_structopt.offload_compute: set it as zero_optimization.offload_optimizer.compute"):
         parse_config({"optimizer": {"type": "AdaDiag++", "params": {}}, "ds_structopt": {"offload_compute": "host"}})
     with pytest.raises(ConfigError, match="ds_structopt.offload_stream_mib must be a number of MiB > 0, got 0"):

@@ -699,10 +699,11 @@ class DistributedStructuredOptimizer(Optimizer):
         return group["params"][0].device
 
     def _work_device(self, home: torch.device) -> torch.device:
-        """Where our messages and an owner's math go: with the partitions, unless they are in host
-        memory (ZeRO-Offload) and the group communicates on a GPU (NCCL): then that GPU, with the
-        state streamed from ``home`` for the math (``state_stream.py``)."""
-        return home if home.type != "cpu" or self.world == 1 else comm_device(self.group, home)
+        """Where our messages (and an owner's math, unless ``offload_compute`` is "host") go: with
+        the partitions, unless they are in host memory (ZeRO-Offload) and the group communicates
+        on a GPU (NCCL, one rank included): then that GPU, with the state streamed from ``home``
+        for the math (``state_stream.py``)."""
+        return home if home.type != "cpu" else comm_device(self.group, home)
 
     def _math_on_host(self, home: torch.device, device: torch.device) -> bool:
         """``offload_optimizer.compute: "host"``: the owners' math runs in host memory beside the
@@ -723,7 +724,7 @@ class DistributedStructuredOptimizer(Optimizer):
             out["nvme_state_bytes"] = StateStore.parked_bytes(states)
             out["nvme_bytes_read"] = self.state_store.bytes_read
             out["nvme_bytes_written"] = self.state_store.bytes_written
-        out["offload_chunks"] = self.state_stream.chunks_streamed  # owner math calls streamed under offload
+        out["offload_chunks"] = self.state_stream.chunks_streamed  # chunks of owned state streamed under offload
         out["owned_matrices"] = len(self.matrix_state)
         out["skipped_steps"] = self.skipped_steps
         out["comm_bytes"] = self.comm_bytes

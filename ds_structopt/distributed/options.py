@@ -33,7 +33,7 @@ class DistributedOptions:
     ``offload_stream_mib``: under ``offload_optimizer``, the MiB of owned state moved to the GPU
     (and read from NVMe) per chunk while the previous chunk computes (``state_stream.py``): about
     three chunks are in GPU memory at once; ``offload_compute``: where an owner's math runs under
-    ``offload_optimizer: cpu``: "device" (the state streamed to the GPU) or "host" (on the CPU,
+    ``offload_optimizer`` (cpu or nvme): "device" (the state streamed to the GPU) or "host" (on the CPU,
     beside the state, as DeepSpeed's CPU Adam does; only gradients and updates cross PCIe). Set
     it as ``zero_optimization.offload_optimizer.compute`` in a DeepSpeed config."""
 
@@ -60,8 +60,8 @@ class DistributedOptions:
         if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not 0 < mib < 1e7:
             raise ValueError(f"{BLOCK}.offload_stream_mib must be a number of MiB > 0, got {mib!r}")
         if self.offload_compute not in get_args(OffloadCompute):
-            raise ValueError(f"zero_optimization.offload_optimizer.compute must be one of "
-                             f"{list(get_args(OffloadCompute))}, got {self.offload_compute!r}")
+            raise ValueError(f"zero_optimization.offload_optimizer.compute must be 'device' or 'host', "
+                             f"got {self.offload_compute!r}")
         timeout = self.collective_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
             raise ValueError(f"{BLOCK}.collective_timeout_s must be a number of seconds > 0, got {timeout!r}")
@@ -79,7 +79,7 @@ class DistributedOptions:
             if key in _SET_ELSEWHERE:
                 raise ValueError(f"{BLOCK}.{key}: set it as {_SET_ELSEWHERE[key]} instead")
             if key not in cls.keys():
-                close = difflib.get_close_matches(key, list(cls.keys()), n=1)
+                close = difflib.get_close_matches(key, [k for k in cls.keys() if k not in _SET_ELSEWHERE], n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ValueError(f"{BLOCK}: unknown option {key!r}{hint}")
         return cls(**block)

@@ -8,10 +8,10 @@ tensor; a step reads the states it computes into host buffers, the math runs, an
 tensor, new ones included, is written back and parked again. ``resident`` does that for one
 call at once; ``state_stream`` pipelines it chunk by chunk (reads ahead, writes behind).
 
-Each entry has two files, written in turn: a step's writes go to the one that does not hold
-the last good step, which stays intact until the whole step has finished (``commit``), so a
-step that fails half-way (after some chunks were written behind) loses nothing. The price is
-twice our state's bytes on the drive (the planner counts it).
+Each entry has two files, written in turn: a step call's writes go to the one that does not
+hold the last good step, which stays intact until the whole call has finished (``commit``), so
+a call that fails half-way (after some chunks were written behind) loses nothing of it. The
+price is twice our state's bytes on the drive (the planner counts it).
 
 I/O goes through an asynchronous handle with DeepSpeed's ``aio_handle`` interface
 (``async_pread``/``async_pwrite``/``wait``; libaio with O_DIRECT); ``wait`` covers every
@@ -165,11 +165,11 @@ class StateStore:
     def abandon(self, named: Named, before: list[dict[str, Any]]) -> None:
         """A failed step: I/O in flight is waited for (its buffers must outlive it) and dropped,
         and every state dict is put back to ``before`` (references to the committed files)."""
-        self._completions.clear()
         try:
             if self._submitted:
                 self.io.wait()
         finally:
+            self._completions.clear()  # after the wait: they hold the buffers the I/O used
             self._submitted = 0
             self._written.clear()
             for (_, st), old in zip(named, before):

@@ -7,8 +7,10 @@ math runs on the GPU. A step call's matrices are cut into chunks of about
 
 - chunk k+1's states are read from NVMe (all reads in flight) and copied to the GPU on a copy
   stream of ours;
-- chunk k-1's states are copied back to host memory on that stream (after k-1's math) and
-  written to NVMe.
+- chunk k-1's states are copied back to host memory on that stream (after k-1's math); their
+  NVMe writes are submitted once chunk k+1's upload is queued, and run beside chunk k+1's math
+  (one aio handle: its ``wait`` covers every request, so a write submitted earlier would
+  hold up the next upload).
 
 So about three chunks of state are on the GPU (and in host buffers under NVMe) at once, not the
 whole call's, and transfers run beside the math instead of before and after it. The copy
@@ -19,9 +21,13 @@ memory a copy may still read.
 
 Without a GPU (DeepSpeed's CPU accelerator) the states are used in place and only the NVMe
 reads and writes are pipelined: chunk k+1's reads and chunk k-1's writes are in flight while
-chunk k computes. A chunk that fails leaves every NVMe file of the last good step intact
-(``StateStore.abandon``); in host memory, the chunks on the GPU get their host tensors back
-(chunks already computed keep their new state, as without offload).
+chunk k computes.
+
+A failure in a chunk leaves the files of the call's last good step intact (``StateStore.abandon``:
+nothing this call wrote is committed, every state dict gets its references back). In host
+memory, the chunks on the GPU get their host tensors back; chunks already computed keep their
+new state, as without offload. Rollback is per call: calls of the same step that finished
+before keep what they committed.
 """
 from __future__ import annotations
 
@@ -85,36 +91,40 @@ class StateStream:
                     torch.cuda.current_stream(device).wait_event(inbound[k][1])
                 compute(chunks[k])
                 self.chunks_streamed += 1
+                downloaded = None
                 if outbound is not None:  # chunk k-1's download ran beside chunk k's math
                     _settle(outbound)
-                    outbound = None
-                    if store is not None:
-                        store.begin_park(parts[k - 1])
+                    outbound, downloaded = None, parts[k - 1]
                 if store is not None:
-                    store.finish()  # chunk k+1's reads (and k-1's writes) done
-                    if not staging:
-                        store.begin_park(part)  # written while chunk k+1 computes
+                    store.finish()  # chunk k+1's reads (and the writes submitted before) are done
                 if staging:
                     if k + 1 < len(parts):  # queued before chunk k's download, which waits for k's math
                         inbound[k + 1] = _to_device(parts[k + 1], device, copy)
+                    if store is not None and downloaded is not None:
+                        store.begin_park(downloaded)  # written while chunk k+1 uploads and computes
                     outbound = _to_home(part, inbound[k][0], device, home, copy)
                     inbound[k] = None
+                elif store is not None:
+                    store.begin_park(part)  # written while chunk k+1 computes
             if outbound is not None:
                 _settle(outbound)
+                outbound = None
                 if store is not None:
                     store.begin_park(parts[-1])
             if store is not None:
                 store.finish()
                 store.commit()
         except BaseException:
-            if outbound is not None:
-                _settle(outbound)
-            for k, sent in enumerate(inbound):  # chunks on the GPU: their host tensors are the last good step
-                if sent is not None:
-                    for (_, st), host in zip(parts[k], sent[0]):
-                        st.update(host)
-            if store is not None:
-                store.abandon(named, before)
+            try:
+                if copy is not None:  # no copy in flight into the host tensors handed back below
+                    copy.synchronize()
+                for k, sent in enumerate(inbound):  # chunks on the GPU: their host tensors are the last good step
+                    if sent is not None:
+                        for (_, st), host in zip(parts[k], sent[0]):
+                            st.update(host)
+            finally:
+                if store is not None:
+                    store.abandon(named, before)
             raise
 
     def _stream(self, device: torch.device) -> Any:
@@ -131,7 +141,7 @@ def _to_device(part: Named, device: torch.device, copy: Any) -> tuple[list[dict[
     """Queue the chunk's host tensors' uploads on ``copy`` (the device copies are made on that
     stream); returns the host tensors, kept to write back into, and the event the math waits for."""
     kept = []
-    compute = torch.cuda.current_stream(device)
+    math_stream = torch.cuda.current_stream(device)
     with torch.cuda.stream(copy):
         for _, st in part:
             host = {k: v for k, v in st.items() if isinstance(v, Tensor) and v.device != torch.device(device)}
@@ -139,7 +149,7 @@ def _to_device(part: Named, device: torch.device, copy: Any) -> tuple[list[dict[
                 st[k] = v.to(device, non_blocking=True)
                 # made on the copy stream, read by the math: a copy the math replaces and drops is
                 # not reused before the math's kernels queued by then have run
-                st[k].record_stream(compute)
+                st[k].record_stream(math_stream)
             kept.append(host)
         event = torch.cuda.Event()
         event.record(copy)
@@ -161,7 +171,9 @@ def _to_home(part: Named, kept: list[dict[str, Tensor]], device: torch.device, h
                 if not isinstance(v, Tensor) or v.device == torch.device(home):
                     continue
                 old = host.get(k)
-                if old is None or old.shape != v.shape or old.dtype != v.dtype:
+                # a host tensor that is not page-locked (new state, or one a checkpoint restored)
+                # is replaced by one that is: a download into pageable memory blocks the host
+                if old is None or old.shape != v.shape or old.dtype != v.dtype or not old.is_pinned():
                     old = torch.empty(v.shape, dtype=v.dtype, device=home).pin_memory()
                 st[k] = old.copy_(v, non_blocking=True)
                 on_device.append(v)

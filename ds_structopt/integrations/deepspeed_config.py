@@ -61,7 +61,7 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
     from ..optim.registry import OPTIMIZERS
 
     cfg = load_config(config)
-    dist_options = _dist_options(cfg.pop(OUR_BLOCK, {}))
+    dist_options = _take_offload_compute(cfg, _dist_options(cfg.pop(OUR_BLOCK, {})))
     block = cfg.get("optimizer")
     if block is None:
         return StructOptConfig(cfg, None, None, {}, dist_options)
@@ -99,7 +99,6 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
         raise ConfigError("optimizer.params.relative_step=true needs whole weights and is not supported with "
                           "zero_optimization.stage=3")
     del cfg["optimizer"]
-    dist_options = _take_offload_compute(cfg, dist_options)
     cfg["zero_allow_untested_optimizer"] = True
     if offload_device(cfg.get("zero_optimization") or {}) != "none":
         cfg["zero_force_ds_cpu_optimizer"] = False  # our optimizer steps the offloaded partitions itself
@@ -111,11 +110,17 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
 
 def _take_offload_compute(cfg: dict[str, Any], dist_options: DistributedOptions) -> DistributedOptions:
     """``offload_optimizer.compute`` ("device" or "host") is ours: DeepSpeed's config model
-    refuses keys it does not know, so it is taken out here (checked by ``_check_offload``)."""
-    off = (cfg.get("zero_optimization") or {}).get("offload_optimizer")
+    refuses keys it does not know, so it is taken out here, whatever the optimizer block (its
+    value is checked by ``DistributedOptions``, its device by ``_check_offload``)."""
+    zero = cfg.get("zero_optimization")
+    off = zero.get("offload_optimizer") if isinstance(zero, dict) else None
     if not isinstance(off, dict) or "compute" not in off:
         return dist_options
-    return dataclasses.replace(dist_options, offload_compute=off.pop("compute"))
+    _check_offload("offload_optimizer", off, zero.get("stage", 0))
+    try:
+        return dataclasses.replace(dist_options, offload_compute=off.pop("compute"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _dist_options(block: Any) -> DistributedOptions:
@@ -156,13 +161,10 @@ def _check_offload(key: str, off: Any, stage: int) -> None:
         raise ConfigError(f"zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}, got {off!r}")
     device = off.get("device", "none")
     if "compute" in off:
-        compute = off["compute"]
         if key != "offload_optimizer":
             raise ConfigError(f"zero_optimization.{key}.compute: only offload_optimizer has a compute option")
-        if compute not in ("device", "host"):
-            raise ConfigError(f"zero_optimization.{key}.compute must be 'device' or 'host', got {compute!r}")
         if device in (None, "none"):
-            raise ConfigError(f"zero_optimization.{key}.compute={compute!r} needs device 'cpu' or 'nvme'")
+            raise ConfigError(f"zero_optimization.{key}.compute={off['compute']!r} needs device 'cpu' or 'nvme'")
     if device in (None, "none"):
         return
     where = f"zero_optimization.{key}.device"

@@ -283,8 +283,8 @@ def newton_schulz_inverse_root(
         fresh.append(torch.empty_like(stack))
         return fresh[-1]
 
-    # x + s I as a diagonal add (no identity matrix: exactly the same values); its peak memory
-    # is what a distributed ASGO owner adds to its state (planning/step_memory.py)
+    # x + s I as a diagonal add (no identity matrix: exactly the same values); the buffers not
+    # taken from the workspace are what a distributed ASGO owner adds to its state
     t = buffer()
     y = buffer().copy_(stack)
     if damping > 0:

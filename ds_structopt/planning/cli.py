@@ -95,7 +95,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    headers = ["model", "ranks", "params", "state GiB/rank (max)", "step peak GiB/rank (max of sampled)", "refresh TFLOP/step max", "refresh TFLOP/step mean",
+    # under offload the state is streamed through the GPU (or stays on the host): the GPU peak
+    # projected is the one without offload, an upper bound (planning/step_memory.py does not model streaming)
+    peak_header = "step peak GiB/rank (max of sampled)" if args.offload == "none" else \
+        "GPU step peak GiB/rank without offload (bound)"
+    headers = ["model", "ranks", "params", "state GiB/rank (max)", peak_header, "refresh TFLOP/step max", "refresh TFLOP/step mean",
                "our GiB/step/rank", "DeepSpeed GiB/step/rank", "AdamW step s", "overhead (mean)", "overhead (worst step)"] + (
         [{"cpu": "host GiB/node (cpu offload)", "nvme": "NVMe GiB/node (nvme offload)"}[args.offload]]
         if args.offload != "none" else [])
