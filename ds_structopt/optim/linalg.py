@@ -304,7 +304,9 @@ def newton_schulz_inverse_root(
         y, spare = torch.bmm(y, t, out=zy), y
         z, spare = torch.bmm(t, z, out=spare), z
     in_workspace = not any(z is f for f in fresh)
-    del y, t, spare, free, fresh  # the other buffers are freed before the result may need one
+    del y, t, spare
+    free.clear()  # the other buffers are freed before the result may need one
+    fresh.clear()
     if in_workspace:  # the result never lives in the caller's workspace
         z = torch.empty_like(stack).copy_(z)
     root = z.div_(scale.sqrt().view(k, 1, 1))
