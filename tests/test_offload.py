@@ -320,15 +320,15 @@ def _simulated_offload_step_peaks(optimizer: str, mib: float, steps: int = 3, co
                                                                              offload_compute=compute))
         layout.attach(opt)
         on_gpu_at_math: list = []  # per math call: which states have tensors on the GPU, and which it computes
-        math_call = opt.math.matrix_updates
+        math_call, owned_states = opt.math.matrix_updates, opt.matrix_state
 
         math_devices: set = set()
 
         def observed(group, grads, states, **kw):
             math_devices.update(g.device.type for g in grads)
-            on_gpu_at_math.append(([name for name, st in opt.matrix_state.items()
+            on_gpu_at_math.append(([name for name, st in owned_states.items()
                                     if any(isinstance(v, torch.Tensor) and v.is_cuda for v in st.values())],
-                                   [name for name, st in opt.matrix_state.items() if any(st is x for x in states)]))
+                                   [name for name, st in owned_states.items() if any(st is x for x in states)]))
             return math_call(group, grads, states, **kw)
 
         opt.math.matrix_updates = observed
