@@ -271,7 +271,9 @@ def newton_schulz_inverse_root(
     The iteration runs in four buffers shaped like ``stack`` (y, z, t and a spare that takes
     turns with y and z). ``workspace``: up to four such tensors the caller no longer needs
     (ASGO's scratch gradient, carved into d x d blocks), used for them before anything is
-    allocated; the root returned is never one of them. Same values whatever the workspace.
+    allocated; the root returned is never one of them. The same operations whatever the
+    workspace: bit-identical on the CPU (checked); on a GPU a block's alignment may pick another
+    GEMM kernel (last-bit differences).
     """
     k, d, _ = stack.shape
     free = list(workspace)[:4]
