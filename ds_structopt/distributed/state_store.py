@@ -182,9 +182,7 @@ class StateStore:
         if self._submitted:
             raise RuntimeError("ds_structopt: NVMe read of a parked tensor while a step's I/O is in flight")
         self._submit(self.io.async_pread(buf, ref.path, 0), ref.path)
-        self._submitted, done = 0, self.io.wait()
-        if done != 1:
-            raise RuntimeError(f"ds_structopt: NVMe read of {ref.path}: {done} of 1 operations completed")
+        self.finish()
         return buf.narrow(0, 0, ref.numel).view(ref.shape).clone()
 
     @staticmethod
