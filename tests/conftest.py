@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 _EXT_OURS = "TORCH_EXTENSIONS_DIR" not in os.environ
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="ds_structopt_test_ext_"))
 _EXT_DIR = os.environ["TORCH_EXTENSIONS_DIR"]
-if _EXT_OURS:  # the NVMe offload tests' async_io op, built by the set-up (scripts/test.sh), not here
-    from ds_structopt.integrations.aio_op import provide
+if _EXT_OURS:  # the offload tests' DeepSpeed ops (async_io, cpu_adam), built by the set-up (scripts/test.sh), not here
+    from ds_structopt.integrations.offload_ops import provide
 
     provide(_EXT_DIR)
 _EXT_BEFORE = set(os.listdir(_EXT_DIR)) if os.path.isdir(_EXT_DIR) else set()

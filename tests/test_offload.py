@@ -63,6 +63,9 @@ def test_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
         errors[f"cpu z{s}"] = max_rel(first[f"cpu-z{s}"]["params"], first[f"none-z{s}"]["params"])
         assert_structured_every_step(first[f"cpu-z{s}"]["metrics"], MATRICES, STEPS, MATRICES, f"cpu z{s}")  # 4 biases
     errors["cpu+params z3"] = max_rel(first["cpu-z3-params"]["params"], first["none-z3"]["params"])
+    for s in (1, 2, 3):  # the elementwise pieces (the biases) went through DeepSpeed's CPU Adam kernel
+        assert all(m["host_adam_tensors"] > 0 for m in first[f"cpu-z{s}"]["metrics"]), s
+        assert all(m["host_adam_tensors"] == 0 for m in first[f"none-z{s}"]["metrics"]), s
     for s in (1, 2, 3):  # the planner's host memory with offload: our state + DeepSpeed's host partitions, to the byte
         run = first[f"cpu-z{s}"]
         measured = sum(m["state_bytes"] for m in run["metrics"]) + sum(run["deepspeed_host_bytes"])
@@ -124,6 +127,7 @@ def test_nvme_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     first = run_ranks(2, cases, tmp_path / "a")
     errors = {"nvme vs none": max_rel(first["nvme"]["params"], first["none"]["params"])}
     assert_structured_every_step(first["nvme"]["metrics"], MATRICES, STEPS, MATRICES, "nvme")
+    assert all(m["host_adam_tensors"] > 0 for m in first["nvme"]["metrics"])  # biases: DeepSpeed's CPU Adam
     ours, theirs = 0, 0
     for r, m in enumerate(first["nvme"]["metrics"]):  # between steps every byte of our state is in its files
         assert m["state_bytes"] > 0 and m["nvme_state_bytes"] == m["state_bytes"], (r, m)
@@ -412,3 +416,31 @@ def test_one_rank_offload_streams_the_state_to_its_gpu():
     assert one["math_devices"] == {"cuda"} and one["chunks"] == 2 * one["owned"] > 0
     host = _simulated_offload_step_peaks("DASGO", 1.0, rank=0, world=1, steps=2, compute="host")
     assert host["math_devices"] == {"cpu"} and host["problems"] == []
+
+
+def test_host_adam_is_our_adamw_to_round_off():
+    """DeepSpeed's CPU Adam kernel, as the elementwise pieces use it under offload, against
+    ``optim.adamw.adamw_step``: 10 steps with weight decay, sizes that are not a multiple of its
+    vector width, within 1e-6 relative (another evaluation order, not another update)."""
+    import torch
+
+    from ds_structopt.integrations.host_adam import load_host_adam
+    from ds_structopt.optim.adamw import adamw_step
+
+    kernel = load_host_adam()
+    if kernel is None:
+        pytest.skip("DeepSpeed's cpu_adam op is unavailable (scripts/test.sh builds it)")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(37,), (5, 19), (1000,)]
+    ours = [torch.randn(s, generator=gen) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    st_ours, st_theirs = [{} for _ in shapes], [{} for _ in shapes]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(10):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        assert kernel.takes(theirs, grads)
+        adamw_step(ours, grads, st_ours, **hyper)
+        kernel.step(theirs, grads, st_theirs, **hyper)
+    for a, b in zip(theirs, ours):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-6
+    assert kernel.tensors_stepped == 10 * len(shapes) and st_theirs[0]["step"] == 10

@@ -139,6 +139,9 @@ class DistributedStructuredOptimizer(Optimizer):
         # ZeRO-Infinity (offload_optimizer to NVMe): states parked in files between steps, set by
         # the DeepSpeed integration
         self.state_store: Optional[StateStore] = None
+        # ZeRO-Offload: DeepSpeed's CPU Adam kernel for the elementwise pieces in host memory
+        # (integrations/host_adam.py), set by the DeepSpeed integration
+        self.host_adam: Optional[Any] = None
         self._holders: dict[Any, dict[str, list[tuple[int, int, int]]]] = {}  # layout -> name -> [(rank, start, numel)]
         self._plans: dict[Any, ExchangePlan] = {}  # layout -> who sends what to whom (static once owners are set)
         self._piece_cache: dict[Any, Any] = {}  # partition -> its pieces (see _cached_pieces)
@@ -483,9 +486,12 @@ class DistributedStructuredOptimizer(Optimizer):
                 names.append(f"{e.name}#{piece.start}")
                 states.append(self.elem_state.setdefault(names[-1], {}))
         if params:
+            # under ZeRO-Offload the pieces are host fp32 partitions: DeepSpeed's CPU Adam kernel steps them
+            host = self.host_adam is not None and self.host_adam.takes(params, grads)
             with self._resident(list(zip(names, states))):
-                adamw_step(params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
-                           eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))
+                (self.host_adam.step if host else adamw_step)(
+                    params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
+                    eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))
 
     def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
         """Gather owned gradients, compute updates, return them (``exchange.py``): an owner's
@@ -724,6 +730,7 @@ class DistributedStructuredOptimizer(Optimizer):
             out["nvme_state_bytes"] = StateStore.parked_bytes(states)
             out["nvme_bytes_read"] = self.state_store.bytes_read
             out["nvme_bytes_written"] = self.state_store.bytes_written
+        out["host_adam_tensors"] = self.host_adam.tensors_stepped if self.host_adam is not None else 0
         out["offload_chunks"] = self.state_stream.chunks_streamed  # chunks of owned state streamed under offload
         out["owned_matrices"] = len(self.matrix_state)
         out["skipped_steps"] = self.skipped_steps

@@ -124,6 +124,10 @@ def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
         ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
     if engine.zero_nvme_offload_optimizer():
         ours.state_store = nvme_state_store(engine)
+    if engine.zero_cpu_offload() or engine.zero_nvme_offload_optimizer():
+        from .host_adam import load_host_adam
+
+        ours.host_adam = load_host_adam()
     bracket_zero_steps(engine.optimizer, ours)
     wrap_engine_checkpointing(engine, ours)
     _log_metrics_to_monitor(engine, ours)

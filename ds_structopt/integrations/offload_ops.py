@@ -1,0 +1,79 @@
+"""DeepSpeed's C++ ops that offload uses, built once per machine.
+
+- ``async_io`` (and the ``pin_memory`` op it links against): NVMe offload's reads and writes.
+- ``cpu_adam``: DeepSpeed's vectorized CPU AdamW, which steps the elementwise parameters
+  (norms, biases, embeddings) in host memory under ZeRO-Offload, as it does for AdamW
+  (``host_adam.py``).
+
+DeepSpeed JIT-compiles them the first time offload starts: minutes of g++ (``async_io`` is
+built at -O0), and a rank killed mid-compile leaves a lock behind. ``python -m
+ds_structopt.integrations.offload_ops`` builds them ahead, into a folder per DeepSpeed and torch
+version under ``~/.cache/ds_structopt/ops`` (the test set-up runs it; tests copy the result into
+their own extensions folder and never compile). ``async_io`` needs ``libaio-dev``
+(``scripts/install_system_deps.sh`` installs it); each op is built on its own, so a machine
+without libaio still gets ``cpu_adam``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+# builder class -> the extension folders it leaves (each with <name>.so)
+BUILDS = {"AsyncIOBuilder": ("async_io", "pin_memory"), "CPUAdamBuilder": ("cpu_adam",)}
+
+
+def prebuilt_dir() -> str:
+    """Where this machine's build lives, keyed by the versions that make a build valid (read
+    without importing DeepSpeed, which takes seconds)."""
+    from importlib.metadata import version
+
+    key = f"deepspeed{version('deepspeed')}-torch{version('torch')}-py{sys.version_info.major}{sys.version_info.minor}"
+    return os.path.join(os.path.expanduser("~"), ".cache", "ds_structopt", "ops", key)
+
+
+def build() -> dict[str, str]:
+    """Build each op not yet in :func:`prebuilt_dir` (in a child process: the extensions folder is
+    read when torch first builds); returns builder -> "built" or the compiler's last line."""
+    folder = prebuilt_dir()
+    os.makedirs(folder, exist_ok=True)
+    result = {}
+    for builder, ops in BUILDS.items():
+        if built(folder, ops):
+            result[builder] = "built"
+            continue
+        code = f"from deepspeed.ops.op_builder import {builder}; {builder}().load(verbose=False)"
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": folder},
+                              capture_output=True, text=True)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        result[builder] = "built" if done.returncode == 0 else f"failed: {last}"
+    return result
+
+
+def built(folder: str, ops: tuple[str, ...]) -> bool:
+    return all(os.path.isfile(os.path.join(folder, op, f"{op}.so")) for op in ops)
+
+
+def provide(extensions_dir: str) -> list[str]:
+    """Copy the prebuilt ops into ``extensions_dir`` (a fresh TORCH_EXTENSIONS_DIR) so that loading
+    them there compiles nothing; returns the ops copied (none where this machine has no build)."""
+    source = prebuilt_dir()
+    copied = []
+    for ops in BUILDS.values():
+        if built(source, ops):
+            for op in ops:
+                shutil.copytree(os.path.join(source, op), os.path.join(extensions_dir, op), dirs_exist_ok=True)
+            copied += ops
+    return copied
+
+
+def main() -> int:
+    """Best effort: a missing op makes its tests skip (NVMe) or the host AdamW fall back, saying why."""
+    for builder, outcome in build().items():
+        print(f"offload_ops: {builder} {outcome} ({prebuilt_dir()})", file=sys.stdout if outcome == "built" else sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
