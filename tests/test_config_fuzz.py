@@ -129,7 +129,8 @@ def usable(parsed) -> None:
     """An accepted config must give an optimizer that steps (and our block must be complete)."""
     assert isinstance(parsed.dist_options, DistributedOptions)
     assert set(DistributedOptions.keys()) == {"cost_model", "ownership", "ownership_group_size", "collective_timeout_s",
-                                              "comm_dtype", "offload_stream_mib", "offload_compute"}
+                                              "comm_dtype", "offload_stream_mib", "offload_compute",
+                                              "offload_adam"}
     if parsed.optimizer_cls is None:
         return
     w = torch.nn.Parameter(torch.randn(6, 4))

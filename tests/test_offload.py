@@ -49,23 +49,41 @@ def max_rel(a: dict, b: dict) -> float:
     return max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in b)
 
 
+def torch_adam(c: dict) -> dict:
+    """The case with ``offload_adam: "torch"``: our foreach AdamW for the elementwise pieces."""
+    c["extra_config"].setdefault("ds_structopt", {})["offload_adam"] = "torch"
+    return c
+
+
+def elementwise(names) -> list:
+    return [n for n in names if n.endswith(".bias")]  # the worker's models: biases are the elementwise pieces
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("opt", ["AdaDiag++", "DASGO"])
 def test_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
+    """Our AdamW for the elementwise pieces (``offload_adam: "torch"``) gives the run without offload
+    bit for bit; DeepSpeed's ``cpu_adam`` kernel (the default) gives it to round-off, which AdaDiag++'s
+    matrices enlarge (measured 1.2e-06; another evaluation order, as another reduction order is)."""
     ck = {s: str(tmp_path / f"ck-z{s}") for s in (1, 2, 3)}
     cases = [case(f"none-z{s}", opt, s, False) for s in (1, 2, 3)]
     cases += [case(f"cpu-z{s}", opt, s, True, host_bytes=True) for s in (1, 2, 3)]
+    cases += [torch_adam(case(f"torch-z{s}", opt, s, True)) for s in (1, 2, 3)]
     cases += [case("cpu-z3-params", opt, 3, True, params=True)]
     cases += [case(f"save-z{s}", opt, s, True, steps=SPLIT, save_after=SPLIT, save_dir=ck[s]) for s in (1, 2, 3)]
     first = run_ranks(2, cases, tmp_path / "a")
     errors = {}
     for s in (1, 2, 3):
+        errors[f"torch z{s}"] = max_rel(first[f"torch-z{s}"]["params"], first[f"none-z{s}"]["params"])
         errors[f"cpu z{s}"] = max_rel(first[f"cpu-z{s}"]["params"], first[f"none-z{s}"]["params"])
-        assert_structured_every_step(first[f"cpu-z{s}"]["metrics"], MATRICES, STEPS, MATRICES, f"cpu z{s}")  # 4 biases
+        errors[f"cpu z{s} elementwise"] = max_rel(*({n: run[n] for n in elementwise(run)} for run in (
+            first[f"cpu-z{s}"]["params"], first[f"none-z{s}"]["params"])))
+        for kind in ("cpu", "torch"):
+            assert_structured_every_step(first[f"{kind}-z{s}"]["metrics"], MATRICES, STEPS, MATRICES, f"{kind} z{s}")
     errors["cpu+params z3"] = max_rel(first["cpu-z3-params"]["params"], first["none-z3"]["params"])
-    for s in (1, 2, 3):  # the elementwise pieces (the biases) went through DeepSpeed's CPU Adam kernel
+    for s in (1, 2, 3):  # the elementwise pieces (the biases) went through DeepSpeed's CPU Adam kernel by default
         assert all(m["host_adam_tensors"] > 0 for m in first[f"cpu-z{s}"]["metrics"]), s
-        assert all(m["host_adam_tensors"] == 0 for m in first[f"none-z{s}"]["metrics"]), s
+        assert all(m["host_adam_tensors"] == 0 for m in first[f"none-z{s}"]["metrics"] + first[f"torch-z{s}"]["metrics"]), s
     for s in (1, 2, 3):  # the planner's host memory with offload: our state + DeepSpeed's host partitions, to the byte
         run = first[f"cpu-z{s}"]
         measured = sum(m["state_bytes"] for m in run["metrics"]) + sum(run["deepspeed_host_bytes"])
@@ -80,9 +98,12 @@ def test_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
         errors[f"resume 2->1 no offload z{s}"] = max_rel(single[f"load-z{s}"]["params"], first[f"cpu-z{s}"]["params"])
     print(f"\n{opt} offload vs none / resumed vs uninterrupted (max relative error):",
           {k: f"{v:.1e}" for k, v in errors.items()})
-    assert all(v <= 1e-6 for k, v in errors.items() if not k.startswith("resume 2->1")), errors
+    assert all(errors[f"torch z{s}"] == 0 for s in (1, 2, 3)), errors  # our AdamW: bit-identical
     assert all(errors[f"resume 2->2 z{s}"] == 0 for s in (1, 2, 3)), errors  # same world: bit-identical
-    assert all(v < 1e-5 for v in errors.values()), errors  # another world size: another reduction order
+    assert all(errors[f"cpu z{s} elementwise"] <= 1e-6 for s in (1, 2, 3)), errors  # the kernel: round-off
+    if opt == "DASGO":
+        assert all(v <= 1e-6 for k, v in errors.items() if not k.startswith("resume 2->1")), errors
+    assert all(v < 1e-5 for v in errors.values()), errors  # another evaluation or reduction order
 
 
 # ----- ZeRO-Infinity: offload_optimizer to NVMe (stage 3) ------------------------------------
@@ -117,17 +138,27 @@ def test_nvme_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     """2 ranks, ZeRO-3, a 557k-parameter model (each rank's partition over DeepSpeed's 1 MiB
     swapping threshold, so DeepSpeed's own partitions go to NVMe too), 10 steps: parameters as
     without offload, our whole state parked in files between steps, checkpoints that resume
-    bit-identically and hold what a checkpoint without offload holds."""
+    bit-identically and hold what a checkpoint without offload holds. Those runs take our AdamW
+    for the biases (``offload_adam: "torch"``); with DeepSpeed's kernel (the default) the NVMe run
+    gives the CPU-offload run bit for bit. Against the run without offload the kernel's round-off
+    is enlarged by AdaDiag++ on this model past any tolerance (3.3e-02 measured: its first
+    covariances are rank-deficient, and eigh picks another basis of their null space for a
+    last-bit change, see test_zero_parity), so only DASGO is compared there."""
     aio_handle()
     wide = dict(model="wide")
     ck, ck_none = str(tmp_path / "ck"), str(tmp_path / "ck-none")
-    cases = [case("none", opt, 3, False, **wide), nvme(case("nvme", opt, 3, False, **wide), tmp_path / "nvme"),
-             nvme(case("save", opt, 3, False, steps=SPLIT, save_after=SPLIT, save_dir=ck, **wide), tmp_path / "nvme-s"),
+    cases = [case("none", opt, 3, False, **wide), torch_adam(nvme(case("nvme", opt, 3, False, **wide), tmp_path / "nvme")),
+             nvme(case("nvme-kernel", opt, 3, False, **wide), tmp_path / "nvme-k"), case("cpu-kernel", opt, 3, True, **wide),
+             torch_adam(nvme(case("save", opt, 3, False, steps=SPLIT, save_after=SPLIT, save_dir=ck, **wide),
+                             tmp_path / "nvme-s")),
              case("save-none", opt, 3, False, steps=SPLIT, save_after=SPLIT, save_dir=ck_none, **wide)]
     first = run_ranks(2, cases, tmp_path / "a")
     errors = {"nvme vs none": max_rel(first["nvme"]["params"], first["none"]["params"])}
     assert_structured_every_step(first["nvme"]["metrics"], MATRICES, STEPS, MATRICES, "nvme")
-    assert all(m["host_adam_tensors"] > 0 for m in first["nvme"]["metrics"])  # biases: DeepSpeed's CPU Adam
+    assert all(m["host_adam_tensors"] == 0 for m in first["nvme"]["metrics"])  # offload_adam: torch
+    assert all(m["host_adam_tensors"] > 0 for m in first["nvme-kernel"]["metrics"])  # biases: DeepSpeed's CPU Adam
+    errors["nvme vs cpu offload, kernel"] = max_rel(first["nvme-kernel"]["params"], first["cpu-kernel"]["params"])
+    errors["nvme kernel vs none"] = max_rel(first["nvme-kernel"]["params"], first["none"]["params"])
     ours, theirs = 0, 0
     for r, m in enumerate(first["nvme"]["metrics"]):  # between steps every byte of our state is in its files
         assert m["state_bytes"] > 0 and m["nvme_state_bytes"] == m["state_bytes"], (r, m)
@@ -143,7 +174,8 @@ def test_nvme_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     # the planner's NVMe GiB/node: our state to the byte; DeepSpeed's files are its fp32 masters as
     # its swapper sizes them (measured 0.3 % under the partition's bytes here)
     assert abs(planned_node_bytes(opt, 3, "nvme") - 2 * ours - theirs) <= 0.01 * theirs, (planned_node_bytes(opt, 3, "nvme"), ours, theirs)
-    resumed = run_ranks(2, [nvme(case("load", opt, 3, False, start_step=SPLIT, load_dir=ck, **wide), tmp_path / "nvme-l")],
+    resumed = run_ranks(2, [torch_adam(nvme(case("load", opt, 3, False, start_step=SPLIT, load_dir=ck, **wide),
+                                            tmp_path / "nvme-l"))],
                         tmp_path / "b")
     errors["resume 2->2 nvme"] = max_rel(resumed["load"]["params"], first["nvme"]["params"])
     single = run_ranks(1, [case(f"load-{k}", opt, 3, False, start_step=SPLIT, load_dir=d, **wide)
@@ -151,7 +183,9 @@ def test_nvme_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     # the same 2->1 resume from the NVMe run's checkpoint and from a run without offload
     errors["resume 2->1, nvme ckpt vs none ckpt"] = max_rel(single["load-nvme"]["params"], single["load-none"]["params"])
     print(f"\n{opt} NVMe offload (max relative error):", {k: f"{v:.1e}" for k, v in errors.items()})
-    assert errors["nvme vs none"] <= 1e-6, errors
+    assert errors["nvme vs none"] == 0, errors  # our AdamW: bit-identical
+    assert errors["nvme vs cpu offload, kernel"] == 0, errors  # the kernel: wherever the state lives
+    assert opt != "DASGO" or errors["nvme kernel vs none"] <= 1e-6, errors
     assert errors["resume 2->2 nvme"] == 0, errors  # same world: bit-identical
     assert errors["resume 2->1, nvme ckpt vs none ckpt"] == 0, errors  # the checkpoints hold the same state
 
@@ -418,29 +452,35 @@ def test_one_rank_offload_streams_the_state_to_its_gpu():
     assert host["math_devices"] == {"cpu"} and host["problems"] == []
 
 
-def test_host_adam_is_our_adamw_to_round_off():
+def test_host_adam_is_our_adamw_to_round_off_and_resumes_bit_identically():
     """DeepSpeed's CPU Adam kernel, as the elementwise pieces use it under offload, against
     ``optim.adamw.adamw_step``: 10 steps with weight decay, sizes that are not a multiple of its
-    vector width, within 1e-6 relative (another evaluation order, not another update)."""
+    vector width, within 1e-6 relative (another evaluation order, not another update). A run
+    that changes kernel instance after 5 steps (as a resumed process does) gives the same bits:
+    the bias corrections depend on the step alone, not on the instance's history."""
     import torch
 
     from ds_structopt.integrations.host_adam import load_host_adam
     from ds_structopt.optim.adamw import adamw_step
 
-    kernel = load_host_adam()
+    kernel, resumed = load_host_adam(), load_host_adam()
     if kernel is None:
         pytest.skip("DeepSpeed's cpu_adam op is unavailable (scripts/test.sh builds it)")
     gen = torch.Generator().manual_seed(0)
     shapes = [(37,), (5, 19), (1000,)]
     ours = [torch.randn(s, generator=gen) for s in shapes]
-    theirs = [p.clone() for p in ours]
-    st_ours, st_theirs = [{} for _ in shapes], [{} for _ in shapes]
-    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for _ in range(10):
+    theirs, split = [p.clone() for p in ours], [p.clone() for p in ours]
+    st_ours, st_theirs, st_split = ([{} for _ in shapes] for _ in range(3))
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for step in range(10):
         grads = [torch.randn(s, generator=gen) for s in shapes]
-        assert kernel.takes(theirs, grads)
+        assert kernel.takes(theirs, grads, st_theirs)
         adamw_step(ours, grads, st_ours, **hyper)
         kernel.step(theirs, grads, st_theirs, **hyper)
-    for a, b in zip(theirs, ours):
-        assert ((a - b).norm() / b.norm()).item() <= 1e-6
-    assert kernel.tensors_stepped == 10 * len(shapes) and st_theirs[0]["step"] == 10
+        (kernel if step < 5 else resumed).step(split, grads, st_split, **hyper)
+    errors = [((a - b).norm() / b.norm()).item() for a, b in zip(theirs, ours)]
+    assert max(errors) <= 1e-6, errors
+    for a, b, sa, sb in zip(split, theirs, st_split, st_theirs):
+        assert torch.equal(a, b) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert kernel.tensors_stepped == 15 * len(shapes) and st_theirs[0]["step"] == 10
+    assert not kernel.takes(theirs, [g.t() for g in grads], st_theirs)  # a strided gradient: our AdamW steps it

@@ -94,6 +94,9 @@ def test_offload_compute_is_ours_and_taken_out_before_deepspeed_reads_the_config
         parse_config({"optimizer": {"type": "AdaDiag++", "params": {}}, "ds_structopt": {"offload_compute": "host"}})
     with pytest.raises(ConfigError, match="ds_structopt.offload_stream_mib must be a number of MiB > 0, got 0"):
         parse_config({"optimizer": {"type": "AdaDiag++", "params": {}}, "ds_structopt": {"offload_stream_mib": 0}})
+    assert parse_config({"optimizer": {"type": "AdaDiag++", "params": {}}}).dist_options.offload_adam == "deepspeed"
+    with pytest.raises(ConfigError, match=r"ds_structopt.offload_adam must be one of \['deepspeed', 'torch'\], got 'cpu_adam'"):
+        parse_config({"optimizer": {"type": "AdaDiag++", "params": {}}, "ds_structopt": {"offload_adam": "cpu_adam"}})
 
 
 @pytest.mark.parametrize("block,zero,message", BAD)

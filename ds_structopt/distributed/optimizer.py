@@ -486,9 +486,9 @@ class DistributedStructuredOptimizer(Optimizer):
                 names.append(f"{e.name}#{piece.start}")
                 states.append(self.elem_state.setdefault(names[-1], {}))
         if params:
-            # under ZeRO-Offload the pieces are host fp32 partitions: DeepSpeed's CPU Adam kernel steps them
-            host = self.host_adam is not None and self.host_adam.takes(params, grads)
             with self._resident(list(zip(names, states))):
+                # under ZeRO-Offload the pieces are host fp32 partitions: DeepSpeed's CPU Adam kernel steps them
+                host = self.host_adam is not None and self.host_adam.takes(params, grads, states)
                 (self.host_adam.step if host else adamw_step)(
                     params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
                     eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))

@@ -124,7 +124,7 @@ def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
         ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
     if engine.zero_nvme_offload_optimizer():
         ours.state_store = nvme_state_store(engine)
-    if engine.zero_cpu_offload() or engine.zero_nvme_offload_optimizer():
+    if (engine.zero_cpu_offload() or engine.zero_nvme_offload_optimizer()) and ours.dist_options.offload_adam == "deepspeed":
         from .host_adam import load_host_adam
 
         ours.host_adam = load_host_adam()
