@@ -74,6 +74,10 @@ BAD = [
      "offload_optimizer.compute must be 'device' or 'host', got 'gpu'"),
     ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"compute": "host"}},
      "offload_optimizer.compute='host' needs device 'cpu' or 'nvme'"),
+    ({"type": "AdamW", "params": {}}, {"stage": 3, "offload_param": {"device": "cpu", "compute": "host"}},
+     "offload_param.compute: only offload_optimizer has a compute option"),
+    ({"type": "AdaDiag++", "params": {}}, {"stage": 2, "offload_optimizer": {"device": "cpu"}, "offload_param": "cpu"},
+     "zero_optimization.offload_param must be an object"),
 ]
 
 

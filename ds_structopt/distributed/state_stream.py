@@ -36,6 +36,7 @@ from typing import Any, Callable, MutableMapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..optim.cuda_streams import StreamPerDevice
 from .state_store import StateStore
 
 State = MutableMapping[str, Any]
@@ -61,11 +62,10 @@ def chunk_indices(sizes: Sequence[int], limit: int) -> list[list[int]]:
 
 class StateStream:
     """Runs a step call's math chunk by chunk with the states moved in and out beside it. One copy
-    stream per GPU, made once (each ``torch.cuda.Stream()`` draws from the pool NCCL's streams
-    come from; see ``RefreshAhead.side_stream``)."""
+    stream per GPU, made once (:class:`~..optim.cuda_streams.StreamPerDevice`)."""
 
     def __init__(self) -> None:
-        self._streams: dict[torch.device, Any] = {}
+        self._streams = StreamPerDevice()
         self.chunks_streamed = 0  # chunks run through ``run`` (metrics, tests)
 
     def run(self, named: Named, chunks: list[list[int]], device: torch.device, home: Optional[torch.device],
@@ -76,7 +76,7 @@ class StateStream:
         staging = home is not None and torch.device(home) != torch.device(device)
         parts = [[named[i] for i in chunk] for chunk in chunks]
         before = store.snapshot(named) if store is not None else []
-        copy = self._stream(device) if staging else None
+        copy = self._streams.for_device(device) if staging else None
         inbound: list[Optional[tuple[list[dict[str, Tensor]], Any]]] = [None] * len(parts)
         outbound: Optional[tuple[Any, list[Tensor]]] = None
         try:
@@ -126,15 +126,6 @@ class StateStream:
                 if store is not None:
                     store.abandon(named, before)
             raise
-
-    def _stream(self, device: torch.device) -> Any:
-        device = torch.device(device)
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
-        return stream
 
 
 def _to_device(part: Named, device: torch.device, copy: Any) -> tuple[list[dict[str, Tensor]], Any]:

@@ -111,12 +111,18 @@ def parse_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> StructOp
 def _take_offload_compute(cfg: dict[str, Any], dist_options: DistributedOptions) -> DistributedOptions:
     """``offload_optimizer.compute`` ("device" or "host") is ours: DeepSpeed's config model
     refuses keys it does not know, so it is taken out here, whatever the optimizer block (its
-    value is checked by ``DistributedOptions``, its device by ``_check_offload``)."""
+    value is checked by ``DistributedOptions``; the rest of the block by ``_check_offload`` for
+    our optimizers, by DeepSpeed for its own)."""
     zero = cfg.get("zero_optimization")
-    off = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    if not isinstance(zero, dict):
+        return dist_options
+    if isinstance(zero.get("offload_param"), Mapping) and "compute" in zero["offload_param"]:
+        raise ConfigError("zero_optimization.offload_param.compute: only offload_optimizer has a compute option")
+    off = zero.get("offload_optimizer")
     if not isinstance(off, dict) or "compute" not in off:
         return dist_options
-    _check_offload("offload_optimizer", off, zero.get("stage", 0))
+    if off.get("device", "none") in (None, "none"):
+        raise ConfigError(f"zero_optimization.offload_optimizer.compute={off['compute']!r} needs device 'cpu' or 'nvme'")
     try:
         return dataclasses.replace(dist_options, offload_compute=off.pop("compute"))
     except ValueError as exc:
@@ -159,12 +165,7 @@ def _check_offload(key: str, off: Any, stage: int) -> None:
         return
     if not isinstance(off, Mapping):
         raise ConfigError(f"zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}, got {off!r}")
-    device = off.get("device", "none")
-    if "compute" in off:
-        if key != "offload_optimizer":
-            raise ConfigError(f"zero_optimization.{key}.compute: only offload_optimizer has a compute option")
-        if device in (None, "none"):
-            raise ConfigError(f"zero_optimization.{key}.compute={off['compute']!r} needs device 'cpu' or 'nvme'")
+    device = off.get("device", "none")  # ("compute", ours, was taken out by _take_offload_compute)
     if device in (None, "none"):
         return
     where = f"zero_optimization.{key}.device"

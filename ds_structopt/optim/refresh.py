@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 
+from .cuda_streams import StreamPerDevice
 from .precision import full_fp32_matmul
 
 #: Default ``first_refresh_window`` with staggering: at most this many steps to spread the first bases over.
@@ -99,26 +100,12 @@ class RefreshAhead:
     def __init__(self) -> None:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: dict[int, tuple[MutableMapping[str, Any], Future, int, torch.device]] = {}
-        self._streams: dict[torch.device, Any] = {}  # device -> this optimizer's side stream
+        self._streams = StreamPerDevice()  # device -> this optimizer's side stream
 
     def side_stream(self, device: torch.device) -> Any:
-        """This optimizer's stream for background work on ``device``, created once.
-
-        Every ``torch.cuda.Stream()`` is the next stream of PyTorch's round-robin pool,
-        the pool NCCL's and DeepSpeed's side streams come from: one per submit would
-        cycle through all of them, so our eigh would now and then queue in front of
-        their all-gather. One draw keeps ours apart from theirs. Priority 0 is CUDA's
-        least (the default streams' too, so nothing lower exists): NCCL's kernels
-        overtake ours only if its streams are high priority
-        (``ProcessGroupNCCL.Options.is_high_priority_stream``).
-        """
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = torch.cuda.Stream(device=device, priority=_LOWEST_STREAM_PRIORITY)
-            self._streams[device] = stream
-        return stream
+        """This optimizer's stream for background work on ``device``, created once
+        (:class:`~.cuda_streams.StreamPerDevice`)."""
+        return self._streams.for_device(device)
 
     def submit(self, states: Sequence[MutableMapping[str, Any]], compute: Callable[[], list[Any]],
                device: torch.device, inputs: Sequence[Optional[torch.Tensor]] = ()) -> None:
@@ -165,8 +152,6 @@ class RefreshAhead:
         return len(self._pending)
 
 
-# CUDA's least stream priority (lower numbers are higher priorities, 0 is the least and the default).
-_LOWEST_STREAM_PRIORITY = 0
 
 
 def _hand_to_side_stream(stream: Any, inputs: Sequence[Optional[torch.Tensor]]) -> tuple[Any, Any]:
