@@ -63,16 +63,25 @@ def elementwise(names) -> list:
 @pytest.mark.parametrize("opt", ["AdaDiag++", "DASGO"])
 def test_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     """Our AdamW for the elementwise pieces (``offload_adam: "torch"``) gives the run without offload
-    bit for bit; DeepSpeed's ``cpu_adam`` kernel (the default) gives it to round-off, which AdaDiag++'s
-    matrices enlarge (measured 1.2e-06; another evaluation order, as another reduction order is)."""
+    bit for bit; DeepSpeed's ``cpu_adam`` kernel (the default) gives it to round-off: within 1e-6
+    for DASGO and for AdaDiag++ in the paper's reading, while AdaDiag++'s defaults enlarge it
+    (measured 1.2e-06: the first EMA factors of this model are rank-deficient, and eigh's basis of
+    their null space follows the last bit; another evaluation order, as another reduction order is)."""
     ck = {s: str(tmp_path / f"ck-z{s}") for s in (1, 2, 3)}
     cases = [case(f"none-z{s}", opt, s, False) for s in (1, 2, 3)]
     cases += [case(f"cpu-z{s}", opt, s, True, host_bytes=True) for s in (1, 2, 3)]
     cases += [torch_adam(case(f"torch-z{s}", opt, s, True)) for s in (1, 2, 3)]
     cases += [case("cpu-z3-params", opt, 3, True, params=True)]
     cases += [case(f"save-z{s}", opt, s, True, steps=SPLIT, save_after=SPLIT, save_dir=ck[s]) for s in (1, 2, 3)]
+    if opt == "AdaDiag++":  # the paper's reading, whose first factors are not rank-deficient here (test_zero_parity)
+        for s in (1, 2, 3):
+            cases += [{**case(f"{kind}-paper-z{s}", opt, s, kind == "cpu"), "params": {**OPTIMIZERS[opt], "preset": "paper"}}
+                      for kind in ("none", "cpu")]
     first = run_ranks(2, cases, tmp_path / "a")
     errors = {}
+    if opt == "AdaDiag++":
+        for s in (1, 2, 3):
+            errors[f"cpu z{s} paper"] = max_rel(first[f"cpu-paper-z{s}"]["params"], first[f"none-paper-z{s}"]["params"])
     for s in (1, 2, 3):
         errors[f"torch z{s}"] = max_rel(first[f"torch-z{s}"]["params"], first[f"none-z{s}"]["params"])
         errors[f"cpu z{s}"] = max_rel(first[f"cpu-z{s}"]["params"], first[f"none-z{s}"]["params"])
@@ -101,8 +110,9 @@ def test_offload_matches_no_offload_and_checkpoints_reshard(tmp_path, opt):
     assert all(errors[f"torch z{s}"] == 0 for s in (1, 2, 3)), errors  # our AdamW: bit-identical
     assert all(errors[f"resume 2->2 z{s}"] == 0 for s in (1, 2, 3)), errors  # same world: bit-identical
     assert all(errors[f"cpu z{s} elementwise"] <= 1e-6 for s in (1, 2, 3)), errors  # the kernel: round-off
-    if opt == "DASGO":
-        assert all(v <= 1e-6 for k, v in errors.items() if not k.startswith("resume 2->1")), errors
+    # the kernel, every tensor: DASGO, and AdaDiag++ in the paper's reading (its defaults: 1.2e-06 measured)
+    assert all(v <= 1e-6 for k, v in errors.items() if opt == "DASGO" and not k.startswith("resume 2->1")
+               or k.endswith("paper")), errors
     assert all(v < 1e-5 for v in errors.values()), errors  # another evaluation or reduction order
 
 
