@@ -124,3 +124,14 @@ def test_plans_are_deterministic():
     held = {m.name: [rng.randrange(0, 100) for _ in range(4)] for m in mats}
     assert plan_owners_local(mats, held, 4) == plan_owners_local(list(mats), dict(held), 4)
     assert all(matrix_cost(m, "flops") > 0 for m in mats)
+
+
+def test_owner_groups_at_zero3_are_pointed_out_once_and_only_there():
+    """Groups of owners at ZeRO-3 fan every piece out to world/group owners (docs/benchmarks.md):
+    the start-up note says so with the count; other stages, and one group, say nothing."""
+    from ds_structopt.distributed.ownership import group_fan_out_note
+
+    note = group_fan_out_note(3, 1024, 8)
+    assert note is not None and "to 128 owners" in note and "ownership_group_size=8" in note and "\n" not in note
+    assert group_fan_out_note(2, 1024, 8) is None and group_fan_out_note(0, 64, 8) is None
+    assert group_fan_out_note(3, 8, 8) is None  # one group: flat ownership already

@@ -175,3 +175,17 @@ def plan_replica_owners(matrices: Sequence[MatrixInfo], world_size: int, group_s
         for name, rank in local.items():
             out[name].append(base + rank)
     return out
+
+
+def group_fan_out_note(zero_stage: int, world_size: int, group_size: int) -> Optional[str]:
+    """One line for rank 0 when owner groups (``ownership_group_size``) meet ZeRO-3, else None.
+
+    At ZeRO-3 every rank holds a piece of every matrix, and each group has its own owner of
+    each matrix, so every rank sends every piece to world/group owners: messages, and the
+    step's Python, grow with the world (simulated, 7B at 1024 ranks in groups of 8: 267-327 ms
+    per plain step against 26-31 ms with one owner per matrix; docs/benchmarks.md)."""
+    if zero_stage != 3 or group_size >= world_size:
+        return None
+    return (f"ds_structopt: ownership_group_size={group_size} at ZeRO-3: each rank sends its piece of every matrix "
+            f"to {world_size // group_size} owners (one per group), so messages grow with the world; flat "
+            "ownership (ownership_group_size null) costs far less at ZeRO-3")

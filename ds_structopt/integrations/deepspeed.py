@@ -114,11 +114,15 @@ def attach_engine(engine: Any) -> Optional[DistributedStructuredOptimizer]:
     ours = find_optimizer(engine)
     if ours is None or getattr(engine, "_ds_structopt_attached", False):
         return ours
+    from ..distributed.ownership import group_fan_out_note
     from .deepspeed_checkpoint import wrap_engine_checkpointing
 
     if engine.dp_world_size != ours.world:
         raise RuntimeError(f"ds_structopt: DeepSpeed's data-parallel world ({engine.dp_world_size} ranks) is not the "
                            f"optimizer's ({ours.world}); model/sequence parallel layouts are not supported here")
+    note = group_fan_out_note(engine.zero_optimization_stage(), ours.world, ours.replicas.size)
+    if note is not None and ours.rank == 0:
+        print(note, flush=True)
     if engine.zero_optimization_stage() == 3:
         ours.flat_layouts = zero3_layouts(engine.optimizer)
         ours.flat_tensors = {id(t): t for t in engine.optimizer.fp32_partitioned_groups_flat}
