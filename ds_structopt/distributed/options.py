@@ -39,7 +39,7 @@ class DistributedOptions:
     it as ``zero_optimization.offload_optimizer.compute`` in a DeepSpeed config; ``offload_adam``:
     under ``offload_optimizer``, what steps the parameters not preconditioned (norms, biases,
     embeddings) in host memory: "deepspeed" (DeepSpeed's vectorized ``cpu_adam`` kernel, as
-    DeepSpeed steps AdamW under offload; about 5x our foreach AdamW on the host, equal to it to
+    DeepSpeed steps AdamW under offload; 3-5x our foreach AdamW on the host, equal to it to
     round-off) or "torch" (our foreach AdamW: bit-identical to the run without offload)."""
 
     cost_model: CostModel = "flops"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import struct
 import warnings
 from typing import Any, MutableMapping, Optional, Sequence
 
@@ -72,10 +73,15 @@ def kernel_hyperparameters(step: int, *, lr: float, betas: tuple[float, float], 
     in: ``m / (sqrt(v) / s2 + eps) = s2 * m / (sqrt(v) + eps * s2)`` with ``s2 = sqrt(c2)``, so the
     kernel gets ``lr * s2 / c1`` and ``eps * s2``, and the weight decay that keeps ``lr * wd``. The
     betas are the float32 values the kernel's moments use, so the corrections match them."""
-    beta1, beta2 = (float(torch.tensor(b, dtype=torch.float32)) for b in betas)
+    beta1, beta2 = (_float32(b) for b in betas)
     s2 = math.sqrt(1.0 - beta2**step)
     k_lr = lr * s2 / (1.0 - beta1**step)
     return k_lr, eps * s2, (lr * weight_decay / k_lr) if k_lr else 0.0
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to float32, as the kernel holds it (no tensor: this runs per tensor per step)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def load_host_adam() -> Optional[HostAdam]:
