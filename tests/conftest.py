@@ -42,7 +42,7 @@ def _deterministic():
 TIERS = {
     # the math and pure functions, one process (optim/, data/, planning's ownership, configs, lint)
     "unit": ("test_behavior", "test_identities", "test_linalg", "test_ownership", "test_refresh", "test_grouping",
-             "test_precision", "test_data", "test_config_fuzz", "test_lint", "test_trajectories"),
+             "test_precision", "test_data", "test_config_fuzz", "test_lint", "test_trajectories", "test_pieces"),
     # distributed/ and integrations/ on real (gloo) or fake process groups, several ranks per test
     "dist": ("test_zero_parity", "test_zero_checkpoint", "test_zero_configs", "test_zero_refresh",
              "test_torch_parallel", "test_cluster_sim", "test_step_decision", "test_megatron", "test_resume_world",

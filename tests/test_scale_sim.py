@@ -28,6 +28,17 @@ def test_plain_step_makes_one_host_sync_whatever_the_number_of_matrices(optimize
             assert row["host_syncs_per_step"] == 1, (layers, rank, row["host_sync_sites"])
 
 
+def test_torch_calls_per_plain_step_do_not_grow_with_the_messages():
+    """At ZeRO-3 an owner receives a piece of its matrix from every rank and sends every rank its
+    slice back; the views those messages land in and leave from are one split per matrix, and a
+    rank's gradient views one split per partition, so the calls a GPU would launch stay flat
+    while the messages grow 10x (was 389 -> 840 calls for 26 -> 268 messages, 8 -> 256 ranks)."""
+    rows = {world: scale.simulate(scale.Config(world, "7b", 3, "flat", "AdaDiag++", layers=2), 0) for world in (8, 256)}
+    assert rows[256]["messages_per_step"] >= 10 * rows[8]["messages_per_step"]
+    assert rows[256]["torch_calls_per_step"] <= rows[8]["torch_calls_per_step"], \
+        {w: r["torch_calls_per_step"] for w, r in rows.items()}
+
+
 @pytest.mark.parametrize("ownership", ["flat", "node"])
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bytes_sent_equal_the_planners(stage, ownership):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .pieces import Entry, Piece, local, shape_numel
+from .pieces import Entry, GradViews, Piece, local, shape_numel, split_ranges
 
 Ranges = list[tuple[int, int, int]]  # (rank, start, numel) of one matrix, flattened
 
@@ -56,6 +56,8 @@ class ExchangePlan:
     return_sent: int = 0  # elements of update slices this rank sends (step sizes not included)
     return_sent_mats: int = 0  # matrices in those messages (one step size each, where sizes travel)
     gaps: set[int] = field(default_factory=set)      # holders' ranges do not cover it all (zero-fill)
+    landing: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # wanted -> its holders' (start, numel)
+    returning: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # owned -> the (start, numel) sent back
 
     @property
     def owned(self) -> list[int]:
@@ -92,6 +94,7 @@ class ExchangePlan:
                     plan.local.append(i)
                 else:
                     plan.wanted.append(i)
+                    plan.landing[i] = [(start, n) for _, start, n in holders[name]]
                     for r, start, n in holders[name]:
                         if r != rank:
                             recvs.setdefault(r, []).append((i, start, n))
@@ -108,6 +111,9 @@ class ExchangePlan:
         plan.return_sends = [(dst, rs, [rs[0][0]]) for dst in sorted(back) for rs in _by_entry(back[dst])]
         plan.return_sent = sum(n for _, ranges, _ in plan.return_sends for _, _, n in ranges)
         plan.return_sent_mats = len(plan.return_sends)
+        for _, ranges, _ in plan.return_sends:
+            for i, start, n in ranges:
+                plan.returning.setdefault(i, []).append((start, n))
         plan.return_recvs = [(src, n, [i]) for src in sorted(back_from) for i, n in back_from[src]]
         return plan
 
@@ -134,24 +140,33 @@ class Incoming:
 
 
 def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.device, links: Links,
-                   dtype: torch.dtype = torch.float32) -> tuple[Incoming, int]:
+                   dtype: torch.dtype = torch.float32,
+                   views: Optional[GradViews] = None) -> tuple[Incoming, int]:
     """Post this step's gradient messages (sends of our pieces, receives of what we own) and
     copy our own pieces of wanted matrices into their buffers; returns (in flight, bytes sent).
+    ``views``: this step's gradient views of our pieces, made here if not given.
 
     No copies where none are needed (fp32 messages): a message whose pieces lie end to end
     in one partition is sent as a view of it, and a message carrying one range is received
-    straight into the owner's gradient buffer."""
+    straight into the owner's gradient buffer (views of it made by one split per matrix)."""
+    if views is None:
+        views = GradViews([p for e in entries for p in e.pieces])
     full = {}
     for i in plan.wanted:  # only where the holders leave a gap is the buffer zeroed
         make = torch.zeros if i in plan.gaps else torch.empty
         full[i] = make(shape_numel(entries[i].shape), dtype=torch.float32, device=device)
     ops = []
     grads: dict[int, Optional[Tensor]] = {}  # each piece's gradient (in dtype), looked up once per step
+    as_sent: dict[int, bool] = {}  # per source tensor: its gradient already in (dtype, device)
 
     def grad_of(piece: Piece) -> Optional[Tensor]:
         if id(piece) not in grads:
-            g = piece.grad()  # a host partition's under ZeRO-Offload: moved to the messages' device
-            grads[id(piece)] = g if g is None or (g.dtype == dtype and g.device == device) else g.to(device, dtype)
+            g = views.of(piece)
+            if g is not None and id(piece.source) not in as_sent:
+                as_sent[id(piece.source)] = g.dtype == dtype and g.device == device
+            if g is not None and not as_sent[id(piece.source)]:
+                g = g.to(device, dtype)  # a host partition's under ZeRO-Offload: moved to the messages' device
+            grads[id(piece)] = g
         return grads[id(piece)]
 
     for dst, mats in plan.gather_sends:
@@ -159,11 +174,13 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
         msg = _message(pieces, [grad_of(p) for p in pieces], device, dtype)
         ops.append(dist.P2POp(dist.isend, msg, links.to_global(dst), links.group, TAG_GATHER))
     sent = plan.gather_sent * dtype.itemsize
+    in_place = dtype == torch.float32
+    into = {i: split_ranges(full[i], plan.landing[i]) for i in plan.wanted} if in_place else {}
     inbox = []
     for src, size, ranges in plan.gather_recvs:
-        if len(ranges) == 1 and dtype == torch.float32:
+        if len(ranges) == 1 and in_place:
             i, start, n = ranges[0]
-            buf = full[i].narrow(0, start, n)
+            buf = into[i][(start, n)]
         else:
             buf = torch.empty(size, dtype=dtype, device=device)
             inbox.append((ranges, buf))
@@ -171,8 +188,9 @@ def post_gradients(plan: ExchangePlan, entries: list[Entry], device: torch.devic
     works = dist.batch_isend_irecv(ops) if ops else []
     for i in plan.wanted:  # this rank's own pieces
         for piece in entries[i].pieces:
-            g = piece.grad()
-            target = full[i].narrow(0, piece.start, piece.numel)
+            g = views.of(piece)
+            key = (piece.start, piece.numel)
+            target = into[i][key] if i in into and key in into[i] else full[i].narrow(0, piece.start, piece.numel)
             target.copy_(g) if g is not None else target.zero_()
     return Incoming(works, full, inbox, grads), sent
 
@@ -213,8 +231,9 @@ def post_updates(plan: ExchangePlan, updates: dict[int, Tensor], sizes: Optional
     sent: the gather phase's works are done). Returns (works, [(entries, message)] to
     receive, bytes sent). ``sent_grads``: the gather phase's gradient views (``Incoming.sent``)."""
     ops = []
+    slices = {i: split_ranges(updates[i], cuts) for i, cuts in plan.returning.items()}  # one split per matrix
     for dst, ranges, mats in plan.return_sends:
-        parts = [updates[i].narrow(0, start, n) for i, start, n in ranges]
+        parts = [slices[i][(start, n)] for i, start, n in ranges]
         if sizes is not None:
             parts.append(torch.stack([sizes[i] for i in mats]))
         if len(parts) > 1:
@@ -241,17 +260,22 @@ def _update_in_place(entries: list[Entry], mats: list[int], size: int, device: t
     pieces = entries[mats[0]].pieces if len(mats) == 1 else []
     if len(pieces) != 1 or not pieces[0].scratch or pieces[0].numel != size:
         return None
-    g = sent_grads[id(pieces[0])] if id(pieces[0]) in sent_grads else pieces[0].grad()
+    if id(pieces[0]) in sent_grads:  # sent in fp32 from ``device`` (post_gradients made it so)
+        return sent_grads[id(pieces[0])]
+    g = pieces[0].grad()
     return g if g is not None and g.dtype == torch.float32 and g.device == device else None
 
 
-def received_updates(inbox: list[tuple[list[int], Tensor]], entries: list[Entry], with_sizes: bool
-                     ) -> Iterator[tuple[Piece, Tensor, Optional[Tensor], int]]:
+def received_updates(inbox: list[tuple[list[int], Tensor]], entries: list[Entry], with_sizes: bool,
+                     dtype: torch.dtype = torch.float32) -> Iterator[tuple[Piece, Tensor, Optional[Tensor], int]]:
     """Once the messages are in: (our piece, its update slice in fp32, the matrix's step size
     as a device tensor or None when messages carry none, the matrix's entry index) for every
-    piece received. Nothing is read to the host."""
+    piece received. Nothing is read to the host. ``dtype``: the messages' (``post_updates``')."""
     for mats, buf in inbox:
-        buf = buf if buf.dtype == torch.float32 else buf.float()
+        buf = buf if dtype == torch.float32 else buf.float()
+        if not with_sizes and len(mats) == 1 and len(entries[mats[0]].pieces) == 1:
+            yield entries[mats[0]].pieces[0], buf, None, mats[0]  # the message is that piece's slice
+            continue
         sizes = buf.narrow(0, buf.numel() - len(mats), len(mats)).unbind() if with_sizes else None
         offset = 0
         for k, i in enumerate(mats):

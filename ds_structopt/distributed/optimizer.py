@@ -67,6 +67,7 @@ from .options import DistributedOptions
 from .ownership import MatrixInfo, plan_replica_owners
 from .pieces import (
     Entry,
+    GradViews,
     Piece,
     cut,
     dtensor_pieces,
@@ -305,8 +306,9 @@ class DistributedStructuredOptimizer(Optimizer):
             return loss
         for gi, group in work:
             entries = self._pieces(gi, group)  # entries are shared by groups with one index: use at once
-            self._step_elementwise(group, [e for e in entries if not e.is_matrix and e.pieces])
-            self._step_matrices(gi, group, [e for e in entries if e.is_matrix])
+            views = GradViews([p for e in entries for p in e.pieces])  # this call's gradient views
+            self._step_elementwise(group, [e for e in entries if not e.is_matrix and e.pieces], views)
+            self._step_matrices(gi, group, [e for e in entries if e.is_matrix], views)
         return loss
 
     def _decide(self, work: list) -> str:
@@ -346,8 +348,8 @@ class DistributedStructuredOptimizer(Optimizer):
         if bracket is not None and bracket["pending"] is not None:
             for flat, grads in bracket["pending"]():
                 layout = self._pending_layout(flat) if all(g is not None for g in grads) else None
-                if layout is not None and any(offset + numel > sum(g.numel() for g in grads)
-                                              for offset, numel, _ in layout[1]):
+                if layout is not None and max((offset + numel for offset, numel, _ in layout[1]), default=0) > sum(
+                        g.numel() for g in grads):
                     layout = None  # the tensors do not cover the partition's pieces: not laid out as we think
                 if layout is None:  # unknown partition: its gradients count for the decision only
                     parts = [(g, -1) for g in grads if g is not None and g.numel()]
@@ -464,7 +466,7 @@ class DistributedStructuredOptimizer(Optimizer):
         slot = self._slot.get(id(e))
         return self._live[slot] if slot is not None and slot < len(self._live) else None
 
-    def _step_elementwise(self, group: dict[str, Any], entries: list[Entry]) -> None:
+    def _step_elementwise(self, group: dict[str, Any], entries: list[Entry], views: GradViews) -> None:
         """AdamW on this rank's pieces of the parameters whose whole gradient is not all zero
         (``_decide``; non-finite ones skipped the whole step), every piece of such a parameter
         stepped, whatever its own gradient: the single-process optimizer's step of the whole."""
@@ -474,7 +476,7 @@ class DistributedStructuredOptimizer(Optimizer):
             if live is False:
                 continue
             for piece in e.pieces:
-                g = piece.grad()
+                g = views.of(piece)
                 if g is None:
                     continue
                 # not seen when the step was decided (a caller bracketing calls without telling us the
@@ -493,7 +495,8 @@ class DistributedStructuredOptimizer(Optimizer):
                     params, grads, states, lr=group["lr"], betas=self.math.adam_betas(group),
                     eps=group["adam_eps"], weight_decay=self.math.adam_weight_decay(group))
 
-    def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry]) -> None:
+    def _step_matrices(self, gi: int, group: dict[str, Any], entries: list[Entry],
+                       views: GradViews) -> None:
         """Gather owned gradients, compute updates, return them (``exchange.py``): an owner's
         math on what it holds whole runs while the other pieces are in flight."""
         holders = self._holders[self._current_holders]
@@ -511,10 +514,10 @@ class DistributedStructuredOptimizer(Optimizer):
 
         # 1. gradient pieces to every owner that lacks them (its replica owner in every group)
         dtype = self._comm_dtype
-        incoming, sent = post_gradients(plan, entries, device, links, dtype)
+        incoming, sent = post_gradients(plan, entries, device, links, dtype, views)
         self.comm_bytes += sent
         # 2. owners compute: first what is already here, then what arrives
-        local = {i: self._assemble_local(math_device, entries[i]) for i in plan.local}
+        local = {i: self._assemble_local(math_device, entries[i], views) for i in plan.local}
         updates = self._owner_updates(group, entries, {i: g for i, (g, _) in local.items()}, weights, home,
                                       scratch=all(copied for _, copied in local.values()))
         del local
@@ -549,7 +552,7 @@ class DistributedStructuredOptimizer(Optimizer):
         pieces = [(piece, flat[i].narrow(0, piece.start, piece.numel), lr if sizes is None else sizes[i])
                   for i in owned if not _skipped(updates[i][1]) for piece in entries[i].pieces]
         pieces += [(piece, chunk, lr if size is None else size)
-                   for piece, chunk, size, i in received_updates(inbox, entries, sizes is not None)
+                   for piece, chunk, size, i in received_updates(inbox, entries, sizes is not None, dtype)
                    if self._live_of(entries[i]) is not False]
         if home != device:  # offloaded partitions: the update slices (and device step sizes) go home first
             pieces = [(piece, chunk.to(home), size if not isinstance(size, Tensor) else size.to(home))
@@ -642,17 +645,17 @@ class DistributedStructuredOptimizer(Optimizer):
         self.counts.add(structured=len(live))
         return updates
 
-    def _assemble_local(self, device: torch.device, e: Entry) -> tuple[Tensor, bool]:
+    def _assemble_local(self, device: torch.device, e: Entry, views: GradViews) -> tuple[Tensor, bool]:
         """The full gradient of a matrix whose pieces are all on this rank, on ``device`` (missing
         grad -> zeros: skipped), and whether we may write into it (our copy, or a DeepSpeed partition's)."""
         if len(e.pieces) == 1 and e.pieces[0].numel == shape_numel(e.shape):
-            g = e.pieces[0].grad()
+            g = views.of(e.pieces[0])
             if g is not None:
                 full = g.to(device=device, dtype=torch.float32)
                 return full, full is not g or e.pieces[0].scratch
         full = torch.zeros(shape_numel(e.shape), dtype=torch.float32, device=device)
         for piece in e.pieces:
-            g = piece.grad()
+            g = views.of(piece)
             if g is not None:
                 full.narrow(0, piece.start, piece.numel).copy_(g)
         return full, True
@@ -666,7 +669,8 @@ class DistributedStructuredOptimizer(Optimizer):
             return
         sizes = [lr for _, _, lr in pieces]
         apply_updates([p.param for p, _, _ in pieces], [u for _, u, _ in pieces],
-                      torch.stack(sizes) if isinstance(sizes[0], Tensor) else sizes, wd)  # type: ignore[arg-type]
+                      torch.stack(sizes) if isinstance(sizes[0], Tensor) else sizes, wd,  # type: ignore[arg-type]
+                      fp32_alike=all(p.fp32 for p, _, _ in pieces))  # pieces and slices are 1-D
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """DeepSpeed hands us its saved base-optimizer state when it loads its own partitions

@@ -13,7 +13,7 @@ tensor its gradient arrives on. The layouts:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +31,10 @@ class Piece:
     # its gradient is a DeepSpeed partition's (dropped or zeroed after the step): ours to
     # overwrite once sent (updates written into it); a model's own .grad never is
     scratch: bool = False
+    fp32: bool = field(init=False)  # ``param`` is fp32 (read once, when the piece is made)
+
+    def __post_init__(self) -> None:
+        self.fp32 = self.param.dtype == torch.float32
 
     def grad(self) -> Optional[Tensor]:
         g = self.source.grad
@@ -92,6 +96,60 @@ def dtensor_pieces(param: Tensor) -> list[Piece]:
     chunk = -(-rows // world)
     row_size = local.numel() // local.shape[0]
     return [Piece(rank * chunk * row_size, local.numel(), local.view(-1), param, 0)]
+
+
+def split_ranges(t: Tensor, ranges: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Tensor]:
+    """Views of 1-D ``t`` at ``ranges`` ((start, numel), disjoint): {range: view}, made by one
+    ``split_with_sizes`` over the ranges and the gaps between them instead of a ``narrow`` per range
+    (at ZeRO-3 an owner receives one range of its matrix from every rank of the world)."""
+    ordered = sorted(set(ranges))
+    sizes: list[int] = []
+    at_index: list[Optional[tuple[int, int]]] = []
+    pos = 0
+    for start, numel in ordered:
+        if start < pos:  # overlapping ranges: no tiling, one view each
+            return {r: t.narrow(0, r[0], r[1]) for r in ordered}
+        if start > pos:
+            sizes.append(start - pos)
+            at_index.append(None)
+        sizes.append(numel)
+        at_index.append((start, numel))
+        pos = start + numel
+    if not ordered:
+        return {}
+    if len(ordered) == 1:
+        start, numel = ordered[0]
+        return {ordered[0]: t if start == 0 and numel == t.shape[0] else t.narrow(0, start, numel)}
+    total = t.shape[0]
+    if pos < total:
+        sizes.append(total - pos)
+        at_index.append(None)
+    return {r: view for r, view in zip(at_index, t.split_with_sizes(sizes)) if r is not None}
+
+
+class GradViews:
+    """This step's gradient views of pieces (as ``Piece.grad``), made with one ``.grad`` read, one
+    reshape and one split per source tensor rather than three calls per piece: at ZeRO-3 a rank
+    holds a piece of every parameter in one partition. Make one per step: it holds the gradients
+    as long as the caller keeps it. A piece it was not made with (pieces made again since) gets
+    ``Piece.grad``."""
+
+    def __init__(self, pieces: Sequence[Piece]) -> None:
+        by_source: dict[int, list[Piece]] = {}
+        for piece in pieces:
+            by_source.setdefault(id(piece.source), []).append(piece)
+        self._views: dict[int, tuple[Piece, Optional[Tensor]]] = {}  # id -> (the piece, kept alive: ids stay unique)
+        for same in by_source.values():
+            g = same[0].source.grad
+            if g is None:
+                self._views.update((id(p), (p, None)) for p in same)
+                continue
+            views = split_ranges(local(g).reshape(-1), [(p.offset, p.numel) for p in same])
+            self._views.update((id(p), (p, views[(p.offset, p.numel)])) for p in same)
+
+    def of(self, piece: Piece) -> Optional[Tensor]:
+        hit = self._views.get(id(piece))
+        return hit[1] if hit is not None and hit[0] is piece else piece.grad()
 
 
 def cut(tensors: list[Tensor], ranges: list[tuple[int, int, int]]) -> list[tuple[Tensor, int]]:

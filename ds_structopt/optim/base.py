@@ -346,13 +346,15 @@ StepSizes = Union[list[float], Tensor]  # see StructuredOptimizer.matrix_updates
 
 
 def apply_updates(params: Sequence[Tensor], updates: Sequence[Tensor], step_sizes: Union[Sequence[float], Tensor],
-                  weight_decay: float) -> None:
+                  weight_decay: float, fp32_alike: bool = False) -> None:
     """W <- W (1 - lr_i wd) - lr_i U_i in fp32 (updates are owned scratch tensors, scaled in place).
 
     ``step_sizes``: Python floats, or one fp32 device tensor with an entry per parameter (sizes
     that live on the device, e.g. Adafactor's relative step or an owner's message: applied
-    without reading them back to the host)."""
-    weights32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+    without reading them back to the host). ``fp32_alike``: the caller knows every parameter is
+    fp32 and shaped like its update (a distributed rank's 1-D pieces), so no per-tensor dtype
+    read or reshape is made (at ZeRO-3 a rank applies a piece of every matrix)."""
+    weights32 = list(params) if fp32_alike else [p if p.dtype == torch.float32 else p.float() for p in params]
     if isinstance(step_sizes, Tensor):
         if weight_decay != 0:
             torch._foreach_mul_(weights32, list((1.0 - step_sizes * weight_decay).unbind()))
@@ -361,7 +363,8 @@ def apply_updates(params: Sequence[Tensor], updates: Sequence[Tensor], step_size
         if weight_decay != 0:
             torch._foreach_mul_(weights32, [1.0 - lr * weight_decay for lr in step_sizes])
         torch._foreach_mul_(list(updates), [-lr for lr in step_sizes])
-    torch._foreach_add_(weights32, [u.view_as(w) for u, w in zip(updates, weights32)])
-    for p, w in zip(params, weights32):
-        if w is not p:
-            p.copy_(w)
+    torch._foreach_add_(weights32, list(updates) if fp32_alike else [u.view_as(w) for u, w in zip(updates, weights32)])
+    if not fp32_alike:
+        for p, w in zip(params, weights32):
+            if w is not p:
+                p.copy_(w)
