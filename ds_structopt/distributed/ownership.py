@@ -182,8 +182,8 @@ def group_fan_out_note(zero_stage: int, world_size: int, group_size: int) -> Opt
 
     At ZeRO-3 every rank holds a piece of every matrix, and each group has its own owner of
     each matrix, so every rank sends every piece to world/group owners: messages, and the
-    step's Python, grow with the world (simulated, 7B at 1024 ranks in groups of 8: 267-327 ms
-    per plain step against 26-31 ms with one owner per matrix; docs/benchmarks.md)."""
+    step's Python, grow with the world (simulated, 7B at 1024 ranks in groups of 8: 142-214 ms
+    per plain step against 7-15 ms with one owner per matrix; docs/benchmarks.md)."""
     if zero_stage != 3 or group_size >= world_size:
         return None
     return (f"ds_structopt: ownership_group_size={group_size} at ZeRO-3: each rank sends its piece of every matrix "
