@@ -17,16 +17,37 @@ if _EXT_OURS:  # the offload tests' DeepSpeed ops (async_io, cpu_adam), built by
     from ds_structopt.integrations.offload_ops import provide
 
     provide(_EXT_DIR)
-_EXT_BEFORE = set(os.listdir(_EXT_DIR)) if os.path.isdir(_EXT_DIR) else set()
+
+
+def _op_libraries() -> dict[str, float]:
+    """Each op folder in the extensions folder -> its library's modification time (0: none yet)."""
+    if not os.path.isdir(_EXT_DIR):
+        return {}
+    return {op: (os.path.getmtime(so) if os.path.isfile(so := os.path.join(_EXT_DIR, op, f"{op}.so")) else 0.0)
+            for op in os.listdir(_EXT_DIR)}
+
+
+_EXT_BEFORE = _op_libraries()
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if any test path made DeepSpeed JIT-compile an op: minutes of g++ per fresh CI
-    machine, and a killed compile leaves a lock that hangs every later DeepSpeed start."""
-    built = sorted(set(os.listdir(_EXT_DIR)) - _EXT_BEFORE) if os.path.isdir(_EXT_DIR) else []
-    if built:
-        print(f"\nerror: DeepSpeed JIT-compiled {built} into {_EXT_DIR}; a code path starts DeepSpeed's comm "
-              "backend without ds_structopt.integrations.deepspeed_ops.skip_unused_jit_ops()")
+    machine, and a killed compile leaves a lock that hangs every later DeepSpeed start. A rebuilt
+    op counts too: a stale prebuilt copy (DeepSpeed or torch reinstalled since it was built) is
+    recompiled by ninja in every session, minutes each."""
+    after = _op_libraries()
+    compiled = sorted(op for op in after if after[op] != _EXT_BEFORE.get(op))  # new, or rebuilt in place
+    from ds_structopt.integrations.offload_ops import BUILDS
+
+    prebuilt = {op for ops in BUILDS.values() for op in ops}
+    if set(compiled) - prebuilt:
+        print(f"\nerror: DeepSpeed JIT-compiled {sorted(set(compiled) - prebuilt)} into {_EXT_DIR}; a code path starts "
+              "DeepSpeed's comm backend without ds_structopt.integrations.deepspeed_ops.skip_unused_jit_ops()")
+        session.exitstatus = 1
+    elif compiled:
+        print(f"\nerror: DeepSpeed compiled {compiled} in {_EXT_DIR}: no up-to-date prebuilt copy (missing, or older "
+              "than DeepSpeed's or torch's files after a reinstall); `python -m ds_structopt.integrations.offload_ops` "
+              "(scripts/test.sh runs it) builds them once per machine")
         session.exitstatus = 1
     elif _EXT_OURS:
         shutil.rmtree(_EXT_DIR, ignore_errors=True)

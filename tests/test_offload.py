@@ -494,3 +494,30 @@ def test_host_adam_is_our_adamw_to_round_off_and_resumes_bit_identically():
         assert torch.equal(a, b) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert kernel.tensors_stepped == 15 * len(shapes) and st_theirs[0]["step"] == 10
     assert not kernel.takes(theirs, [g.t() for g in grads], st_theirs)  # a strided gradient: our AdamW steps it
+
+
+def test_a_prebuilt_op_older_than_its_sources_is_not_built(tmp_path):
+    """A reinstall of DeepSpeed or torch leaves sources newer than the prebuilt ops; copied into a
+    test session's extensions folder, such an op was recompiled by ninja in every session (3-6 min
+    of g++ here). ``built`` asks ninja itself, so the set-up rebuilds the op once instead."""
+    import os
+    import shutil
+    import subprocess
+
+    from ds_structopt.integrations.offload_ops import built
+
+    if shutil.which("ninja") is None:
+        pytest.skip("no ninja on PATH (torch cannot JIT-build ops without it either)")
+    op = tmp_path / "ops" / "toy"
+    op.mkdir(parents=True)
+    source = tmp_path / "toy.cpp"
+    source.write_text("int toy;\n")
+    (op / "build.ninja").write_text(f"rule cp\n  command = cp $in $out\nbuild toy.so: cp {source}\n")
+    assert not built(str(tmp_path / "ops"), ("toy",))  # never built
+    subprocess.run(["ninja", "-C", str(op)], check=True, capture_output=True)
+    assert built(str(tmp_path / "ops"), ("toy",))
+    assert built(str(tmp_path / "ops"), ("toy",))  # asking does not change ninja's log
+    later = os.path.getmtime(op / "toy.so") + 10
+    os.utime(source, (later, later))  # the source reinstalled after the build
+    assert not built(str(tmp_path / "ops"), ("toy",))
+    assert not built(str(tmp_path / "ops"), ("toy", "missing"))

@@ -34,8 +34,9 @@ def prebuilt_dir() -> str:
 
 
 def build() -> dict[str, str]:
-    """Build each op not yet in :func:`prebuilt_dir` (in a child process: the extensions folder is
-    read when torch first builds); returns builder -> "built" or the compiler's last line."""
+    """Build each op missing or out of date in :func:`prebuilt_dir` (in a child process: the
+    extensions folder is read when torch first builds); returns builder -> "built" or the
+    compiler's last line."""
     folder = prebuilt_dir()
     os.makedirs(folder, exist_ok=True)
     result = {}
@@ -52,12 +53,34 @@ def build() -> dict[str, str]:
 
 
 def built(folder: str, ops: tuple[str, ...]) -> bool:
-    return all(os.path.isfile(os.path.join(folder, op, f"{op}.so")) for op in ops)
+    """Each op's library is there and up to date with what it was built from. A reinstall of
+    DeepSpeed or torch at the same versions leaves newer sources and headers: ninja then rebuilds
+    the op on load, in every fresh extensions folder it is copied to (minutes per test session)."""
+    return all(os.path.isfile(os.path.join(folder, op, f"{op}.so")) and up_to_date(os.path.join(folder, op))
+               for op in ops)
+
+
+def up_to_date(op_dir: str) -> bool:
+    """Whether loading the op in ``op_dir`` compiles nothing: ninja's own dry run (``-n``) over the
+    build.ninja torch left there (True where there is no ninja or build file to ask)."""
+    ninja = _ninja()
+    if ninja is None or not os.path.isfile(os.path.join(op_dir, "build.ninja")):
+        return True
+    done = subprocess.run([ninja, "-C", op_dir, "-n"], capture_output=True, text=True)
+    return done.returncode == 0 and "no work to do" in done.stdout
+
+
+def _ninja() -> str | None:
+    """The ninja torch runs: the first on PATH (``ninja -v``). Another version would not read this
+    one's build log (1.13 restarts a 1.11 log: everything rebuilt), so the check asks this one."""
+    return shutil.which("ninja")
 
 
 def provide(extensions_dir: str) -> list[str]:
     """Copy the prebuilt ops into ``extensions_dir`` (a fresh TORCH_EXTENSIONS_DIR) so that loading
-    them there compiles nothing; returns the ops copied (none where this machine has no build)."""
+    them there compiles nothing; returns the ops copied (none where this machine has no up-to-date
+    build: copying a stale one would only move its rebuild there). Copies keep the files' times,
+    which is what ninja compares."""
     source = prebuilt_dir()
     copied = []
     for ops in BUILDS.values():
