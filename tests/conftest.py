@@ -6,6 +6,8 @@ import tempfile
 import pytest
 import torch
 
+from ds_structopt.integrations.offload_ops import BUILDS, provide
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Every rank a test starts inherits this: JIT builds (if any) go to a fresh folder, so a lock left in
@@ -14,8 +16,6 @@ _EXT_OURS = "TORCH_EXTENSIONS_DIR" not in os.environ
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="ds_structopt_test_ext_"))
 _EXT_DIR = os.environ["TORCH_EXTENSIONS_DIR"]
 if _EXT_OURS:  # the offload tests' DeepSpeed ops (async_io, cpu_adam), built by the set-up (scripts/test.sh), not here
-    from ds_structopt.integrations.offload_ops import provide
-
     provide(_EXT_DIR)
 
 
@@ -37,8 +37,6 @@ def pytest_sessionfinish(session, exitstatus):
     recompiled by ninja in every session, minutes each."""
     after = _op_libraries()
     compiled = sorted(op for op in after if after[op] != _EXT_BEFORE.get(op))  # new, or rebuilt in place
-    from ds_structopt.integrations.offload_ops import BUILDS
-
     prebuilt = {op for ops in BUILDS.values() for op in ops}
     if set(compiled) - prebuilt:
         print(f"\nerror: DeepSpeed JIT-compiled {sorted(set(compiled) - prebuilt)} into {_EXT_DIR}; a code path starts "
