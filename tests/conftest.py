@@ -6,9 +6,13 @@ import tempfile
 import pytest
 import torch
 
-from ds_structopt.integrations.offload_ops import BUILDS, provide
+from ds_structopt.integrations.offload_ops import BUILDS, path_with_env_bin, provide
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Every process a test starts runs the venv's tools (deepspeed, torchrun, and the ninja torch
+# builds ops with: the one the set-up built the prebuilt ops with), as in an activated venv.
+os.environ["PATH"] = path_with_env_bin()
 
 # Every rank a test starts inherits this: JIT builds (if any) go to a fresh folder, so a lock left in
 # ~/.cache/torch_extensions by a job killed mid-compile elsewhere cannot stall the suite.
@@ -43,8 +47,8 @@ def pytest_sessionfinish(session, exitstatus):
               "DeepSpeed's comm backend without ds_structopt.integrations.deepspeed_ops.skip_unused_jit_ops()")
         session.exitstatus = 1
     elif compiled:
-        print(f"\nerror: DeepSpeed compiled {compiled} in {_EXT_DIR}: no up-to-date prebuilt copy (missing, or older "
-              "than DeepSpeed's or torch's files after a reinstall); `python -m ds_structopt.integrations.offload_ops` "
+        print(f"\nerror: DeepSpeed compiled {compiled} in {_EXT_DIR}: no up-to-date prebuilt copy (missing, older "
+              "than DeepSpeed's or torch's files after a reinstall, or built by another ninja); `python -m ds_structopt.integrations.offload_ops` "
               "(scripts/test.sh runs it) builds them once per machine")
         session.exitstatus = 1
     elif _EXT_OURS:

@@ -504,9 +504,10 @@ def test_a_prebuilt_op_older_than_its_sources_is_not_built(tmp_path):
     import shutil
     import subprocess
 
-    from ds_structopt.integrations.offload_ops import built
+    from ds_structopt.integrations.offload_ops import built, path_with_env_bin
 
-    if shutil.which("ninja") is None:
+    ninja = shutil.which("ninja", path=path_with_env_bin())
+    if ninja is None:
         pytest.skip("no ninja on PATH (torch cannot JIT-build ops without it either)")
     op = tmp_path / "ops" / "toy"
     op.mkdir(parents=True)
@@ -514,10 +515,36 @@ def test_a_prebuilt_op_older_than_its_sources_is_not_built(tmp_path):
     source.write_text("int toy;\n")
     (op / "build.ninja").write_text(f"rule cp\n  command = cp $in $out\nbuild toy.so: cp {source}\n")
     assert not built(str(tmp_path / "ops"), ("toy",))  # never built
-    subprocess.run(["ninja", "-C", str(op)], check=True, capture_output=True)
+    subprocess.run([ninja, "-C", str(op)], check=True, capture_output=True)
     assert built(str(tmp_path / "ops"), ("toy",))
     assert built(str(tmp_path / "ops"), ("toy",))  # asking does not change ninja's log
     later = os.path.getmtime(op / "toy.so") + 10
     os.utime(source, (later, later))  # the source reinstalled after the build
     assert not built(str(tmp_path / "ops"), ("toy",))
     assert not built(str(tmp_path / "ops"), ("toy", "missing"))
+
+
+def test_prebuilt_ops_are_kept_per_environment_and_built_with_its_ninja(monkeypatch):
+    """torch's build.ninja names DeepSpeed's sources by absolute path, so a build made for the venv
+    under one root is recompiled when copied for a clone under another (CI's checkout): the same
+    versions in another venv must get their own build. And the ninja that built it must be the one
+    every later load runs: the venv's, first on PATH in the set-up and in each test process."""
+    import os
+    import sys
+
+    from ds_structopt.integrations import offload_ops
+
+    here = offload_ops.prebuilt_dir()
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/main/.venv")
+    there = offload_ops.prebuilt_dir()
+    assert here != there and os.path.dirname(here) == os.path.dirname(there)
+    monkeypatch.undo()
+    assert offload_ops.prebuilt_dir() == here
+
+    bin_dir = os.path.dirname(sys.executable)
+    assert offload_ops.path_with_env_bin("/usr/bin:/bin").split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
+    once = offload_ops.path_with_env_bin(f"/usr/bin{os.pathsep}{bin_dir}")
+    assert once.split(os.pathsep) == [bin_dir, "/usr/bin"] and offload_ops.path_with_env_bin(once) == once
+    assert os.environ["PATH"].split(os.pathsep)[0] == bin_dir  # conftest: what every test process inherits
+    if os.path.exists(venv_ninja := os.path.join(bin_dir, "ninja")):  # DeepSpeed's pip dependency
+        assert offload_ops._ninja() == venv_ninja

@@ -8,13 +8,14 @@
 DeepSpeed JIT-compiles them the first time offload starts: minutes of g++ (``async_io`` is
 built at -O0), and a rank killed mid-compile leaves a lock behind. ``python -m
 ds_structopt.integrations.offload_ops`` builds them ahead, into a folder per DeepSpeed and torch
-version under ``~/.cache/ds_structopt/ops`` (the test set-up runs it; tests copy the result into
-their own extensions folder and never compile). ``async_io`` needs ``libaio-dev``
+version and virtual environment under ``~/.cache/ds_structopt/ops`` (the test set-up runs it;
+tests copy the result into their own extensions folder and never compile). ``async_io`` needs ``libaio-dev``
 (``scripts/install_system_deps.sh`` installs it); each op is built on its own, so a machine
 without libaio still gets ``cpu_adam``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,12 +26,27 @@ BUILDS = {"AsyncIOBuilder": ("async_io", "pin_memory"), "CPUAdamBuilder": ("cpu_
 
 
 def prebuilt_dir() -> str:
-    """Where this machine's build lives, keyed by the versions that make a build valid (read
-    without importing DeepSpeed, which takes seconds)."""
+    """Where this machine's build lives, keyed by what makes a build valid: the versions (read
+    without importing DeepSpeed, which takes seconds) and the environment's location, because
+    torch's build.ninja names DeepSpeed's sources by absolute path. The same versions in a clone
+    elsewhere (CI checks out under another root) write a different build.ninja on load, and ninja
+    then recompiles every object of the copied build."""
     from importlib.metadata import version
 
-    key = f"deepspeed{version('deepspeed')}-torch{version('torch')}-py{sys.version_info.major}{sys.version_info.minor}"
+    where = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+    key = f"deepspeed{version('deepspeed')}-torch{version('torch')}-py{sys.version_info.major}{sys.version_info.minor}-{where}"
     return os.path.join(os.path.expanduser("~"), ".cache", "ds_structopt", "ops", key)
+
+
+def path_with_env_bin(path: str | None = None) -> str:
+    """``path`` (default: PATH) with this interpreter's bin folder first, as an activated venv has
+    it. DeepSpeed's pip dependency puts a ninja there; torch runs the first ninja on PATH, and a
+    build log written by one ninja version is restarted (everything rebuilt) by another, so the
+    set-up and every test process must find the same one."""
+    path = os.environ.get("PATH", "") if path is None else path
+    first = os.path.dirname(sys.executable)
+    parts = [p for p in path.split(os.pathsep) if p and p != first]
+    return os.pathsep.join([first, *parts])
 
 
 def build() -> dict[str, str]:
@@ -45,7 +61,7 @@ def build() -> dict[str, str]:
             result[builder] = "built"
             continue
         code = f"from deepspeed.ops.op_builder import {builder}; {builder}().load(verbose=False)"
-        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": folder},
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": folder, "PATH": path_with_env_bin()},
                               capture_output=True, text=True)
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         result[builder] = "built" if done.returncode == 0 else f"failed: {last}"
@@ -71,9 +87,10 @@ def up_to_date(op_dir: str) -> bool:
 
 
 def _ninja() -> str | None:
-    """The ninja torch runs: the first on PATH (``ninja -v``). Another version would not read this
-    one's build log (1.13 restarts a 1.11 log: everything rebuilt), so the check asks this one."""
-    return shutil.which("ninja")
+    """The ninja torch runs in the set-up and the tests: the first on :func:`path_with_env_bin`.
+    Another version would not read this one's build log (1.13 restarts a 1.11 log: everything
+    rebuilt), so the check asks this one."""
+    return shutil.which("ninja", path=path_with_env_bin())
 
 
 def provide(extensions_dir: str) -> list[str]:
