@@ -49,7 +49,7 @@ def pytest_sessionfinish(session, exitstatus):
     elif compiled:
         print(f"\nerror: DeepSpeed compiled {compiled} in {_EXT_DIR}: no up-to-date prebuilt copy (missing, older "
               "than DeepSpeed's or torch's files after a reinstall, or built by another ninja); `python -m ds_structopt.integrations.offload_ops` "
-              "(scripts/test.sh runs it) builds them once per machine")
+              "(scripts/test.sh runs it) builds them once per machine and venv")
         session.exitstatus = 1
     elif _EXT_OURS:
         shutil.rmtree(_EXT_DIR, ignore_errors=True)

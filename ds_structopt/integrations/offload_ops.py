@@ -1,4 +1,4 @@
-"""DeepSpeed's C++ ops that offload uses, built once per machine.
+"""DeepSpeed's C++ ops that offload uses, built once per machine and environment.
 
 - ``async_io`` (and the ``pin_memory`` op it links against): NVMe offload's reads and writes.
 - ``cpu_adam``: DeepSpeed's vectorized CPU AdamW, which steps the elementwise parameters
