@@ -135,3 +135,20 @@ def test_owner_groups_at_zero3_are_pointed_out_once_and_only_there():
     assert note is not None and "to 128 owners" in note and "ownership_group_size=8" in note and "\n" not in note
     assert group_fan_out_note(2, 1024, 8) is None and group_fan_out_note(0, 64, 8) is None
     assert group_fan_out_note(3, 8, 8) is None  # one group: flat ownership already
+
+
+def test_split_projection_in_the_docs_holds():
+    """docs/benchmarks.md quotes scripts/what_if_split_load.py: whole-matrix placement stops at
+    1.19 for AdaDiag++ on 256 ranks (70B), and MLP matrices in four parts would reach 1.094."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "what_if_split_load.py"
+    spec = importlib.util.spec_from_file_location("what_if", script)
+    what_if = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(what_if)
+    family = dso.AdaDiagPP
+    options = dict(family.DEFAULTS)
+    whole = what_if.max_over_mean(what_if.matrices(family, options, 1), 256)
+    four = what_if.max_over_mean(what_if.matrices(family, options, 4), 256)
+    assert round(whole, 2) == 1.19 and round(four, 3) == 1.094, (whole, four)
