@@ -16,28 +16,27 @@ from typing import Any
 from ds_structopt.distributed.ownership import MatrixInfo, loads, plan_owners
 from ds_structopt.optim.base import StructuredOptimizer
 from ds_structopt.optim.registry import get_optimizer_class
+from ds_structopt.planning.model_shapes import model_params
 
 WORLDS = (64, 128, 256)
-LONG = 28672  # the 70B MLP's long side: never rotated at max_precond_dim 10000
 
 
-def shapes_70b() -> list[tuple[str, int, int]]:
-    """(name, rows, cols) of LLaMA-2 70B's structured matrices (80 layers, GQA k/v of 1024)."""
-    per_layer = (("q", 8192, 8192), ("k", 1024, 8192), ("v", 1024, 8192), ("o", 8192, 8192),
-                 ("gate", LONG, 8192), ("up", LONG, 8192), ("down", 8192, LONG))
-    return [(f"{layer}.{name}", m, n) for layer in range(80) for name, m, n in per_layer]
-
-
-def matrices(family: type[StructuredOptimizer], options: dict[str, Any], parts: int) -> list[MatrixInfo]:
-    """Each matrix whole, or an MLP matrix as ``parts`` cuts of its long side."""
+def matrices(family: type[StructuredOptimizer], options: dict[str, Any], parts: int,
+             model: str = "70b") -> list[MatrixInfo]:
+    """The model's preconditioned matrices as the planner sees them (``model_params``), each whole,
+    or, where one side is longer than ``max_precond_dim`` (never rotated), cut into ``parts``
+    along that side."""
     out = []
-    for name, m, n in shapes_70b():
-        if parts == 1 or LONG not in (m, n):
-            out.append(MatrixInfo.of(name, m, n, family, options))
+    specs = [p for group in model_params(model, family.NAME, options) for p in group if p.is_matrix]
+    for spec in specs:
+        m, n = spec.rows_cols
+        if parts == 1 or max(m, n) <= options["max_precond_dim"]:
+            out.append(MatrixInfo.of(spec.name, m, n, family, options))
             continue
-        pm, pn = (m // parts, n) if m == LONG else (m, n // parts)
+        pm, pn = (m // parts, n) if m >= n else (m, n // parts)
         refresh = family.refresh_flops(m, n, options) / max(1, int(options.get("update_freq", 1)))
-        out += [MatrixInfo(f"{name}#{p}", pm, pn, family.step_flops(pm, pn, options) + refresh, 0) for p in range(parts)]
+        out += [MatrixInfo(f"{spec.name}#{p}", pm, pn, family.step_flops(pm, pn, options) + refresh, 0)
+                for p in range(parts)]
     return out
 
 
@@ -47,13 +46,22 @@ def max_over_mean(infos: list[MatrixInfo], world: int) -> float:
     return max(load) / (sum(load) / world)
 
 
+# (family, options beyond its defaults, parts per MLP matrix): the rows of docs/benchmarks.md's table
+CASES = (("AdaDiag++", {}, 1), ("AdaDiag++", {}, 2), ("AdaDiag++", {}, 4), ("ASGO", {}, 1),
+         ("ASGO", {"root": "eigh"}, 1), ("DASGO", {}, 1), ("DASGO", {}, 2), ("DASGO", {}, 4))
+
+
+def projection(family_name: str, extra: dict[str, Any], parts: int) -> dict[int, float]:
+    """World size -> max/mean load (3 decimals) of one case."""
+    family = get_optimizer_class(family_name)
+    options = family.resolve_options(dict(extra))
+    infos = matrices(family, options, parts)
+    return {w: round(max_over_mean(infos, w), 3) for w in WORLDS}
+
+
 def main() -> None:
-    for family_name, extra, parts in (("AdaDiag++", {}, 1), ("AdaDiag++", {}, 2), ("AdaDiag++", {}, 4),
-                                       ("ASGO", {}, 1), ("ASGO", {"root": "eigh"}, 1), ("DASGO", {}, 1), ("DASGO", {}, 2), ("DASGO", {}, 4)):
-        family = get_optimizer_class(family_name)
-        options = {**family.DEFAULTS, **extra}
-        ratios = {w: round(max_over_mean(matrices(family, options, parts), w), 3) for w in WORLDS}
-        print(f"{family_name} {extra or ''} MLP in {parts} part(s): max/mean {ratios}")
+    for family_name, extra, parts in CASES:
+        print(f"{family_name} {extra or ''} MLP in {parts} part(s): max/mean {projection(family_name, extra, parts)}")
 
 
 if __name__ == "__main__":
