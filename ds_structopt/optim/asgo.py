@@ -115,13 +115,14 @@ class ASGO(_MomentumRMSOptimizer):
     @classmethod
     def step_flops(cls, m: int, n: int, group: dict[str, Any]) -> float:
         """V's update and the preconditioning on the small side d (4 d^2 x the other side), plus
-        the Newton-Schulz iterations (6 d^3 each) when the root is computed every step."""
+        the Newton-Schulz iterations when the root is computed every step: four d x d products
+        each (ZY, (ZY)^2, YT, TZ), 8 d^3."""
         d, other = min(m, n), max(m, n)
         if d > group["max_precond_dim"]:
             return 8.0 * m * n
         flops = 4.0 * d * d * other
         if group["root"] == "newton_schulz":
-            flops += group["ns_iterations"] * 6.0 * d**3
+            flops += group["ns_iterations"] * 8.0 * d**3
         return flops
 
     @classmethod
