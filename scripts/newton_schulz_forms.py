@@ -11,8 +11,8 @@ exact root (fp64 eigh):
     .venv/bin/python scripts/newton_schulz_forms.py
 
 Measured 2026-12-07 (commit in docs/benchmarks.md): the coupled form is within 1e-6..7e-3 on
-every matrix; the uncoupled one diverges (errors 1e12..1e30, or NaN) on the full-rank and the
-low-rank Gram matrices and is 100x less accurate (1e-4) on the EMA ones. Round-off in
+every matrix; the uncoupled one diverges (errors 1e13..1e28, or NaN) on the full-rank and the
+low-rank Gram matrices and is 100-2700x less accurate (1e-4..2e-3 against ~1e-6) on the EMA ones. Round-off in
 Z V Z grows with ||Z||^2 ~ 1/lambda_min, which the coupled form never forms.
 """
 from __future__ import annotations
