@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ds_structopt.optim.linalg import POLAR_EXPRESS, newton_schulz_inverse_root
-
-
-def _add_diagonal(x: torch.Tensor, value: torch.Tensor) -> None:
-    x.diagonal(dim1=-2, dim2=-1).add_(value.view(-1, 1))
+from ds_structopt.optim.linalg import POLAR_EXPRESS, _add_to_diagonal, newton_schulz_inverse_root
 
 
 def uncoupled_inverse_root(stack: torch.Tensor, iterations: int, eps: float, damping: float,
@@ -32,11 +28,11 @@ def uncoupled_inverse_root(stack: torch.Tensor, iterations: int, eps: float, dam
     k, d, _ = stack.shape
     delta = damping * torch.linalg.matrix_norm(stack)
     shifted = stack.clone()
-    _add_diagonal(shifted, delta + eps)
+    _add_to_diagonal(shifted, delta + eps)
     scale = 1.01 * torch.linalg.matrix_norm(shifted)
     inv_scale = (1.0 / scale).view(k, 1, 1)
     z = torch.zeros_like(stack)
-    _add_diagonal(z, torch.ones(k))
+    _add_to_diagonal(z, 1.0)
     x = torch.empty_like(stack)
     for i in range(iterations):
         a, b, c = POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)]

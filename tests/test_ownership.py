@@ -50,8 +50,8 @@ def test_step_flops_is_what_a_plain_step_multiplies(family, options, shape):
     from torch.utils.flop_counter import FlopCounterMode
 
     w = torch.nn.Parameter(torch.zeros(shape))
-    opt = family([w], update_freq=1000, stagger_refresh=False, **options) if family is not dso.DASGO \
-        else family([w], **options)
+    no_refresh = {k: v for k, v in (("update_freq", 1000), ("stagger_refresh", False)) if k in family.DEFAULTS}
+    opt = family([w], **no_refresh, **options)
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):  # the first step allocates state and takes the first refresh
         w.grad = torch.randn(shape, generator=gen)
@@ -191,11 +191,12 @@ def test_split_projection_in_the_docs_holds():
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "what_if_split_load.py"
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "what_if_split_load.py"
     spec = importlib.util.spec_from_file_location("what_if", script)
     what_if = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(what_if)
-    documented = _split_table(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
+    documented = _split_table(root / "docs" / "benchmarks.md")
     assert len(documented) == len(what_if.CASES)
     got = {(name, tuple(extra.items()), parts): tuple(what_if.projection(name, extra, parts).values())
            for name, extra, parts in what_if.CASES}
